@@ -1,0 +1,1 @@
+"""peftserve adapters: artifacts, validation, math. Never imports peftserve.server."""

@@ -1,0 +1,1 @@
+"""peftserve server: engine, registry, HTTP API."""
