@@ -1,0 +1,48 @@
+"""Incremental detokenisation and stop-string detection.
+
+Decoding token by token breaks multi-byte characters and BPE merges, so we decode a short
+window of recent tokens and emit only the text that is new and complete (the vLLM approach):
+`prefix_offset..read_offset` is what was already emitted, `..end` is what is new.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-6:])  # a little context for leading-space merges
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+        self.stop = stop
+        self.max_stop = max((len(s) for s in stop), default=0)
+        self.emitted = 0  # chars of self.text already handed to the client
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> bool:
+        """Append one token; return True when a stop string appeared (text is cut before it)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return False  # incomplete UTF-8 sequence or a special token: wait for more
+        new = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if not self.stop:
+            self.text += new
+            return False
+        start = max(0, len(self.text) - self.max_stop)  # a stop may straddle old and new text
+        combined = self.text + new
+        hits = [i for s in self.stop if (i := combined.find(s, start)) != -1]
+        self.text = combined[:min(hits)] if hits else combined
+        return bool(hits)
+
+    def take(self, final: bool) -> str:
+        """Text not yet handed out. While running, hold back what could still begin a stop string."""
+        end = len(self.text) if final else max(self.emitted, len(self.text) - max(self.max_stop - 1, 0))
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out

@@ -1,0 +1,98 @@
+"""A request's life inside the engine: its parameters, its sequence state, its output events."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class SeqStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One event a request's consumer receives: a new token, and on the last one the reason."""
+
+    token_id: int | None
+    text: str  # newly decoded text (may be "" while a multi-byte char is incomplete)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Engine-side state of one request. Touched only by the engine thread."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[TokenEvent], None]
+    adapter: object | None = None  # resolved adapter handle (registry), None = base
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    kv_slot: int = -1  # row of the KV cache this sequence owns while running
+    adapter_slot: int = 0  # per-token adapter slot index (0 = base) for weight adapters
+    kv_prefix_len: int = 0  # virtual tokens (soft prompt / prefix) in front of the prompt
+    # RoPE position of cache position p is p + rope_offset (soft prompts: 0, the virtual tokens
+    # take positions 0..n-1; an adapter kind with other semantics sets its own offset)
+    rope_offset: int = 0
+    num_computed: int = 0  # real tokens whose K/V are already in the cache
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    cancelled: bool = False
+    finish_reason: FinishReason | None = None
+    detok: object | None = None  # incremental detokenizer (engine-owned)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Positions occupied in the KV cache (virtual prefix included)."""
+        return self.kv_prefix_len + self.num_computed

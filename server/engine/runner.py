@@ -1,0 +1,79 @@
+"""Turns a scheduled plan into tensors, runs the packed forward, returns logits per sampling row."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import decode_mask
+from .kv_cache import KVCache
+from .model import PackedCausalLM
+from .request import Sequence
+from .step_state import AdapterBatch, StepState
+
+
+class ModelRunner:
+    def __init__(self, model: PackedCausalLM, cache: KVCache, adapter_layers=None):
+        self.model = model
+        self.cache = cache
+        # Adapter-aware layers (LoRA, (IA)3, bottleneck) read the step's AdapterBatch from this
+        # shared context; None when the model has no wrapped layers.
+        self.adapter_layers = adapter_layers
+
+    def build_step(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepState, list[int]]:
+        """-> (input_ids [T], rope positions [T], StepState, token index of each sampling row)."""
+        dev = self.model.device
+        ids: list[int] = []
+        rope_pos: list[int] = []
+        cache_pos: list[int] = []
+        token_slots: list[int] = []
+        kv_slots, q_lens, ctx_lens, prefix_lens, adapter_slots = [], [], [], [], []
+        decode_rows, prefill_rows, sample_tokens = [], [], []
+        for row, (seq, n) in enumerate(plan):
+            start = len(ids)
+            new = seq.all_ids[seq.num_computed:seq.num_computed + n]
+            ids.extend(new)
+            first = seq.kv_prefix_len + seq.num_computed
+            cache_pos.extend(range(first, first + n))
+            rope_pos.extend(range(seq.rope_offset + first, seq.rope_offset + first + n))
+            token_slots.extend([seq.kv_slot] * n)
+            kv_slots.append(seq.kv_slot)
+            q_lens.append(n)
+            ctx_lens.append(first + n)
+            prefix_lens.append(seq.kv_prefix_len)
+            adapter_slots.append(seq.adapter_slot)
+            if n == 1:
+                decode_rows.append(row)
+            else:
+                prefill_rows.append((row, start, start + n))
+            if seq.num_computed + n == seq.num_tokens:  # chunk reaches the end: sample from it
+                sample_tokens.append(start + n - 1)
+        step = StepState(
+            kv_slots=kv_slots, q_lens=q_lens, ctx_lens=ctx_lens, kv_prefix_lens=prefix_lens,
+            cache_pos=torch.tensor(cache_pos, dtype=torch.long, device=dev),
+            token_kv_slots=torch.tensor(token_slots, dtype=torch.long, device=dev),
+            adapters=AdapterBatch.build(adapter_slots, q_lens, dev),
+            decode_rows=decode_rows, prefill_rows=prefill_rows,
+        )
+        if decode_rows:
+            dec_tokens = [sum(q_lens[:r]) for r in decode_rows]
+            dec_slots = [kv_slots[r] for r in decode_rows]
+            step.decode_tokens = torch.tensor(dec_tokens, dtype=torch.long, device=dev)
+            step.decode_slots = torch.tensor(dec_slots, dtype=torch.long, device=dev)
+            step.decode_mask = decode_mask(dec_slots, [ctx_lens[r] for r in decode_rows], max(dec_slots) + 1,
+                                           max(ctx_lens[r] for r in decode_rows), self.model.dtype, dev)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(rope_pos, dtype=torch.long, device=dev)
+        return input_ids, positions, step, sample_tokens
+
+    @torch.inference_mode()
+    def execute(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Run one step; returns float32 logits [R, vocab] for the rows that sample, in plan order."""
+        input_ids, positions, step, sample_tokens = self.build_step(plan)
+        if self.adapter_layers is not None:
+            self.adapter_layers.set_batch(step.adapters)
+        embeds = self.model.embed(input_ids)  # [T, hidden]
+        hidden = self.model(embeds, positions, step, self.cache)  # [T, hidden]
+        if not sample_tokens:
+            return hidden.new_empty(0, self.model.vocab_size, dtype=torch.float32)
+        rows = hidden.index_select(0, torch.tensor(sample_tokens, device=hidden.device))
+        return self.model.logits(rows)
