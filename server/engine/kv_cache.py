@@ -37,7 +37,10 @@ class SlotAllocator:
 class KVCache:
     def __init__(self, num_layers: int, max_seqs: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (max_seqs, kv_heads, max_len, head_dim)
+        # One extra row past the sequences' rows: scratch space where a soft prompt's KV prefix is
+        # computed once (through the very same forward path) before it is shared.
+        shape = (max_seqs + 1, kv_heads, max_len, head_dim)
+        self.scratch_slot = max_seqs
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len

@@ -66,6 +66,29 @@ class ModelRunner:
         return input_ids, positions, step, sample_tokens
 
     @torch.inference_mode()
+    def compute_prefix(self, embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run virtual-token embeddings [n, hidden] at positions 0..n-1 through the model in the
+        scratch cache row; return per-layer K/V `[kv_heads, n, head_dim]` (copies)."""
+        n = embeds.shape[0]
+        dev, slot = self.model.device, self.cache.scratch_slot
+        step = StepState(
+            kv_slots=[slot], q_lens=[n], ctx_lens=[n], kv_prefix_lens=[0],
+            cache_pos=torch.arange(n, device=dev), token_kv_slots=torch.full((n,), slot, device=dev),
+            adapters=AdapterBatch.build([0], [n], dev), prefill_rows=[(0, 0, n)],
+        )
+        if n == 1:  # a single query token goes through the decode path
+            step.prefill_rows, step.decode_rows = [], [0]
+            step.decode_tokens = torch.zeros(1, dtype=torch.long, device=dev)
+            step.decode_slots = torch.tensor([slot], device=dev)
+            step.decode_mask = decode_mask([slot], [1], slot + 1, 1, self.model.dtype, dev)
+        if self.adapter_layers is not None:
+            self.adapter_layers.set_batch(step.adapters)
+        self.model(embeds.to(self.model.dtype), torch.arange(n, device=dev), step, self.cache)
+        ks = [k[slot, :, :n].clone() for k in self.cache.k]
+        vs = [v[slot, :, :n].clone() for v in self.cache.v]
+        return ks, vs
+
+    @torch.inference_mode()
     def execute(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run one step; returns float32 logits [R, vocab] for the rows that sample, in plan order."""
         input_ids, positions, step, sample_tokens = self.build_step(plan)

@@ -1,0 +1,277 @@
+"""Adapter registry: names -> immutable versions, over three tiers.
+
+disk store (`--adapter-store`, survives restarts; every write is temp-dir + atomic rename)
+  -> host memory (validated weights, LRU under a count and byte budget; evicted ones reload
+     from disk on demand) -> device slots (server/engine/adapter_slots.py, engine thread).
+
+A version is the adapter's content hash. Requests hold the `AdapterVersion` object they
+resolved, so a replace or delete never changes what a running request computes: device slots
+and KV prefixes are keyed by version, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, load_adapter
+from peftserve.adapters.config import AdapterKind
+from peftserve.adapters.errors import AdapterError
+from peftserve.adapters.spec import BaseModelSpec
+
+from .errors import AdapterNotFound, ApiError
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONFIG_FILE, WEIGHTS_FILE, CURRENT_FILE = "adapter_config.json", "adapter_model.safetensors", "CURRENT"
+SLOT_KINDS = {AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BOTTLENECK}
+PREFIX_KINDS = {AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING, AdapterKind.PREFIX_TUNING}
+
+
+class AdapterExistsError(ApiError):
+    def __init__(self, name: str):
+        super().__init__("adapter_exists", f"adapter {name!r} already exists (use replace=true for a new version)", 409)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ApiError("invalid_adapter_name", "adapter names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", 422)
+    return name
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One immutable version of a named adapter; what a request holds while it runs."""
+
+    name: str
+    version: str  # content hash (hex)
+    kind: AdapterKind
+    nbytes: int
+    created: float
+    summary: dict  # rank, targets, virtual tokens... for GET /adapters
+    loaded: LoadedAdapter | None = None  # host-memory tier; None when evicted to disk only
+    requests: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.version
+
+    @property
+    def uses_slot(self) -> bool:
+        return self.kind in SLOT_KINDS
+
+    @property
+    def uses_prefix(self) -> bool:
+        return self.kind in PREFIX_KINDS
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.summary.get("num_virtual_tokens", 0)) if self.uses_prefix else 0
+
+
+@dataclass
+class RegistrySettings:
+    store: Path
+    limits: AdapterLimits = field(default_factory=AdapterLimits)
+    max_cpu_adapters: int = 64
+    max_cpu_bytes: int = 2 << 30
+
+
+class AdapterRegistry:
+    def __init__(self, spec: BaseModelSpec, settings: RegistrySettings, on_drop=None):
+        self.spec = spec
+        self.settings = settings
+        self.store = Path(settings.store)
+        self._current: dict[str, AdapterVersion] = {}
+        self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident
+        self._lock = threading.RLock()
+        self._on_drop = on_drop or (lambda version: None)  # tell the device tier
+        self.stats = {"memory_evictions": 0, "disk_loads": 0}
+        (self.store / ".staging").mkdir(parents=True, exist_ok=True)
+
+    # -- queries --------------------------------------------------------------------------
+    def resolve(self, name: str) -> AdapterVersion:
+        with self._lock:
+            ver = self._current.get(name) if isinstance(name, str) else None
+            if ver is None:
+                raise AdapterNotFound(str(name)[:80])
+            ver.requests += 1
+            self._ensure_loaded(ver)
+            return ver
+
+    def list(self) -> list[AdapterVersion]:
+        with self._lock:
+            return sorted(self._current.values(), key=lambda v: v.name)
+
+    def get(self, name: str) -> AdapterVersion:
+        with self._lock:
+            ver = self._current.get(name)
+            if ver is None:
+                raise AdapterNotFound(name)
+            return ver
+
+    def tier(self, ver: AdapterVersion) -> str:
+        return "memory" if ver.loaded is not None else "disk"
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    # -- mutations ------------------------------------------------------------------------
+    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterVersion:
+        """Validate (outside the lock: slow), then commit to disk and memory atomically."""
+        check_name(name)
+        if not replace and name in self._current:  # cheap early answer; re-checked under lock
+            raise AdapterExistsError(name)
+        loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits)
+        staging = self.store / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        try:
+            _write_file(staging / CONFIG_FILE, config_bytes)
+            _write_file(staging / WEIGHTS_FILE, weights_bytes)
+            with self._lock:
+                old = self._current.get(name)
+                if old is not None and not replace:
+                    raise AdapterExistsError(name)
+                ver = self._new_version(name, loaded)
+                if old is not None and old.version == ver.version:
+                    return old  # identical content: nothing changes
+                self._commit(name, ver.version, staging)
+                self._current[name] = ver
+                self._remember(ver)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            self._on_drop(old)
+        log.info("adapter registered", extra={"adapter": name, "version": ver.version, "kind": ver.kind.value})
+        return ver
+
+    def delete(self, name: str) -> AdapterVersion:
+        with self._lock:
+            ver = self._current.pop(name, None)
+            if ver is None:
+                raise AdapterNotFound(name)
+            self._memory.pop(ver.version, None)
+            target = self.store / name
+            if target.exists():
+                trash = self.store / ".staging" / f"deleted-{uuid.uuid4().hex}"
+                os.replace(target, trash)  # atomic: the name is gone from disk at once
+                shutil.rmtree(trash, ignore_errors=True)
+        self._on_drop(ver)
+        return ver
+
+    def load_store(self) -> list[str]:
+        """At start: clean staging, load every adapter on disk; quarantine corrupt ones."""
+        shutil.rmtree(self.store / ".staging", ignore_errors=True)
+        (self.store / ".staging").mkdir(parents=True, exist_ok=True)
+        loaded = []
+        for entry in sorted(self.store.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir() or not NAME_RE.fullmatch(entry.name):
+                continue
+            try:
+                version = (entry / CURRENT_FILE).read_text().strip()
+                vdir = entry / version
+                ver = self._new_version(entry.name, load_adapter((vdir / CONFIG_FILE).read_bytes(),
+                                                                  (vdir / WEIGHTS_FILE).read_bytes(),
+                                                                  self.spec, self.settings.limits))
+            except (OSError, AdapterError, ValueError) as exc:
+                self._quarantine(entry, exc)
+                continue
+            with self._lock:
+                self._current[entry.name] = ver
+                self._remember(ver)
+            loaded.append(entry.name)
+        return loaded
+
+    def import_dir(self, path: Path, name: str | None = None) -> AdapterVersion:
+        """Register an adapter directory (e.g. `--adapters DIR` preload). Refuses pickles."""
+        cfg, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not weights.is_file() or weights.is_symlink() or cfg.is_symlink():
+            raise AdapterError("invalid_adapter", f"{path}: needs {CONFIG_FILE} + {WEIGHTS_FILE} (pickles are never loaded)")
+        return self.add(name or path.name, cfg.read_bytes(), weights.read_bytes(), replace=True)
+
+    # -- internals ------------------------------------------------------------------------
+    def _new_version(self, name: str, loaded: LoadedAdapter) -> AdapterVersion:
+        return AdapterVersion(name=name, version=loaded.content_hash[:16], kind=loaded.kind, nbytes=loaded.nbytes,
+                              created=time.time(), summary=summarize(loaded), loaded=loaded)
+
+    def _commit(self, name: str, version: str, staging: Path) -> None:
+        adir = self.store / name
+        adir.mkdir(exist_ok=True)
+        vdir = adir / version
+        if not vdir.exists():
+            os.replace(staging, vdir)
+        _write_file(adir / CURRENT_FILE, version.encode())
+        for old in adir.iterdir():  # keep only the current version on disk
+            if old.is_dir() and old.name != version:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _remember(self, ver: AdapterVersion) -> None:
+        self._memory[ver.version] = ver
+        self._memory.move_to_end(ver.version)
+        budget = self.settings
+        while len(self._memory) > 1 and (len(self._memory) > budget.max_cpu_adapters or
+                                         sum(v.nbytes for v in self._memory.values()) > budget.max_cpu_bytes):
+            _, evicted = self._memory.popitem(last=False)
+            evicted.loaded = None  # running requests keep their own reference to the weights
+            self.stats["memory_evictions"] += 1
+
+    def _ensure_loaded(self, ver: AdapterVersion) -> None:
+        if ver.loaded is None:
+            vdir = self.store / ver.name / ver.version
+            ver.loaded = load_adapter((vdir / CONFIG_FILE).read_bytes(), (vdir / WEIGHTS_FILE).read_bytes(),
+                                      self.spec, self.settings.limits)
+            self.stats["disk_loads"] += 1
+        self._remember(ver)
+
+    def _quarantine(self, entry: Path, exc: Exception) -> None:
+        qdir = self.store / ".quarantine"
+        qdir.mkdir(exist_ok=True)
+        dest = qdir / f"{entry.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(entry, dest)
+        log.error("corrupt adapter quarantined", extra={"adapter": entry.name, "error": str(exc), "moved_to": str(dest)})
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: bool = False) -> dict:
+    return {
+        "name": ver.name, "version": ver.version, "kind": ver.kind.value, "size_bytes": ver.nbytes,
+        "tier": "device" if device_resident else reg.tier(ver), "requests": ver.requests,
+        "created": ver.created, **ver.summary,
+    }
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def summarize(loaded: LoadedAdapter) -> dict:
+    """What GET /adapters shows of an adapter besides name/version/size."""
+    w, kind = loaded.weights, loaded.kind
+    if kind is AdapterKind.LORA:
+        ranks = sorted({m.rank for m in w.modules.values()})
+        targets = sorted({p.rsplit(".", 1)[-1] for p in w.modules})
+        return {"rank": max(ranks), "ranks": ranks, "target_modules": targets, "num_modules": len(w.modules)}
+    if kind is AdapterKind.IA3:
+        return {"target_modules": sorted({p.rsplit(".", 1)[-1] for p in w.modules}), "num_modules": len(w.modules)}
+    if kind is AdapterKind.BOTTLENECK:
+        cfg = loaded.config
+        return {"placement": cfg.placement, "num_layers": len(w.layers)}
+    return {"num_virtual_tokens": int(w.num_virtual_tokens)}
