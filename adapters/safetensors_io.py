@@ -1,0 +1,224 @@
+"""Strict reader for untrusted `.safetensors` bytes.
+
+We parse and validate the whole container ourselves *before* any tensor is materialised, so that
+a hostile upload can never make us allocate based on an unchecked length, read out of bounds,
+alias two tensors onto the same bytes, or load a pickle. Only after every check passes do we copy
+each tensor's bytes out (so the caller may drop the upload buffer) and view them as torch tensors.
+
+Layout (https://github.com/huggingface/safetensors):
+    [8 bytes: u64 little-endian N][N bytes: UTF-8 JSON header][data region]
+    header = {"__metadata__": {str: str}?, name: {"dtype": str, "shape": [int], "data_offsets": [s, e]}}
+    offsets are relative to the data region and must tile it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import (
+    ADAPTER_TOO_LARGE,
+    INVALID_SAFETENSORS,
+    NON_FINITE,
+    UNSUPPORTED_DTYPE,
+    AdapterError,
+)
+
+# Adapter weights are always floating point; integer/bool/f64/f8 tensors have no business here.
+SUPPORTED_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+}
+# Every dtype the format defines: used to tell "valid but refused" (unsupported_dtype) apart from
+# "garbage" (invalid_safetensors).
+_KNOWN_DTYPES = frozenset(
+    {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+     "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+)
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4}
+MAX_NDIM = 8
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # relative to the data region
+    end: int
+
+
+def _bad(message: str) -> AdapterError:
+    return AdapterError(INVALID_SAFETENSORS, message)
+
+
+def _never_loaded(what: str) -> AdapterError:
+    # 415: the bytes are a format we refuse on principle, not a broken safetensors file.
+    return AdapterError(INVALID_SAFETENSORS, f"{what} detected: pickle/zip is never loaded; "
+                        "upload adapter_model.safetensors", status=415)
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # Protocol 2+ pickles (incl. legacy torch.save) start with PROTO opcode 0x80 and a version byte.
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads silently keeps the last duplicate; two different readers could then disagree on
+    # what the file contains, so duplicates are rejected at every nesting level.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _bad(f"duplicate key {key!r} in header")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> object:
+    raise _bad(f"non-standard JSON constant {name} in header")
+
+
+def _parse_header_json(raw: bytes) -> dict[str, object]:
+    if not raw.startswith(b"{"):
+        raise _bad("header must be a JSON object starting with '{'")
+    try:
+        text = raw.decode("utf-8")  # strict: invalid UTF-8 is an error, never replaced
+    except UnicodeDecodeError as exc:
+        raise _bad(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except AdapterError:
+        raise
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise _bad(f"header is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise _bad("header must be a JSON object")
+    return header
+
+
+def _check_metadata(meta: object) -> None:
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _bad("__metadata__ must map strings to strings")
+
+
+def _parse_entry(name: str, spec: object, region_len: int) -> _Entry:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _KNOWN_DTYPES:
+        raise _bad(f"tensor {name!r}: unknown dtype {str(dtype)[:32]!r}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise AdapterError(UNSUPPORTED_DTYPE, f"tensor {name!r}: dtype {dtype} not accepted "
+                           f"(use one of {', '.join(SUPPORTED_DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _bad(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
+        raise _bad(f"tensor {name!r}: data_offsets must be [start, end] integers")
+    start, end = offsets
+    if not 0 <= start <= end <= region_len:
+        raise _bad(f"tensor {name!r}: data_offsets [{start}, {end}] outside data region of {region_len} bytes")
+    # Python ints do not overflow, but a shape like [2**40, 2**40] must still be refused: the
+    # byte count has to equal the (already bounded) span exactly.
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if nbytes != end - start:
+        raise _bad(f"tensor {name!r}: shape {shape[:MAX_NDIM]} x {dtype} = {nbytes} bytes "
+                   f"but data_offsets span {end - start} bytes")
+    return _Entry(name, dtype, tuple(shape), start, end)
+
+
+def _check_tiling(entries: list[_Entry], region_len: int) -> None:
+    """Offsets must cover the data region exactly: no overlap (aliasing), no gaps (hidden bytes)."""
+    cursor = 0
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start != cursor:
+            kind = "overlaps the previous tensor" if e.start < cursor else "leaves a gap before it"
+            raise _bad(f"tensor {e.name!r}: data_offsets start {e.start} {kind} (expected {cursor})")
+        cursor = e.end
+    if cursor != region_len:
+        raise _bad(f"data region has {region_len - cursor} trailing bytes not owned by any tensor")
+
+
+def _materialise(mv: memoryview, base: int, e: _Entry) -> torch.Tensor:
+    dtype = SUPPORTED_DTYPES[e.dtype]
+    if e.start == e.end:
+        return torch.empty(e.shape, dtype=dtype)
+    # bytearray() copies, so the result is independent of (and outlives) the caller's buffer.
+    raw = bytearray(mv[base + e.start: base + e.end])
+    if sys.byteorder == "little":
+        flat = torch.frombuffer(raw, dtype=dtype)
+    else:  # the format is little-endian; swap bytes within each element on big-endian hosts
+        item = _ITEMSIZE[e.dtype]
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(-1, item).flip(-1).contiguous().view(dtype)
+    return flat.reshape(e.shape)
+
+
+def read_safetensors(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int,
+    max_header_bytes: int = 1 << 20,
+    check_finite: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Validate `data` as a safetensors file and return {name: tensor} (independent CPU copies).
+
+    Raises AdapterError: adapter_too_large (413), invalid_safetensors (422; 415 for pickle/zip),
+    unsupported_dtype (422), non_finite (422).
+    """
+    mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    size = mv.nbytes
+    if size > max_bytes:
+        raise AdapterError(ADAPTER_TOO_LARGE, f"weights are {size} bytes, limit is {max_bytes}")
+    head = bytes(mv[:8])
+    if head.startswith(_ZIP_MAGIC):
+        # A zip can never be a valid safetensors file (its magic read as u64 is > 67 MB of header).
+        raise _never_loaded("zip archive (torch.save format)")
+    if size < 8:
+        raise _bad(f"file is {size} bytes, too short for the 8-byte header length")
+    header_len = int.from_bytes(head, "little")  # unsigned: 2**64-1 stays a huge positive int
+    limit = min(max_header_bytes, size - 8)
+    if header_len > limit:
+        if _looks_like_pickle(head):
+            raise _never_loaded("pickle")
+        what = "file size" if header_len > size - 8 else f"header cap {max_header_bytes}"
+        raise _bad(f"header length {header_len} exceeds {what}")
+    if header_len < 2:
+        raise _bad("header too short to be a JSON object")
+
+    header = _parse_header_json(bytes(mv[8: 8 + header_len]))
+    base = 8 + header_len
+    region_len = size - base
+    entries: list[_Entry] = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            _check_metadata(spec)
+            continue
+        entries.append(_parse_entry(name, spec, region_len))
+    _check_tiling(entries, region_len)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for e in sorted(entries, key=lambda e: e.name):
+        t = _materialise(mv, base, e)
+        if check_finite and t.numel() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(NON_FINITE, f"tensor {e.name!r} contains NaN or Inf")
+        tensors[e.name] = t
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise tensors (contiguous CPU copies) to safetensors bytes, e.g. for tests and exports."""
+    from safetensors.torch import save
+
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return save(prepared, metadata=metadata)
