@@ -28,6 +28,7 @@ from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.spec import BaseModelSpec
 
+from .combine import CombinationCache, check_items
 from .errors import AdapterNotFound, ApiError
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,18 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._on_drop = on_drop or (lambda version: None)  # tell the device tier
         self.stats = {"memory_evictions": 0, "disk_loads": 0}
+        self.combos = CombinationCache()
         (self.store / ".staging").mkdir(parents=True, exist_ok=True)
 
     # -- queries --------------------------------------------------------------------------
-    def resolve(self, name: str) -> AdapterVersion:
+    def resolve(self, spec) -> AdapterVersion:
+        """A name -> its current version; a list of {name, weight} -> the combined LoRA."""
+        if isinstance(spec, (list, tuple)):
+            items = [(_item(i, "name"), _item(i, "weight")) for i in spec]
+            check_items(items)
+            versions = [self.resolve(n) for n, _ in items]
+            return self.combos.get_or_make(versions, [float(w) for _, w in items], self._combined_version)
+        name = spec
         with self._lock:
             ver = self._current.get(name) if isinstance(name, str) else None
             if ver is None:
@@ -199,7 +208,17 @@ class AdapterRegistry:
             raise AdapterError("invalid_adapter", f"{path}: needs {CONFIG_FILE} + {WEIGHTS_FILE} (pickles are never loaded)")
         return self.add(name or path.name, cfg.read_bytes(), weights.read_bytes(), replace=True)
 
+    def attach(self, async_engine) -> None:
+        """Once an AsyncEngine runs, device-tier drops must happen on its thread."""
+        drop = self._on_drop
+        self._on_drop = lambda ver: async_engine.call(lambda engine: drop(ver))
+
     # -- internals ------------------------------------------------------------------------
+    def _combined_version(self, loaded: LoadedAdapter, parts: list[AdapterVersion]) -> AdapterVersion:
+        ver = self._new_version("+".join(v.name for v in parts), loaded)
+        ver.summary["combined"] = True
+        return ver
+
     def _new_version(self, name: str, loaded: LoadedAdapter) -> AdapterVersion:
         return AdapterVersion(name=name, version=loaded.content_hash[:16], kind=loaded.kind, nbytes=loaded.nbytes,
                               created=time.time(), summary=summarize(loaded), loaded=loaded)
@@ -275,3 +294,10 @@ def summarize(loaded: LoadedAdapter) -> dict:
         cfg = loaded.config
         return {"placement": cfg.placement, "num_layers": len(w.layers)}
     return {"num_virtual_tokens": int(w.num_virtual_tokens)}
+
+
+def _item(obj, key: str):
+    value = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+    if value is None:
+        raise ApiError("invalid_adapter_combination", f"each combination item needs {key!r}", 422)
+    return value

@@ -21,6 +21,7 @@ from torch import nn
 
 from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_segmented_
 
+from .merge import MergePolicy, Merger
 from .step_state import AdapterBatch
 
 
@@ -120,8 +121,10 @@ class AdapterSublayer(nn.Module):
 class AdapterLayers:
     """Owns the wrapped modules of one model and the step's AdapterBatch."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, merge_policy: MergePolicy = MergePolicy.NEVER, merge_min_steps: int = 4):
         self.batch: AdapterBatch | None = None
+        self.merger = Merger(merge_policy, merge_min_steps)
+        self.lora_only: set[int] = set()  # slots holding a LoRA (mergeable) adapter
         self.linears: dict[str, AdapterLinear] = {}
         self.sublayers: dict[tuple[int, str], AdapterSublayer] = {}
         decoder_layers = hf_model.model.layers
@@ -139,7 +142,13 @@ class AdapterLayers:
                 self.sublayers[(i, pos)] = wrapped
 
     def set_batch(self, batch: AdapterBatch | None) -> None:
-        self.batch = batch
+        target = self.merger.decide(batch, self.lora_only)
+        if target != self.merger.merged_slot:
+            self.merger.unmerge()
+            if target:
+                self.merger.merge(self.linears.values(), target)
+        # While merged, the LoRA lives in the base weights: the wrappers must not add it again.
+        self.batch = AdapterBatch(batch.token_slots, []) if target else batch
 
     def module_path(self, path: str) -> str:
         """Map a base-model module path to the key under which it is wrapped."""
@@ -148,6 +157,7 @@ class AdapterLayers:
     def install_lora(self, slot: int, modules: dict[str, LoraSlotWeights]) -> None:
         for path, w in modules.items():
             self.linears[path].lora[slot] = w
+        self.lora_only.add(slot)
 
     def install_ia3(self, slot: int, modules: dict[str, IA3SlotWeights]) -> None:
         for path, w in modules.items():
@@ -158,6 +168,9 @@ class AdapterLayers:
             self.sublayers[key].bottleneck[slot] = w
 
     def clear(self, slot: int) -> None:
+        if self.merger.merged_slot == slot:
+            self.merger.unmerge()
+        self.lora_only.discard(slot)
         for lin in self.linears.values():
             lin.lora.pop(slot, None)
             lin.ia3.pop(slot, None)

@@ -49,6 +49,7 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread:
             self._thread.join(timeout)
+        self._fail_all("engine stopped")  # nobody may wait forever on a stream
 
     @property
     def running(self) -> bool:
@@ -74,8 +75,13 @@ class AsyncEngine:
             raise QueueFullError("request queue is full")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = Sequence(list(prompt_ids), params, on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                       adapter=adapter)
+        def deliver(ev: TokenEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
+                seq.cancelled = True
+
+        seq = Sequence(list(prompt_ids), params, on_event=deliver, adapter=adapter)
         with self._lock:
             self._pending += 1
             self._live.add(seq)

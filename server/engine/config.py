@@ -14,9 +14,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 1024  # queue bound; beyond it requests get 429
     max_adapters_per_batch: int = 8  # device adapter slots (distinct adapters in one step)
+    merge_policy: str = "never"  # "single-adapter": fold a lone LoRA into the base weights
+    merge_min_steps: int = 4  # consecutive single-adapter steps before merging
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_num_batched_tokens < 1:
             raise ValueError("max_batch_size >= 1, max_model_len >= 2, max_num_batched_tokens >= 1 required")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            # every running sequence must be able to decode in every step
+            raise ValueError("max_num_batched_tokens must be >= max_batch_size")

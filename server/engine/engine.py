@@ -79,6 +79,11 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
+        if not seq.prompt_ids or len(seq.prompt_ids) >= self.config.max_model_len:
+            # The API refuses these with a 422; direct engine users get an error event instead
+            # of a step that would fail every batch-mate.
+            self._finish(seq, FinishReason.ERROR, error="prompt empty or longer than max_model_len")
+            return
         if seq.params.seed is not None or not seq.params.greedy:
             seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
             seq.generator = torch.Generator().manual_seed(seed)
@@ -103,6 +108,8 @@ class LLMEngine:
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> int:
         """Run one iteration; returns the number of tokens processed (0 = nothing to do)."""
+        for seq in [s for s in self.scheduler.running if s.cancelled]:
+            self._finish(seq, FinishReason.ABORT)
         plan, admitted = self.scheduler.schedule(self.cache.slots.num_free)
         now = time.monotonic()
         for seq in admitted:

@@ -13,6 +13,7 @@ from .adapter_slots import AdapterSlots
 from .adapter_weights import prefix_for, slot_installer
 from .config import EngineConfig
 from .engine import LLMEngine
+from .merge import MergePolicy
 
 
 @dataclass
@@ -27,7 +28,7 @@ def build_serving(hf_model, tokenizer, config: EngineConfig, store: Path, model_
                   registry_settings: RegistrySettings | None = None, observer=None) -> Serving:
     """hf_model must be a model instance owned by the server (its modules get wrapped)."""
     spec = BaseModelSpec.from_model(hf_model, model_name, max_model_len=config.max_model_len)
-    layers = AdapterLayers(hf_model)
+    layers = AdapterLayers(hf_model, MergePolicy(config.merge_policy), config.merge_min_steps)
     holder: dict = {}
     slots = AdapterSlots(
         layers, config.max_adapters_per_batch,

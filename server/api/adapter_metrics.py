@@ -1,0 +1,97 @@
+"""Adapter metrics: tier residency, loads/evictions, uploads, and vLLM's `lora_requests_info`.
+
+`peftserve_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}` mirrors
+`vllm:lora_requests_info` (value = scrape timestamp), which LoRA-affinity routers such as the
+Kubernetes Gateway API Inference Extension read.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 31, 2))
+
+
+class AdapterMetrics:
+    def __init__(self, registry):
+        r = registry
+        self.loads = Counter("peftserve_adapter_loads", "Adapters loaded into a device slot.", ["kind"], registry=r)
+        self.load_seconds = Histogram("peftserve_adapter_load_seconds", "Time to install an adapter in a device slot.",
+                                      ["kind"], buckets=LOAD_BUCKETS, registry=r)
+        self.evictions = Counter("peftserve_adapter_evictions", "Adapters evicted from device slots.", registry=r)
+        self.uploads = Counter("peftserve_adapter_uploads", "Adapter uploads by result.", ["result", "reason"],
+                               registry=r)
+        self.upload_bytes = Histogram("peftserve_adapter_upload_bytes", "Size of accepted adapter uploads.",
+                                      buckets=BYTES_BUCKETS, registry=r)
+        self.upload_seconds = Histogram("peftserve_adapter_upload_seconds", "Upload handling time (validate + store).",
+                                        buckets=LOAD_BUCKETS, registry=r)
+        self.state = None
+        r.register(_AdapterCollector(self))
+
+    # engine thread
+    def on_adapter_load(self, adapter, seconds: float) -> None:
+        kind = getattr(adapter.kind, "value", str(adapter.kind))
+        self.loads.labels(kind=kind).inc()
+        self.load_seconds.labels(kind=kind).observe(seconds)
+
+    def on_adapter_evict(self) -> None:
+        self.evictions.inc()
+
+    # API
+    def adapter_upload(self, result: str, reason: str = "", nbytes: int = 0, seconds: float = 0.0) -> None:
+        self.uploads.labels(result=result, reason=reason[:40]).inc()
+        if result == "ok":
+            self.upload_bytes.observe(nbytes)
+            self.upload_seconds.observe(seconds)
+
+
+class _AdapterCollector:
+    def __init__(self, owner: AdapterMetrics):
+        self.owner = owner
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.owner.state
+        reg = getattr(state, "registry", None) if state is not None else None
+        slots = getattr(state, "slots", None) if state is not None else None
+        if reg is None:
+            return []
+        versions = reg.list()
+        in_memory = sum(1 for v in versions if v.loaded is not None)
+        g = GaugeMetricFamily("peftserve_adapters_registered", "Registered adapters.", value=len(versions))
+        tiers = GaugeMetricFamily("peftserve_adapters_resident", "Adapters resident per tier.", labels=["tier"])
+        tiers.add_metric(["device"], slots.resident if slots else 0)
+        tiers.add_metric(["cpu"], in_memory)
+        tiers.add_metric(["disk"], len(versions))
+        mem = GaugeMetricFamily("peftserve_adapter_memory_bytes", "Host memory held by resident adapters.",
+                                value=sum(v.nbytes for v in versions if v.loaded is not None))
+        budget = GaugeMetricFamily("peftserve_adapter_memory_budget_bytes", "Host-memory adapter budget.",
+                                   value=reg.settings.max_cpu_bytes)
+        hits = GaugeMetricFamily("peftserve_adapter_merge_cache_hits", "Weighted-combination cache hits.",
+                                 value=reg.combos.hits)
+        out = [g, tiers, mem, budget, hits]
+        if state is not None and slots is not None:
+            out.append(_lora_info(state, slots))
+        return out
+
+
+def _names(seqs) -> str:
+    try:
+        names = sorted({s.adapter.name for s in list(seqs) if s.adapter is not None})
+    except RuntimeError:  # the engine thread changed the queue mid-copy; next scrape is fine
+        names = []
+    return ",".join(names)
+
+
+def _lora_info(state, slots) -> GaugeMetricFamily:
+    sched = state.engine.engine.scheduler
+    info = GaugeMetricFamily("peftserve_lora_requests_info", "Running/waiting adapters (vLLM lora_requests_info).",
+                             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+    info.add_metric([_names(sched.running), _names(sched.waiting), str(slots.num_slots)], time.time())
+    return info

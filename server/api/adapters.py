@@ -1,0 +1,99 @@
+"""Adapter management routes (admin key): upload, list, inspect, delete.
+
+Uploads are multipart (`name`, optional `replace`, files `adapter_config` + `adapter_model`).
+The body-size middleware caps the request before the multipart parser runs (starlette spools
+file parts to temporary files beyond 1 MB, so nothing is held in memory beyond the cap).
+Validation runs in a worker thread; the registry commits to disk atomically only after every
+check passed, so a refused upload leaves registry and disk exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import ApiError, UnsupportedMediaType
+from ..registry import check_name, version_info
+from ..state import get_state
+from .auth import require_admin_key
+
+log = logging.getLogger(__name__)
+router = APIRouter(dependencies=[Depends(require_admin_key)])
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def _registry(request: Request):
+    reg = get_state(request).registry
+    if reg is None:
+        raise ApiError("adapters_disabled", "this server runs without an adapter registry", 404)
+    return reg
+
+
+def _info(request: Request, ver) -> dict:
+    state = get_state(request)
+    slots = getattr(state, "slots", None)
+    resident = slots is not None and ver.key in slots.key_slot
+    return version_info(state.registry, ver, device_resident=resident)
+
+
+async def _read_upload(form, field: str, limit: int) -> bytes:
+    part = form.get(field)
+    if part is None or isinstance(part, str):
+        raise ApiError("missing_file", f"multipart file field {field!r} is required", 422)
+    data = await part.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError("adapter_too_large", f"{field} exceeds {limit} bytes", 413)
+    return data
+
+
+@router.post("/adapters", status_code=201, summary="Upload a PEFT adapter (multipart)")
+async def upload(request: Request):
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise UnsupportedMediaType("POST /adapters takes multipart/form-data (name, adapter_config, adapter_model)")
+    reg = _registry(request)
+    metrics = get_state(request).metrics
+    t0 = time.perf_counter()
+    try:
+        async with request.form(max_files=2, max_fields=4) as form:
+            name = check_name(str(form.get("name") or ""))
+            replace_raw = str(form.get("replace") or "").strip().lower()
+            if replace_raw not in _TRUE | _FALSE:
+                raise ApiError("invalid_request", "replace must be true or false", 422)
+            limit = reg.settings.limits.max_bytes
+            config_bytes = await _read_upload(form, "adapter_config", 1 << 20)
+            weights_bytes = await _read_upload(form, "adapter_model", limit)
+        ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
+    except Exception as exc:
+        if metrics is not None and hasattr(metrics, "adapter_upload"):
+            metrics.adapter_upload("rejected", getattr(exc, "code", type(exc).__name__))
+        raise
+    if metrics is not None and hasattr(metrics, "adapter_upload"):
+        metrics.adapter_upload("ok", "", len(weights_bytes), time.perf_counter() - t0)
+    log.info("adapter uploaded", extra={"adapter": ver.name, "version": ver.version, "bytes": len(weights_bytes)})
+    return JSONResponse(_info(request, ver), status_code=201)
+
+
+@router.get("/adapters", summary="List registered adapters")
+async def list_adapters(request: Request):
+    reg = _registry(request)
+    return {"adapters": [_info(request, v) for v in reg.list()]}
+
+
+@router.get("/adapters/{name}", summary="One adapter's kind, rank, targets, size, version, tier, requests")
+async def get_adapter(name: str, request: Request):
+    reg = _registry(request)
+    return _info(request, reg.get(check_name(name)))
+
+
+@router.delete("/adapters/{name}", summary="Delete an adapter (in-flight requests finish on it)")
+async def delete_adapter(name: str, request: Request):
+    reg = _registry(request)
+    ver = await run_in_threadpool(reg.delete, check_name(name))
+    return {"deleted": ver.name, "version": ver.version}

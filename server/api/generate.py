@@ -1,0 +1,304 @@
+"""`POST /generate`: validate, tokenise, submit to the engine, answer as JSON or SSE.
+
+Everything that can fail because of the client (content type, JSON, schema, adapter lookup,
+tokenisation, context length, queue admission) happens before the first response byte, so
+every such error is a real 4xx/5xx status, streaming or not. After that:
+
+- non-streaming: the result is awaited concurrently with a listener on ASGI `receive()`; if the
+  client disconnects first, the request is cancelled in the engine (its KV slot is freed within
+  one step) and a 499 is recorded;
+- streaming: `SSEResponse` runs the token pump and the disconnect listener side by side and
+  cancels the request as soon as the client goes away (or a send fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from ..engine.async_engine import EngineDeadError, QueueFullError, RequestStream
+from ..engine.request import FinishReason, SamplingParams
+from ..errors import (AdapterNotFound, ContextLengthExceeded, Draining, EngineUnavailable, GenerationFailed,
+                      InvalidRequest, QueueFull, RequestAborted, UnsupportedMediaType)
+from ..state import ServerState, get_state
+from .auth import require_api_key
+from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, describe_validation_error
+
+log = logging.getLogger("peftserve.server.api.generate")
+
+CLIENT_CLOSED = 499  # nginx's "client closed request", recorded for disconnected clients
+
+router = APIRouter()
+
+_SCHEMA_PTR = "#/paths/~1generate/post/requestBody/content/application~1json/schema/$defs/{model}"
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": GenerateRequest.model_json_schema(ref_template=_SCHEMA_PTR)}},
+    }
+}
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 429, 500, 503)}
+_tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe for concurrent mutable use
+
+
+def is_json_content_type(value: str | None) -> bool:
+    if not value:
+        return False
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def parse_request(body: bytes) -> GenerateRequest:
+    try:
+        return GenerateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
+def _ids_from(result) -> list[int]:
+    if isinstance(result, Mapping) or hasattr(result, "keys"):
+        result = result["input_ids"]
+    if hasattr(result, "tolist"):
+        result = result.tolist()
+    result = list(result)
+    if result and isinstance(result[0], (list, tuple)):  # a batch of one
+        result = list(result[0])
+    return [int(t) for t in result]
+
+
+def tokenize(tokenizer, req: GenerateRequest) -> list[int]:
+    """The prompt's token ids (runs in a worker thread: big prompts must not block the loop)."""
+    with _tokenizer_lock:
+        if req.prompt is not None:
+            return list(tokenizer(req.prompt).input_ids)
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            result = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # no template, roles the template refuses, ...
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from None
+        return _ids_from(result)
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _resolve_adapter(state: ServerState, req: GenerateRequest):
+    spec = req.adapter_spec()
+    if spec is None:
+        return None
+    if state.registry is None:
+        name = spec if isinstance(spec, str) else spec[0]["name"]
+        raise AdapterNotFound(name, f"adapter {name!r} not found (this server has no adapter registry)")
+    return await run_in_threadpool(state.registry.resolve, spec)
+
+
+def _failure(state: ServerState, reason: FinishReason, error: str | None):
+    if not state.engine.running:
+        return EngineUnavailable(state.engine.dead_reason or error or "engine stopped")
+    if reason is FinishReason.ABORT:
+        return RequestAborted("request aborted by the server")
+    return GenerationFailed(error or "generation failed")
+
+
+class _Result:
+    def __init__(self):
+        self.token_ids: list[int] = []
+        self.parts: list[str] = []
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, ev) -> None:
+        if ev.token_id is not None:
+            self.token_ids.append(ev.token_id)
+        if ev.text:
+            self.parts.append(ev.text)
+        if ev.finish_reason is not None:
+            self.finish_reason, self.error = ev.finish_reason, ev.error
+
+    def body(self, req: GenerateRequest, prompt_tokens: int) -> dict:
+        return GenerateResponse(
+            text=self.text, token_ids=self.token_ids, finish_reason=self.finish_reason.value, adapter=req.adapter,
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(self.token_ids)},
+        ).model_dump(mode="json")
+
+
+@router.post("/generate", dependencies=[Depends(require_api_key)], response_model=None,
+             responses={200: {"model": GenerateResponse,
+                              "content": {"text/event-stream": {}}}, **_ERRORS},
+             openapi_extra=_OPENAPI_BODY, summary="Generate text (JSON or server-sent events)")
+async def generate(request: Request) -> Response:
+    state = get_state(request)
+    if state.draining:
+        raise Draining()
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED)
+    req = parse_request(body)
+
+    engine = state.engine
+    if not engine.running:
+        raise EngineUnavailable(engine.dead_reason or "engine not running")
+    max_len = state.max_model_len
+    if req.max_new_tokens > max_len:
+        raise InvalidRequest(f"max_new_tokens: must be <= max_model_len ({max_len})")
+    if req.input_ids is not None:
+        vocab = state.vocab_size
+        bad = next((i for i, t in enumerate(req.input_ids) if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"input_ids.{bad}: token id {req.input_ids[bad]} out of range [0, {vocab})")
+
+    handle = await _resolve_adapter(state, req)
+    prompt_ids = list(req.input_ids) if req.input_ids is not None else await run_in_threadpool(
+        tokenize, state.tokenizer, req)
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty after tokenisation")
+    prefix = int(getattr(handle, "num_virtual_tokens", 0) or 0)  # soft prompt / prefix adapters
+    if len(prompt_ids) + prefix + req.max_new_tokens > max_len:
+        extra = f" + {prefix} virtual tokens" if prefix else ""
+        raise ContextLengthExceeded(
+            f"prompt ({len(prompt_ids)} tokens){extra} + max_new_tokens ({req.max_new_tokens}) "
+            f"exceeds max_model_len ({max_len})")
+
+    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
+                            ignore_eos=req.ignore_eos)
+    if state.draining:  # SIGTERM may have arrived while we were tokenising
+        raise Draining()
+    try:
+        stream = engine.submit(prompt_ids, params, adapter=handle)
+    except QueueFullError:
+        raise QueueFull() from None
+    except EngineDeadError as exc:
+        raise EngineUnavailable(str(exc) or "engine not running") from None
+
+    request_id = uuid.uuid4().hex[:16]
+    info = {"request_id": request_id, "prompt_tokens": len(prompt_ids), "stream": req.stream,
+            "adapter": state.metrics.label_for(handle) if state.metrics else None, "started": time.monotonic()}
+    state.inflight += 1
+    if req.stream:
+        return SSEResponse(state, stream, req, info)  # owns the stream and the in-flight count from here
+    try:
+        return await _respond(state, request, stream, req, info)
+    finally:
+        state.inflight -= 1
+
+
+async def _respond(state: ServerState, request: Request, stream: RequestStream, req: GenerateRequest,
+                   info: dict) -> Response:
+    result = _Result()
+
+    async def collect():
+        async for ev in stream:
+            result.add(ev)
+
+    collector = asyncio.ensure_future(collect())
+    listener = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait({collector, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (collector, listener):
+            task.cancel()
+        await asyncio.gather(collector, listener, return_exceptions=True)
+        if not stream.finished:
+            stream.cancel()
+    if collector in done and not collector.cancelled() and collector.exception() is not None:
+        raise collector.exception()
+    headers = {"X-Request-ID": info["request_id"]}
+    if result.finish_reason is None:  # the client went away first
+        _log_done(info, result, "client_disconnected")
+        return Response(status_code=CLIENT_CLOSED, headers=headers)
+    _log_done(info, result, result.finish_reason.value)
+    if result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+        exc = _failure(state, result.finish_reason, result.error)
+        exc.headers = {**(exc.headers or {}), **headers}
+        raise exc
+    return JSONResponse(result.body(req, info["prompt_tokens"]), headers=headers)
+
+
+def _log_done(info: dict, result: _Result, outcome: str) -> None:
+    log.info("generate finished", extra={
+        "request_id": info["request_id"], "outcome": outcome, "stream": info["stream"], "adapter": info["adapter"],
+        "prompt_tokens": info["prompt_tokens"], "completion_tokens": len(result.token_ids),
+        "duration_ms": round((time.monotonic() - info["started"]) * 1000, 1),
+        **({"error": result.error} if result.error else {})})
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class SSEResponse(Response):
+    """Server-sent events for one request; cancels the request when the client goes away.
+
+    Events: `{"token_id", "text"}` per token, then the final `{"text", "token_ids",
+    "finish_reason", "adapter", "usage"}` (the non-streaming body), or `{"error": {...}}` if
+    generation failed after the response started, then `[DONE]`.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, state: ServerState, stream: RequestStream, req: GenerateRequest, info: dict):
+        super().__init__(content=None, status_code=200, media_type=self.media_type, headers={
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": info["request_id"]})
+        self.state, self.stream, self.req, self.info = state, stream, req, info
+        self.result = _Result()
+        self.outcome = "client_disconnected"
+
+    def init_headers(self, headers=None) -> None:  # no content-length: the body streams
+        super().init_headers(headers)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+
+    async def _produce(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for ev in self.stream:
+            self.result.add(ev)
+            if ev.token_id is not None and ev.finish_reason not in (FinishReason.ERROR, FinishReason.ABORT):
+                await send({"type": "http.response.body", "body": _sse({"token_id": ev.token_id, "text": ev.text}),
+                            "more_body": True})
+        res = self.result
+        if res.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+            final = _failure(self.state, res.finish_reason, res.error).to_dict()
+        else:
+            final = res.body(self.req, self.info["prompt_tokens"])
+        self.outcome = res.finish_reason.value
+        await send({"type": "http.response.body", "body": _sse(final) + b"data: [DONE]\n\n", "more_body": False})
+
+    async def __call__(self, scope, receive, send) -> None:
+        producer = asyncio.ensure_future(self._produce(send))
+        listener = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if producer in done and not producer.cancelled():
+                exc = producer.exception()
+                if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
+                    raise exc
+        finally:
+            for task in (producer, listener):
+                task.cancel()
+            await asyncio.gather(producer, listener, return_exceptions=True)
+            if not self.stream.finished:
+                self.stream.cancel()
+            self.state.inflight -= 1
+            _log_done(self.info, self.result, self.outcome)

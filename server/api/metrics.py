@@ -1,0 +1,235 @@
+"""Prometheus metrics: one registry per app (never the global default), fed by the engine.
+
+`Metrics` is both the engine's `EngineObserver` (per-token / per-request / per-step callbacks on
+the engine thread; prometheus_client is thread-safe) and the owner of the HTTP-level counters.
+Gauges that describe the current state (queue depth, KV usage, health) are computed at scrape
+time by a collector, so they are never stale. Names follow vLLM's with the `peftserve_` prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .adapter_metrics import AdapterMetrics
+
+# vLLM's bucket sets
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+SUCCESS_REASONS = ("length", "stop", "eos")
+
+
+def adapter_name(handle) -> str | None:
+    """Best-effort display name of a resolved adapter handle (None for the base model)."""
+    if handle is None:
+        return None
+    if isinstance(handle, str):
+        return handle
+    for attr in ("name", "label"):
+        value = getattr(handle, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+class _LabelLimiter:
+    """Bounds a label's cardinality: the first `limit` distinct values pass, later ones -> other."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return OTHER_LABEL
+        if value in (BASE_LABEL, OTHER_LABEL):
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OTHER_LABEL
+
+
+class _StateCollector:
+    """Scrape-time gauges read from the bound ServerState (zeros until bound)."""
+
+    def __init__(self):
+        self.state = None
+
+    def describe(self):
+        return list(self._families(None))
+
+    def collect(self):
+        return list(self._families(self.state))
+
+    @staticmethod
+    def _families(state):
+        running = waiting = 0
+        kv = 0.0
+        healthy = draining = 0
+        if state is not None:
+            engine = state.engine
+            running, waiting = engine.num_running, engine.num_waiting
+            slots = engine.engine.cache.slots
+            kv = 1.0 - slots.num_free / slots.num_slots if slots.num_slots else 0.0
+            healthy = int(engine.running)
+            draining = int(state.draining)
+        yield GaugeMetricFamily("peftserve_num_requests_running", "Requests running in the engine (own a KV slot).",
+                                value=running)
+        yield GaugeMetricFamily("peftserve_num_requests_waiting", "Requests waiting to be scheduled.", value=waiting)
+        yield GaugeMetricFamily("peftserve_kv_cache_usage_perc", "Fraction of KV-cache slots in use (0..1).",
+                                value=kv)
+        yield GaugeMetricFamily("peftserve_engine_healthy", "1 while the engine loop is running.", value=healthy)
+        yield GaugeMetricFamily("peftserve_draining", "1 while the server drains for shutdown.", value=draining)
+
+
+class Metrics:
+    """Per-app metrics registry + EngineObserver implementation."""
+
+    def __init__(self, *, base_model: str = "", dtype: str = "", version: str = "", max_adapter_labels: int = 64):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.adapter_label = _LabelLimiter(max_adapter_labels)
+        self.ttft = Histogram("peftserve_time_to_first_token_seconds", "Time to first token (from arrival).",
+                              ["adapter"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("peftserve_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("peftserve_e2e_request_latency_seconds", "End-to-end latency of finished requests.",
+                             ["adapter"], buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("peftserve_request_queue_time_seconds", "Time from arrival to first scheduling.",
+                                    buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("peftserve_request_prefill_time_seconds",
+                                      "Time from first scheduling to first token.",
+                                      buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("peftserve_request_decode_time_seconds", "Time from first to last token.",
+                                     buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("peftserve_prompt_tokens", "Prefilled prompt tokens.", registry=r)
+        self.generation_tokens = Counter("peftserve_generation_tokens", "Generated tokens.", registry=r)
+        self.requests = Counter("peftserve_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.success = Counter("peftserve_request_success", "Finished requests by finish reason.",
+                               ["finished_reason"], registry=r)
+        self.failure = Counter("peftserve_request_failure", "Failed or aborted requests by reason.", ["reason"],
+                               registry=r)
+        self.batch_size = Histogram("peftserve_batch_size", "Sequences per engine step.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("peftserve_iteration_tokens", "Tokens processed per engine step.",
+                                          buckets=ITERATION_TOKEN_BUCKETS, registry=r)
+        self.step_time = Histogram("peftserve_engine_step_seconds", "Wall time of one engine step.",
+                                   buckets=TTFT_BUCKETS, registry=r)
+        self.build_info = Gauge("peftserve_build_info", "Build and model information.",
+                                ["version", "base_model", "dtype"], registry=r)
+        self.build_info.labels(version=version, base_model=base_model, dtype=dtype).set(1)
+        for reason in SUCCESS_REASONS:  # export zeros so rates work from the first scrape
+            self.success.labels(finished_reason=reason)
+        for reason in ("abort", "error"):
+            self.failure.labels(reason=reason)
+        self._collector = _StateCollector()
+        r.register(self._collector)
+        self.adapters = AdapterMetrics(r)
+
+    def bind(self, state) -> None:
+        """Attach the ServerState whose engine the scrape-time gauges describe."""
+        self._collector.state = state
+        self.adapters.state = state
+
+    # adapter events (device tier on the engine thread, uploads on the API)
+    def on_adapter_load(self, adapter, seconds: float) -> None:
+        self.adapters.on_adapter_load(adapter, seconds)
+
+    def on_adapter_evict(self) -> None:
+        self.adapters.on_adapter_evict()
+
+    def adapter_upload(self, result: str, reason: str = "", nbytes: int = 0, seconds: float = 0.0) -> None:
+        self.adapters.adapter_upload(result, reason, nbytes, seconds)
+
+    def label_for(self, handle) -> str:
+        if handle is None:
+            return BASE_LABEL
+        return self.adapter_label(adapter_name(handle))
+
+    # -- EngineObserver (engine thread) ------------------------------------------------------
+    def on_step(self, batch_size: int, num_tokens: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.iteration_tokens.observe(num_tokens)
+        self.step_time.observe(seconds)
+
+    def on_token(self, seq, now: float) -> None:
+        self.generation_tokens.inc()
+        if len(seq.output_ids) == 1:  # the first token: prefill is complete
+            self.ttft.labels(adapter=self.label_for(seq.adapter)).observe(max(0.0, now - seq.arrival))
+            self.prompt_tokens.inc(len(seq.prompt_ids))
+        elif seq.last_token_at is not None:
+            self.itl.observe(max(0.0, now - seq.last_token_at))
+
+    def on_finish(self, seq, now: float) -> None:
+        reason = getattr(seq.finish_reason, "value", seq.finish_reason)
+        if reason not in SUCCESS_REASONS:
+            self.failure.labels(reason=str(reason)).inc()
+            return
+        self.success.labels(finished_reason=reason).inc()
+        self.e2e.labels(adapter=self.label_for(seq.adapter)).observe(max(0.0, now - seq.arrival))
+        if seq.first_scheduled is not None:
+            self.queue_time.observe(max(0.0, seq.first_scheduled - seq.arrival))
+            if seq.first_token_at is not None:
+                self.prefill_time.observe(max(0.0, seq.first_token_at - seq.first_scheduled))
+        if seq.first_token_at is not None and seq.last_token_at is not None:
+            self.decode_time.observe(max(0.0, seq.last_token_at - seq.first_token_at))
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def observe_http(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class HttpMetricsMiddleware:
+    """Pure ASGI middleware counting `peftserve_requests_total{endpoint,status}`.
+
+    `endpoint` is the matched route's path template (bounded cardinality); unmatched paths are
+    counted as "other". A client that went away before the response started counts as 499.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 0}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            if not status["code"]:
+                status["code"] = 499 if isinstance(exc, asyncio.CancelledError) else 500
+            raise
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.observe_http(endpoint, status["code"] or 499)

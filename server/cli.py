@@ -1,0 +1,285 @@
+"""`peftserve serve ...` and `peftserve train-adapter ...`.
+
+`serve` loads the base model, builds the engine (+ the adapter registry when available), and
+runs the API under uvicorn with structured JSON logs (one object per line on stderr).
+
+Shutdown: the first SIGTERM starts a drain — `/ready` answers 503 at once and new requests get
+503 `draining` while in-flight requests finish (up to `--drain-timeout`; whatever is still running
+then is aborted); then uvicorn shuts down (lifespan stops the engine) and the process exits 0.
+A second SIGTERM skips the wait; SIGINT (Ctrl-C) shuts down without draining, twice forces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger("peftserve.server.cli")
+
+_RESERVED = set(vars(logging.LogRecord("x", 0, "x", 0, "x", (), None))) | {"message", "asctime", "taskName",
+                                                                          "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+        out = {"ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": record.levelname,
+               "logger": record.name, "msg": record.getMessage()}
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("peftserve")
+    except Exception:
+        return "0.0.0"
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {n})")
+    return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {n})")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine.config import EngineConfig
+
+    d = EngineConfig()
+    parser = argparse.ArgumentParser(prog="peftserve", description="Multi-adapter LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train-adapter", add_help=False, help="train an adapter (see `peftserve train-adapter --help`)")
+    s = sub.add_parser("serve", help="run the HTTP API server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default="default", help="`default` (SmolLM2-135M-Instruct) or a local HF model dir")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_non_negative, default=8000)
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
+    s.add_argument("--max-batch-size", type=_positive, default=d.max_batch_size,
+                   help="running sequences (KV-cache slots)")
+    s.add_argument("--max-model-len", type=_positive, default=d.max_model_len,
+                   help="prompt + generated tokens per request")
+    s.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
+                   help="token budget of one engine step")
+    s.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
+                   help="queued requests before 429 queue_full")
+    s.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
+    s.add_argument("--max-cpu-adapters", type=_positive, default=64, help="adapters kept loaded in host memory")
+    s.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30, help="host-memory byte budget for adapters")
+    s.add_argument("--merge-policy", default=d.merge_policy, choices=["never", "single-adapter"],
+                   help="fold a LoRA into the base weights while it serves every running row")
+    s.add_argument("--merge-min-steps", type=_positive, default=d.merge_min_steps)
+    s.add_argument("--adapter-store", metavar="DIR", default=None, help="where uploaded adapters are stored")
+    s.add_argument("--adapters", metavar="DIR", default=None, help="load every adapter found in DIR at start-up")
+    s.add_argument("--api-key", default=os.environ.get("PEFTSERVE_API_KEY"),
+                   help="bearer token for /generate (env PEFTSERVE_API_KEY)")
+    s.add_argument("--admin-key", default=os.environ.get("PEFTSERVE_ADMIN_KEY"),
+                   help="bearer token for adapter management (env PEFTSERVE_ADMIN_KEY; default: the API key)")
+    s.add_argument("--max-body-bytes", type=_positive, default=1024 * 1024, help="request-body cap for /generate")
+    s.add_argument("--max-upload-bytes", type=_positive, default=256 * 1024 * 1024,
+                   help="request-body cap for /adapters uploads")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    s.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    return parser
+
+
+def _open_registry(serving, args) -> None:
+    """Load the adapter store (survives restarts), then preload `--adapters DIR` if given."""
+    from pathlib import Path
+
+    from ..adapters.errors import AdapterError
+    from .errors import ApiError
+
+    loaded = serving.registry.load_store()
+    log.info("adapter store opened", extra={"store": str(serving.registry.store), "adapters": len(loaded)})
+    if args.adapters:
+        for sub in sorted(Path(args.adapters).iterdir()):
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            try:
+                ver = serving.registry.import_dir(sub)
+                log.info("adapter preloaded", extra={"adapter": ver.name, "kind": ver.kind.value, "version": ver.version})
+            except (AdapterError, ApiError, OSError) as exc:  # one bad adapter never blocks the start
+                log.error("adapter not preloaded", extra={"path": str(sub), "error": str(exc)})
+
+
+def serve(args) -> int:
+    import torch
+
+    from ..adapters.base_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, BaseModelError, load_base_model, parse_dtype
+    from .api.app import create_app
+    from .api.metrics import Metrics
+    from .engine.async_engine import AsyncEngine
+    from .engine.config import EngineConfig
+    from pathlib import Path
+
+    from ..adapters.base_model import cache_dir
+    from .api import adapters as adapters_api
+    from .engine.factory import build_serving
+    from .engine.model import UnsupportedModelError
+    from .registry import RegistrySettings
+    from .state import ServerSettings, ServerState
+
+    configure_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+        dtype = parse_dtype(args.dtype, device)
+        t0 = time.monotonic()
+        hf_model, tokenizer, model_dir = load_base_model(args.model, dtype=dtype, device=device)
+        model_name = DEFAULT_MODEL_NAME if str(args.model) == DEFAULT_MODEL else os.path.basename(
+            os.path.normpath(str(model_dir)))
+        log.info("base model loaded", extra={"model": model_name, "model_dir": str(model_dir),
+                                             "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                                             "seconds": round(time.monotonic() - t0, 2)})
+        config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                              max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+                              max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
+                              merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device))
+        max_pos = getattr(hf_model.config, "max_position_embeddings", None)
+        if max_pos and args.max_model_len > max_pos:
+            log.warning("max_model_len exceeds the model's max_position_embeddings",
+                        extra={"max_model_len": args.max_model_len, "max_position_embeddings": max_pos})
+        settings = ServerSettings(api_key=args.api_key or None, admin_key=args.admin_key or None,
+                                  max_body_bytes=args.max_body_bytes,
+                                  body_limits={"/adapters": args.max_upload_bytes},
+                                  drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
+                                  version=_version())
+        metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
+        store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
+        reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,
+                                        max_cpu_bytes=args.max_cpu_bytes)
+        serving = build_serving(hf_model, tokenizer, config, store=store, model_name=model_name,
+                                registry_settings=reg_settings, observer=metrics)
+        _open_registry(serving, args)
+    except (BaseModelError, UnsupportedModelError, ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    engine = AsyncEngine(serving.engine)
+    serving.registry.attach(engine)
+    state = ServerState(engine, tokenizer, model_name, registry=serving.registry, settings=settings, metrics=metrics)
+    state.slots = serving.slots
+    app = create_app(state, routers=[adapters_api.router])
+    if not settings.api_key:
+        log.warning("no API key configured: /generate is open to anyone who can reach %s:%s", args.host, args.port)
+    return run_server(app, state, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _make_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn.Server whose SIGTERM drains first (see the module docstring)."""
+
+        def __init__(self, config, state):
+            super().__init__(config)
+            self.state = state
+            self._drain_task: asyncio.Task | None = None
+
+        def handle_exit(self, sig, frame) -> None:  # runs in the signal handler (main thread)
+            # never record the signal: uvicorn would re-raise it after shutdown (exit status != 0)
+            if sig == signal.SIGTERM and not self.state.draining and not self.should_exit:
+                self.state.draining = True  # /ready -> 503 and new requests -> 503 from now on
+                log.info("SIGTERM received: draining", extra={"inflight": self.state.inflight,
+                                                              "timeout_s": self.state.settings.drain_timeout_s})
+            elif self.should_exit:
+                self.force_exit = True
+            else:
+                self.state.draining = True
+                self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.state.draining and self._drain_task is None and not self.should_exit:
+                self._drain_task = asyncio.ensure_future(self._drain())
+            return await super().on_tick(counter)
+
+        async def _drain(self) -> None:
+            from .api.app import _abort_all
+
+            state = self.state
+            deadline = time.monotonic() + state.settings.drain_timeout_s
+            while state.inflight > 0 and time.monotonic() < deadline and not self.should_exit:
+                await asyncio.sleep(0.05)
+            if state.inflight > 0 and state.engine.running:
+                log.warning("drain timeout: aborting in-flight requests", extra={"inflight": state.inflight})
+                await asyncio.to_thread(_abort_all, state.engine)
+                grace = time.monotonic() + 2.0
+                while state.inflight > 0 and time.monotonic() < grace:
+                    await asyncio.sleep(0.05)
+            log.info("drained; shutting down", extra={"inflight": state.inflight})
+            self.should_exit = True
+
+    return DrainingServer
+
+
+def run_server(app, state, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               sockets=None) -> int:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=5, server_header=False)
+    server = _make_server_class()(config, state)
+    server.run(sockets=sockets)
+    if not server.started:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-adapter":
+        from peftserve.adapters.training.cli import main as train_main
+
+        return int(train_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2  # pragma: no cover  (argparse enforces a command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Shared fixtures: the default model's tokenizer, a tiny seeded Llama sized to it, servers around it.
+
+`smollm_tokenizer` loads the SmolLM2 tokenizer from the cached converted checkpoint (the first
+conversion ever takes ~25 s; later sessions load it in ~2 s). `tiny_model(seed)` builds a 2-layer
+random Llama whose vocabulary matches that tokenizer, in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+
+TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from peftserve.adapters.base_model import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir("default"))
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**TINY_CONFIG, "vocab_size": vocab_size, **overrides})
+    return LlamaForCausalLM(cfg).to(torch.float32).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_model(smollm_tokenizer):
+    """Factory: `tiny_model(seed=0, **config_overrides)` -> a fresh LlamaForCausalLM (float32, eval)."""
+
+    def make(seed: int = 0, **overrides):
+        return build_tiny_model(len(smollm_tokenizer), seed, **overrides)
+
+    return make
+
+
+class Server:
+    """An engine + app around a tiny model (what `make_server` returns)."""
+
+    def __init__(self, hf_model, tokenizer, config, settings=None, registry=None, start=True):
+        from peftserve.server.api.app import create_app
+        from peftserve.server.api.metrics import Metrics
+        from peftserve.server.engine.async_engine import AsyncEngine
+        from peftserve.server.engine.engine import LLMEngine
+        from peftserve.server.state import ServerSettings, ServerState
+
+        self.metrics = Metrics(base_model="tiny", dtype="float32", version="test")
+        self.llm = LLMEngine(hf_model, tokenizer, config, observer=self.metrics)
+        self.engine = AsyncEngine(self.llm, idle_wait_s=0.01)
+        settings = settings or ServerSettings()
+        self.state = ServerState(self.engine, tokenizer, "tiny", registry=registry, settings=settings,
+                                 metrics=self.metrics)
+        self.app = create_app(self.state)
+        if start:
+            self.engine.start()
+
+    def client(self, **kw):
+        import httpx
+
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test", **kw)
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """True once every KV slot is free and nothing waits."""
+        deadline = time.monotonic() + timeout
+        slots = self.llm.cache.slots
+        while time.monotonic() < deadline:
+            if slots.num_free == slots.num_slots and self.engine.num_waiting == 0 and self.engine.num_running == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self):
+        self.engine.stop()
+
+
+@pytest.fixture
+def make_server(tiny_model, smollm_tokenizer):
+    """Factory: `make_server(seed=0, settings=None, registry=None, model=None, **EngineConfig kwargs)`."""
+    from peftserve.server.engine.config import EngineConfig
+
+    servers: list[Server] = []
+
+    def make(seed: int = 0, settings=None, registry=None, model=None, start=True, **config):
+        cfg = EngineConfig(**{"max_batch_size": 8, "max_model_len": 512, "max_num_batched_tokens": 128, **config})
+        server = Server(model if model is not None else tiny_model(seed), smollm_tokenizer, cfg, settings,
+                        registry, start)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (random port) in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture
+def live_server():
+    """Factory: `live_server(app)` -> LiveServer (stopped at teardown)."""
+    started: list[LiveServer] = []
+
+    def start(app):
+        server = LiveServer(app)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

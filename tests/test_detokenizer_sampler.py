@@ -1,0 +1,206 @@
+"""Sampler filtering against a direct computation; incremental detokenisation and stop strings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peftserve.server.engine.detokenizer import IncrementalDetokenizer
+from peftserve.server.engine.request import SamplingParams
+from peftserve.server.engine.sampler import filter_logits, sample
+
+
+# -- sampler ---------------------------------------------------------------------------------------
+def kept(filtered: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(filtered)).flatten().tolist())
+
+
+def direct_top_k(logits: list[float], k: int) -> set[int]:
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])
+    return set(order[:k])
+
+
+def direct_top_p(logits: list[float], p: float, candidates: set[int] | None = None) -> set[int]:
+    """Smallest set of most likely tokens whose probability mass reaches p (over `candidates`)."""
+    idx = sorted(candidates if candidates is not None else range(len(logits)), key=lambda i: -logits[i])
+    m = max(logits[i] for i in idx)
+    z = sum(math.exp(logits[i] - m) for i in idx)
+    out, mass = set(), 0.0
+    for i in idx:
+        out.add(i)
+        mass += math.exp(logits[i] - m) / z
+        if mass >= p:
+            break
+    return out
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+
+
+@pytest.mark.parametrize("k", [1, 2, 10, 999])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_top_k_keeps_exactly_the_k_largest(logits, k, temperature):
+    out = filter_logits(logits, SamplingParams(temperature=temperature, top_k=k))
+    assert kept(out) == direct_top_k(logits.tolist(), k)
+    idx = sorted(kept(out))
+    torch.testing.assert_close(out[idx], logits[idx] / temperature)
+
+
+def test_top_k_zero_or_at_least_vocab_disables(logits):
+    for k in (0, 1000, 5000):
+        assert kept(filter_logits(logits, SamplingParams(temperature=1.0, top_k=k))) == set(range(1000))
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_top_p_keeps_the_smallest_nucleus(logits, p, temperature):
+    out = filter_logits(logits, SamplingParams(temperature=temperature, top_p=p))
+    scaled = (logits / temperature).tolist()
+    assert kept(out) == direct_top_p(scaled, p)
+
+
+def test_top_p_tiny_keeps_only_argmax(logits):
+    out = filter_logits(logits, SamplingParams(temperature=1.0, top_p=1e-9))
+    assert kept(out) == {int(torch.argmax(logits))}
+
+
+@pytest.mark.parametrize("k,p", [(50, 0.5), (5, 0.9), (200, 0.3)])
+def test_top_k_then_top_p_over_the_renormalised_top_k(logits, k, p):
+    out = filter_logits(logits, SamplingParams(temperature=1.0, top_k=k, top_p=p))
+    lg = logits.tolist()
+    assert kept(out) == direct_top_p(lg, p, direct_top_k(lg, k))
+
+
+def test_sample_greedy_rows_take_argmax_and_seeded_rows_repeat():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 500, generator=g)
+    greedy = SamplingParams()
+    hot = SamplingParams(temperature=1.0, top_k=20)
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+
+    first = sample(logits, [greedy, hot, greedy, hot], [None, gen(7), None, gen(8)])
+    again = sample(logits, [greedy, hot, greedy, hot], [None, gen(7), None, gen(8)])
+    assert first == again
+    assert first[0] == int(torch.argmax(logits[0])) and first[2] == int(torch.argmax(logits[2]))
+    # a row's draw depends only on its own generator, not on the other rows
+    alone = sample(logits[1:2], [hot], [gen(7)])
+    assert alone == [first[1]]
+
+
+def test_sampled_tokens_stay_inside_the_filtered_set():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(temperature=1.3, top_k=30, top_p=0.6)
+    scaled = (logits / 1.3).tolist()
+    allowed = direct_top_p(scaled, 0.6, direct_top_k(scaled, 30))
+    gen = torch.Generator().manual_seed(3)
+    draws = [sample(logits[None], [params], [gen])[0] for _ in range(300)]
+    assert set(draws) <= allowed
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.tensor([0.0, math.log(3.0), -1e9])  # p = 0.25, 0.75, 0
+    gen = torch.Generator().manual_seed(4)
+    params = SamplingParams(temperature=1.0)
+    draws = [sample(logits[None], [params], [gen])[0] for _ in range(2000)]
+    assert 2 not in draws
+    assert abs(draws.count(1) / 2000 - 0.75) < 0.04
+
+
+# -- detokenizer ---------------------------------------------------------------------------------------
+def feed(detok: IncrementalDetokenizer, ids: list[int]) -> tuple[list[str], bool, int]:
+    """Feed tokens like the engine does; returns (emitted pieces, stopped, tokens consumed)."""
+    pieces = []
+    for n, tok in enumerate(ids, 1):
+        stopped = detok.add(tok)
+        if stopped:
+            pieces.append(detok.take(final=True))
+            return pieces, True, n
+        pieces.append(detok.take(final=False))
+    pieces.append(detok.take(final=True))
+    return pieces, False, len(ids)
+
+
+@pytest.mark.parametrize("text", [
+    "héllo 日本語 😀 naïve",
+    "😀😀🎉 — “quoted” ∑ x² ≤ ∞",
+    "plain ascii words, with punctuation!",
+    "emoji at the end 🦀",
+])
+def test_incremental_text_equals_full_decode_without_replacement_chars(smollm_tokenizer, text):
+    prompt = smollm_tokenizer("Say:").input_ids
+    ids = smollm_tokenizer(text).input_ids
+    pieces, stopped, _ = feed(IncrementalDetokenizer(smollm_tokenizer, prompt), ids)
+    assert not stopped
+    assert "".join(pieces) == smollm_tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_multibyte_character_split_over_tokens_waits_until_complete(smollm_tokenizer):
+    ids = smollm_tokenizer("😀").input_ids
+    assert len(ids) == 3  # one emoji, three byte-level tokens
+    detok = IncrementalDetokenizer(smollm_tokenizer, [])
+    assert [detok.add(t) or detok.take(final=False) for t in ids] == ["", "", "😀"]
+
+
+def test_leading_space_after_the_prompt_is_kept(smollm_tokenizer):
+    prompt = smollm_tokenizer("Hello").input_ids
+    ids = smollm_tokenizer(" world").input_ids
+    pieces, _, _ = feed(IncrementalDetokenizer(smollm_tokenizer, prompt), ids)
+    assert "".join(pieces) == " world"
+
+
+def test_special_tokens_produce_no_text(smollm_tokenizer):
+    ids = smollm_tokenizer("ok").input_ids + [smollm_tokenizer.eos_token_id]
+    pieces, _, _ = feed(IncrementalDetokenizer(smollm_tokenizer, []), ids)
+    assert "".join(pieces) == "ok"
+
+
+SENTENCE = "Hello world, this is a test of stop strings."
+
+
+@pytest.mark.parametrize("stop", [
+    "ld, th",  # straddles ' world' ',' ' this'
+    "world",  # exactly one token (with its leading space not included)
+    "is a te",  # spans three tokens
+    "s.",  # at the very end
+    "Hello",  # at the very start
+])
+def test_stop_string_straddling_tokens(smollm_tokenizer, stop):
+    ids = smollm_tokenizer(SENTENCE).input_ids
+    pieces, stopped, n = feed(IncrementalDetokenizer(smollm_tokenizer, [], (stop,)), ids)
+    assert stopped
+    cut = SENTENCE.index(stop)
+    assert "".join(pieces) == SENTENCE[:cut]
+    # it stopped on the token that completed the stop string, not later
+    assert stop in smollm_tokenizer.decode(ids[:n]) and stop not in smollm_tokenizer.decode(ids[:n - 1])
+
+
+def test_earliest_of_several_stop_strings_wins(smollm_tokenizer):
+    ids = smollm_tokenizer(SENTENCE).input_ids
+    pieces, stopped, _ = feed(IncrementalDetokenizer(smollm_tokenizer, [], ("strings", "this is", "test")), ids)
+    assert stopped and "".join(pieces) == "Hello world, "
+
+
+def test_text_that_could_start_a_stop_string_is_held_back(smollm_tokenizer):
+    ids = smollm_tokenizer(SENTENCE).input_ids
+    detok = IncrementalDetokenizer(smollm_tokenizer, [], ("test of X",))
+    emitted = ""
+    for tok in ids:
+        assert not detok.add(tok)
+        emitted += detok.take(final=False)
+        assert len(detok.text) - len(emitted) <= len("test of X") - 1
+        assert detok.text.startswith(emitted)
+    assert emitted + detok.take(final=True) == SENTENCE  # never found: everything comes out at the end
+
+
+def test_stop_string_with_multibyte_characters(smollm_tokenizer):
+    text = "abc 日本語 def"
+    ids = smollm_tokenizer(text).input_ids
+    pieces, stopped, _ = feed(IncrementalDetokenizer(smollm_tokenizer, [], ("本語",)), ids)
+    assert stopped and "".join(pieces) == "abc 日"
