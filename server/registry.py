@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, load_adapter
@@ -107,16 +107,28 @@ class AdapterRegistry:
         if isinstance(spec, (list, tuple)):
             items = [(_item(i, "name"), _item(i, "weight")) for i in spec]
             check_items(items)
-            versions = [self.resolve(n) for n, _ in items]
-            return self.combos.get_or_make(versions, [float(w) for _, w in items], self._combined_version)
-        name = spec
+            held = [self._acquire(n) for n, _ in items]
+            combined = self.combos.get_or_make([h for _, h in held], [float(w) for _, w in items],
+                                               self._combined_version)
+            with self._lock:  # count only a combination that was accepted as a whole
+                for ver, _ in held:
+                    ver.requests += 1
+            return combined
+        ver, handle = self._acquire(spec)
+        with self._lock:
+            ver.requests += 1
+        return handle
+
+    def _acquire(self, name) -> tuple[AdapterVersion, AdapterVersion]:
+        """-> (the registry's version, the request's own handle to it). The handle holds the
+        weights itself: the host-memory LRU may evict the registry's copy (`loaded = None`) while
+        the request still waits for a device slot, and a replaced version's files are gone."""
         with self._lock:
             ver = self._current.get(name) if isinstance(name, str) else None
             if ver is None:
                 raise AdapterNotFound(str(name)[:80])
-            ver.requests += 1
             self._ensure_loaded(ver)
-            return ver
+            return ver, replace(ver)
 
     def list(self) -> list[AdapterVersion]:
         with self._lock:
@@ -192,6 +204,8 @@ class AdapterRegistry:
                 ver = self._new_version(entry.name, load_adapter((vdir / CONFIG_FILE).read_bytes(),
                                                                   (vdir / WEIGHTS_FILE).read_bytes(),
                                                                   self.spec, self.settings.limits))
+                if ver.version != version:  # the version is the content hash: the files changed
+                    raise ValueError(f"content hash {ver.version} does not match version {version!r}")
             except (OSError, AdapterError, ValueError) as exc:
                 self._quarantine(entry, exc)
                 continue
@@ -225,11 +239,21 @@ class AdapterRegistry:
 
     def _commit(self, name: str, version: str, staging: Path) -> None:
         adir = self.store / name
+        new_name = not adir.exists()
         adir.mkdir(exist_ok=True)
         vdir = adir / version
-        if not vdir.exists():
-            os.replace(staging, vdir)
-        _write_file(adir / CURRENT_FILE, version.encode())
+        moved = False
+        try:
+            if not vdir.exists():
+                os.replace(staging, vdir)
+                moved = True
+            _write_file(adir / CURRENT_FILE, version.encode())
+        except BaseException:  # e.g. disk full: leave the store as it was
+            if new_name:
+                shutil.rmtree(adir, ignore_errors=True)
+            elif moved:
+                shutil.rmtree(vdir, ignore_errors=True)
+            raise
         for old in adir.iterdir():  # keep only the current version on disk
             if old.is_dir() and old.name != version:
                 shutil.rmtree(old, ignore_errors=True)
@@ -262,11 +286,15 @@ class AdapterRegistry:
 
 def _write_file(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: bool = False) -> dict:

@@ -9,6 +9,7 @@ check passed, so a refused upload leaves registry and disk exactly as they were.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -69,7 +70,12 @@ async def upload(request: Request):
             limit = reg.settings.limits.max_bytes
             config_bytes = await _read_upload(form, "adapter_config", 1 << 20)
             weights_bytes = await _read_upload(form, "adapter_model", limit)
-        ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
+        try:
+            ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
+        except OSError as exc:  # the registry already cleaned up: nothing was committed
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ApiError("insufficient_storage", "the adapter store is out of space", 507) from None
+            raise
     except Exception as exc:
         if metrics is not None and hasattr(metrics, "adapter_upload"):
             metrics.adapter_upload("rejected", getattr(exc, "code", type(exc).__name__))

@@ -22,6 +22,7 @@ from torch import nn
 from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_segmented_
 
 from .merge import MergePolicy, Merger
+from .model import decoder_parts
 from .step_state import AdapterBatch
 
 
@@ -47,13 +48,20 @@ class BottleneckSlotWeights:
         return self.scaling * F.linear(ACTIVATIONS[self.act](F.linear(z, self.down_w, self.down_b)), self.up_w, self.up_b)
 
 
-class AdapterLinear(nn.Module):
-    """A base nn.Linear plus per-slot LoRA / (IA)3 entries."""
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2: weight stored [in, out])."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
-    def __init__(self, base: nn.Linear, ctx: "AdapterLayers"):
+
+class AdapterLinear(nn.Module):
+    """A base nn.Linear (or GPT-2 Conv1D) plus per-slot LoRA / (IA)3 entries."""
+
+    def __init__(self, base: nn.Module, ctx: "AdapterLayers"):
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.transposed = not isinstance(base, nn.Linear)  # Conv1D keeps its weight as [in, out]
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
         self._ctx = [ctx]  # list: keep the shared context out of nn.Module child registration
         self.lora: dict[int, LoraSlotWeights] = {}
         self.ia3: dict[int, IA3SlotWeights] = {}
@@ -127,16 +135,16 @@ class AdapterLayers:
         self.lora_only: set[int] = set()  # slots holding a LoRA (mergeable) adapter
         self.linears: dict[str, AdapterLinear] = {}
         self.sublayers: dict[tuple[int, str], AdapterSublayer] = {}
-        decoder_layers = hf_model.model.layers
+        prefix, decoder_layers, sublayer_attr = decoder_parts(hf_model)
         for name, module in list(hf_model.named_modules()):
             for child_name, child in list(module.named_children()):
                 path = f"{name}.{child_name}" if name else child_name
-                if isinstance(child, nn.Linear) and path.startswith("model.layers."):
+                if _is_linear(child) and path.startswith(prefix):
                     wrapped = AdapterLinear(child, self)
                     setattr(module, child_name, wrapped)
                     self.linears[path] = wrapped
         for i, layer in enumerate(decoder_layers):
-            for pos, attr in (("attn", "self_attn"), ("mlp", "mlp")):
+            for pos, attr in sublayer_attr.items():
                 wrapped = AdapterSublayer(getattr(layer, attr), self)
                 setattr(layer, attr, wrapped)
                 self.sublayers[(i, pos)] = wrapped

@@ -52,6 +52,8 @@ class Merger:
             weight = lin.base.weight
             self._saved[lin] = weight.detach().clone()
             delta = (w.B.float() @ w.A.float()) * w.scale  # [out, in], computed in fp32
+            if lin.transposed:  # GPT-2 Conv1D stores [in, out]
+                delta = delta.T
             weight.copy_((weight.float() + delta).to(weight.dtype))
         self.merged_slot = slot
         self.cycles += 1
