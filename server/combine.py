@@ -46,12 +46,20 @@ def check_items(items: list[tuple[str, float]]) -> None:
             raise InvalidCombination(f"weight of {name!r} must be finite with |weight| <= {MAX_ABS_WEIGHT}")
 
 
+def _peft_rank(ver) -> int:
+    """An adapter's rank as add_weighted_adapter counts it: max(r, *rank_pattern.values()) from
+    its config (not the ranks of the modules it actually has; they differ when rank_pattern
+    lowers every module below r or names a module the adapter does not target)."""
+    cfg = ver.loaded.config
+    return max(cfg.r, *cfg.rank_pattern.values()) if cfg.rank_pattern else cfg.r
+
+
 def combine_lora(versions: list, weights: list[float]) -> LoadedAdapter:
     """versions: resolved AdapterVersions (all LoRA, loaded) -> one combined LoadedAdapter."""
     for ver in versions:
         if ver.kind is not AdapterKind.LORA:
             raise InvalidCombination(f"only LoRA adapters can be combined; {ver.name!r} is {ver.kind.value}")
-    new_rank = sum(max(m.rank for m in v.loaded.weights.modules.values()) for v in versions)
+    new_rank = sum(_peft_rank(v) for v in versions)
     rslora = bool(getattr(versions[0].loaded.config, "use_rslora", False))
     scale = new_rank / math.sqrt(new_rank) if rslora else 1.0
     paths = sorted({p for v in versions for p in v.loaded.weights.modules})

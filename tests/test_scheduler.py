@@ -131,7 +131,7 @@ def test_remove_waiting_and_running():
     assert not sched.has_work()
 
 
-@pytest.mark.parametrize("budget", [1, 7, 64])
+@pytest.mark.parametrize("budget", [3, 7, 64])
 def test_engine_chunked_prefill_matches_transformers(tiny_model, smollm_tokenizer, budget):
     """End to end through LLMEngine: any token budget gives transformers' greedy tokens."""
     from peftserve.server.engine.engine import LLMEngine
@@ -147,3 +147,9 @@ def test_engine_chunked_prefill_matches_transformers(tiny_model, smollm_tokenize
                                 do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
         assert s.output_ids == expected[0, len(ids):].tolist()
     assert engine.cache.slots.num_free == 3
+
+
+def test_budget_below_batch_size_is_refused():
+    """Every running sequence must be able to decode each step, or decodes starve."""
+    with pytest.raises(ValueError):
+        EngineConfig(max_batch_size=8, max_num_batched_tokens=4)

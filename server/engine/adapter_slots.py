@@ -56,6 +56,7 @@ class AdapterSlots:
         self.prefix_pins: dict[str, int] = {}
         self.max_prefix_bytes = max_prefix_bytes
         self._held: dict[int, tuple[int, str | None]] = {}  # seq_id -> (slot, prefix key)
+        self._dropped: set[str] = set()  # deleted/replaced versions still pinned by running requests
         self.observer = observer
         self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0}
 
@@ -94,8 +95,12 @@ class AdapterSlots:
             self.pins[slot] -= 1
             if self.pins[slot] == 0:
                 self.lru[slot] = None
+                if self.slot_key[slot] in self._dropped:
+                    self.drop(self.slot_key[slot])
         if prefix_key is not None:
             self.prefix_pins[prefix_key] -= 1
+            if prefix_key in self._dropped:
+                self.drop(prefix_key)
             self._trim_prefixes()
 
     # -- slots ----------------------------------------------------------------------------
@@ -140,10 +145,16 @@ class AdapterSlots:
     def drop(self, key: str) -> None:
         """Forget an adapter version (deleted/replaced) once nothing running uses it."""
         slot = self.key_slot.get(key)
-        if slot is not None and self.pins.get(slot, 0) == 0:
+        slot_busy = slot is not None and self.pins.get(slot, 0) > 0
+        prefix_busy = self.prefix_pins.get(key, 0) > 0
+        if slot is not None and not slot_busy:
             self.evict_slot(slot)
-        if key in self.prefixes and self.prefix_pins.get(key, 0) == 0:
+        if key in self.prefixes and not prefix_busy:
             del self.prefixes[key]
+        if slot_busy or prefix_busy:
+            self._dropped.add(key)  # free it when its last running request finishes
+        else:
+            self._dropped.discard(key)
 
     @property
     def resident(self) -> int:

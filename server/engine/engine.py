@@ -111,6 +111,10 @@ class LLMEngine:
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.ABORT)
         plan, admitted = self.scheduler.schedule(self.cache.slots.num_free)
+        for seq, exc in self.scheduler.rejected:
+            log.error("adapter admission failed", extra={"seq": seq.seq_id, "error": repr(exc)})
+            self._finish(seq, FinishReason.ERROR, error=f"adapter could not be loaded: {type(exc).__name__}")
+        self.scheduler.rejected.clear()
         now = time.monotonic()
         for seq in admitted:
             seq.kv_slot = self.cache.slots.alloc()
@@ -121,11 +125,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             logits = self.runner.execute(plan)
-        except Exception as exc:  # a failed step fails its rows, never the engine
-            log.exception("engine step failed; failing its %d requests", len(plan))
-            for seq, _ in plan:
-                self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
-            return 0
+        except Exception:  # a failed step never kills the engine; retry rows one by one
+            log.exception("engine step failed; isolating the failing rows of %d", len(plan))
+            plan, logits = self._execute_isolated(plan)
+            if not plan:
+                return 0
         samplers = []
         for seq, n in plan:
             seq.num_computed += n
@@ -138,6 +142,21 @@ class LLMEngine:
         if self.observer:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
         return sum(n for _, n in plan)
+
+    def _execute_isolated(self, plan: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], torch.Tensor]:
+        """Run each row alone (their K/V writes are idempotent: nothing advanced yet); fail only
+        the rows that fail by themselves, so batch-mates of a poisoned request survive."""
+        kept, rows = [], []
+        for seq, n in plan:
+            try:
+                out = self.runner.execute([(seq, n)])
+            except Exception as exc:
+                self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
+                continue
+            kept.append((seq, n))
+            rows.append(out)
+        vocab = self.model.vocab_size
+        return kept, (torch.cat(rows) if rows else torch.empty(0, vocab))
 
     def _append_token(self, seq: Sequence, tok: int, now: float) -> None:
         seq.output_ids.append(tok)

@@ -25,6 +25,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.can_admit = can_admit or (lambda seq, running: True)
+        self.rejected: list[tuple[Sequence, Exception]] = []  # admission hook raised: fail these
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -54,7 +55,13 @@ class Scheduler:
         admitted: list[Sequence] = []
         while self.waiting and budget > 0 and free_slots > len(admitted):
             seq = self.waiting[0]
-            if not self.can_admit(seq, self.running + admitted):
+            try:
+                ok = self.can_admit(seq, self.running + admitted)
+            except Exception as exc:  # e.g. out of memory installing its adapter: fail it alone
+                self.waiting.popleft()
+                self.rejected.append((seq, exc))
+                continue
+            if not ok:
                 break  # FCFS: the head waits for an adapter slot; nobody overtakes it
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING

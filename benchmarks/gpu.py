@@ -1,0 +1,183 @@
+"""GPU check + benchmark: parity on CUDA and throughput vs HF/PEFT, one run, side by side.
+
+    python benchmarks/gpu.py --config-dir DIR [--device cuda] [--out result.json] [--quick]
+
+DIR holds the default model's `config.json` (SmolLM2-135M architecture). The weights are
+*random* (seeded): the GPU machine cannot fetch the model and the 135M checkpoint is larger
+than what travels there; throughput depends on the architecture, not on the weight values, and
+parity is checked against HF/PEFT on the very same random weights (fp32, TF32 off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from peftserve.server.engine.config import EngineConfig
+from peftserve.server.engine.factory import build_serving
+from peftserve.server.engine.request import SamplingParams
+
+
+class StubTokenizer:
+    eos_token_id = None
+
+    def decode(self, ids, **kwargs):
+        return ""
+
+
+def make_model(cfg, dtype, device, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompts(n, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab - 100, (length,), generator=g).tolist() for _ in range(n)]
+
+
+# -- parity ---------------------------------------------------------------------------------
+ADAPTERS = {
+    "lora": lambda: LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+    "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+    "ia3": lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"]),
+}
+
+
+def hf_greedy(model, ids, new, device):
+    model.generation_config.eos_token_id = None
+    x = torch.tensor([ids], device=device)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def parity(cfg, device, tmp: Path, new=12) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ps = prompts(4, 1, cfg.vocab_size)[:0] + [p[:n] for p, n in zip(prompts(4, 40, cfg.vocab_size, 3), (1, 7, 19, 40))]
+    refs = {None: [hf_greedy(make_model(cfg, torch.float32, device), p, new, device) for p in ps]}
+    for i, (name, make) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(make_model(cfg, torch.float32, device), make())
+        with torch.no_grad():
+            for pname, prm in pm.named_parameters():
+                if prm.requires_grad and "ia3" in pname:
+                    prm.copy_(1 + 0.3 * torch.randn_like(prm))
+                elif prm.requires_grad and "embedding" in pname:
+                    prm.normal_(0, 1)
+        pm.save_pretrained(tmp / name)
+        ref = PeftModel.from_pretrained(make_model(cfg, torch.float32, device), tmp / name).eval()
+        refs[name] = [hf_greedy(ref, p, new, device) for p in ps]
+    serving = build_serving(make_model(cfg, torch.float32, device), StubTokenizer(),
+                            EngineConfig(max_batch_size=32, max_model_len=128, dtype=torch.float32, device=device),
+                            store=tmp / "store")
+    for name in ADAPTERS:
+        serving.registry.import_dir(tmp / name, name)
+    jobs = [(n, i) for i in range(len(ps)) for n in refs]
+    seqs = serving.engine.generate([ps[i] for _, i in jobs], SamplingParams(max_new_tokens=new, ignore_eos=True),
+                                   adapters=[serving.registry.resolve(n) if n else None for n, _ in jobs])
+    ok = [seq.output_ids == refs[n][i] for (n, i), seq in zip(jobs, seqs)]
+    return {"rows": len(ok), "equal": sum(ok), "mismatched": [jobs[k] for k, good in enumerate(ok) if not good]}
+
+
+# -- throughput -----------------------------------------------------------------------------
+def make_loras(cfg, device, n, root: Path) -> list[Path]:
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        r = (8, 16, 32, 64)[i % 4]
+        pm = get_peft_model(make_model(cfg, torch.float32, "cpu"),
+                            LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        pm.save_pretrained(root / f"lora{i}")
+        dirs.append(root / f"lora{i}")
+    return dirs
+
+
+def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store) -> float:
+    serving = build_serving(make_model(cfg, dtype, device), StubTokenizer(),
+                            EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
+                                         max_adapters_per_batch=max(1, n_adapters), dtype=dtype, device=device),
+                            store=store)
+    for i in range(n_adapters):
+        serving.registry.import_dir(lora_dirs[i], f"l{i}")
+    handles = [serving.registry.resolve(f"l{i % n_adapters}") if n_adapters else None for i in range(len(ps))]
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    serving.engine.generate(ps[:4], SamplingParams(max_new_tokens=4, ignore_eos=True), adapters=handles[:4])  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    serving.engine.generate(ps, params, adapters=handles)
+    sync(device)
+    return len(ps) * new / (time.perf_counter() - t0)
+
+
+def hf_static(model, ps, new, device, adapter_names=None) -> float:
+    x = torch.tensor(ps, device=device)
+    kw = {"adapter_names": adapter_names} if adapter_names else {}
+    model.generate(input_ids=x[:4], attention_mask=torch.ones_like(x[:4]), max_new_tokens=4, min_new_tokens=4,
+                   do_sample=False, **({"adapter_names": adapter_names[:4]} if adapter_names else {}))
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                   do_sample=False, **kw)
+    sync(device)
+    return len(ps) * new / (time.perf_counter() - t0)
+
+
+def throughput(cfg, device, dtype, tmp: Path, batch, new) -> dict:
+    ps = prompts(batch, 64, cfg.vocab_size, 7)
+    lora_dirs = make_loras(cfg, device, 32, tmp / "loras")
+    res = {}
+    for n in (0, 1, 8, 32):
+        res[f"ours_{n}_loras_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"s{n}"), 1)
+    res["hf_static_base_tok_s"] = round(hf_static(make_model(cfg, dtype, device), ps, new, device), 1)
+    peft_model = PeftModel.from_pretrained(make_model(cfg, dtype, device), lora_dirs[0], adapter_name="l0")
+    for i in range(1, 32):
+        peft_model.load_adapter(lora_dirs[i], adapter_name=f"l{i}")
+    names = [f"l{i % 32}" for i in range(batch)]
+    res["peft_mixed_32_loras_tok_s"] = round(hf_static(peft_model, ps, new, device, names), 1)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config-dir", required=True)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = AutoConfig.from_pretrained(args.config_dir)
+    if args.quick:
+        cfg.num_hidden_layers, args.batch, args.new = 2, 8, 8
+    info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new,
+            "prompt_tokens": 64, "weights": "random (seeded), SmolLM2-135M architecture"}
+    with tempfile.TemporaryDirectory() as tmp:
+        info["parity_fp32"] = parity(cfg, args.device, Path(tmp) / "parity")
+        print(json.dumps(info, indent=1), flush=True)
+        info["throughput"] = throughput(cfg, args.device, getattr(torch, args.dtype), Path(tmp), args.batch, args.new)
+    print(json.dumps(info, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
