@@ -81,8 +81,9 @@ def refs(smol, tmp_path_factory):
     base.generation_config.eos_token_id = None
     out = {None: (None, [_generate(base, _ids(tok, p)) for p in PROMPTS])}
     for i, (name, make) in enumerate(ADAPTERS.items()):
+        fresh = _fresh(smol)
         torch.manual_seed(10 + i)
-        pm = get_peft_model(_fresh(smol), make())
+        pm = get_peft_model(fresh, make())
         _perturb(pm, 20 + i)
         pm.save_pretrained(root / name)
         ref = PeftModel.from_pretrained(_fresh(smol), root / name).eval()

@@ -78,8 +78,9 @@ def artifacts(tmp_path_factory):
     prompts = _prompts()
     out = {}
     for i, (name, make_cfg) in enumerate(PEFT_KINDS.items()):
+        model = base()  # seeds torch itself: seed each adapter after building its base
         torch.manual_seed(200 + i)
-        pm = get_peft_model(base(), make_cfg())
+        pm = get_peft_model(model, make_cfg())
         _randomise(pm, 300 + i)
         pm.save_pretrained(root / name)
         ref = PeftModel.from_pretrained(base(), root / name).eval()

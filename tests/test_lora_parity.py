@@ -44,8 +44,9 @@ def lora_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     dirs = {}
     for i, (name, kw) in enumerate(LORAS.items()):
+        base = tiny_llama(0)  # seeds torch itself: seed each adapter after building its base
         torch.manual_seed(100 + i)
-        peft_model = get_peft_model(tiny_llama(0), LoraConfig(init_lora_weights=False, **kw))
+        peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **kw))
         peft_model.save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
