@@ -26,7 +26,8 @@ def slot_installer(ver, dtype: torch.dtype, device: torch.device) -> Installer:
         return t.to(device=device, dtype=dtype).contiguous()
 
     if ver.kind is AdapterKind.LORA:
-        mods = {p: LoraSlotWeights(to(m.A), to(m.B), float(m.scale)) for p, m in w.modules.items()}
+        # float32 whatever the base dtype (see adapters/lora_ops.py: PEFT semantics, CPU speed)
+        mods = {p: LoraSlotWeights(m.A.to(device), m.B.to(device), float(m.scale)) for p, m in w.modules.items()}
         return lambda layers, slot: layers.install_lora(slot, mods)
     if ver.kind is AdapterKind.IA3:
         mods = {p: IA3SlotWeights(to(m.vector), bool(m.scales_input)) for p, m in w.modules.items()}
