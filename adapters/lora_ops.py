@@ -67,3 +67,67 @@ def lora_add_segmented_(out: torch.Tensor, x: torch.Tensor, segments: list[tuple
         else:  # PEFT: bf16 result + fp32 delta promotes to fp32, then casts back
             out[start:end] = out[start:end].float().add_(delta.mul_(w.scale))
     return out
+
+
+# -- grouped fast path: few ops per module however many adapters share the step -----------------
+GROUP_MIN_SEGMENTS = 4  # below this, the plain per-segment loop is cheaper
+
+
+@dataclass
+class _Group:
+    slots: tuple[int, ...]  # the adapters of one rank at this module
+    pad_idx: torch.Tensor  # [k, L] token index per (adapter, position); T = the zero row (padding)
+    valid: torch.Tensor  # [k * L] bool: which padded positions are real tokens
+    dest: torch.Tensor  # [n] token index of each real position, in `valid` order
+
+
+def _plan(active: list[tuple[int, int, int]], ranks: dict[int, int], total: int, device) -> list[_Group]:
+    by_rank: dict[int, list[tuple[int, int, int]]] = {}
+    for seg in active:
+        by_rank.setdefault(ranks[seg[0]], []).append(seg)
+    groups = []
+    for segs in by_rank.values():
+        longest = max(e - s for _, s, e in segs)
+        pad = torch.full((len(segs), longest), total, dtype=torch.long)
+        for row, (_, s, e) in enumerate(segs):
+            pad[row, : e - s] = torch.arange(s, e)
+        valid = (pad != total).reshape(-1)
+        groups.append(_Group(tuple(slot for slot, _, _ in segs), pad.to(device), valid.to(device),
+                             pad.reshape(-1)[valid].to(device)))
+    return groups
+
+
+def lora_add_grouped_(out: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, int]],
+                      weights: dict[int, LoraSlotWeights], stacks: dict, plans: dict) -> torch.Tensor:
+    """Same result as `lora_add_segmented_`, in ~6 ops per *rank group* instead of ~9 per segment.
+
+    Adapters of equal rank at this module are batched: their segments are padded to one length
+    ([k, L, in], padding reads a zero row), multiplied by their stacked weights with two bmm's at
+    that true rank, scaled per adapter, and index-added back. `stacks` caches the stacked
+    weights per slot tuple (owned by the module; cleared when its slots change); `plans` caches
+    the padding plans per segment layout (owned by the step, shared by all modules).
+    """
+    active = [seg for seg in segments if seg[0] in weights]
+    if len(active) < GROUP_MIN_SEGMENTS:
+        return lora_add_segmented_(out, x, active, weights)
+    ranks = {slot: weights[slot].rank for slot, _, _ in active}
+    key = (tuple(active), tuple(ranks.values()))
+    groups = plans.get(key)
+    if groups is None:
+        groups = plans[key] = _plan(active, ranks, x.shape[0], x.device)
+    x_ext = torch.cat([x.float(), x.new_zeros(1, x.shape[1], dtype=torch.float32)])  # [T + 1, in]
+    acc = out if out.dtype == torch.float32 else out.float()
+    for g in groups:
+        stacked = stacks.get(g.slots)
+        if stacked is None:
+            stacked = stacks[g.slots] = (
+                torch.stack([weights[s].At for s in g.slots]),  # [k, in, r]
+                torch.stack([weights[s].Bt for s in g.slots]),  # [k, r, out]
+                torch.tensor([weights[s].scale for s in g.slots], device=x.device).view(-1, 1, 1),
+            )
+        At, Bt, scale = stacked
+        delta = torch.bmm(torch.bmm(x_ext[g.pad_idx], At), Bt).mul_(scale)  # [k, L, out]
+        acc.index_add_(0, g.dest, delta.reshape(-1, delta.shape[-1])[g.valid])
+    if acc is not out:
+        out.copy_(acc)
+    return out

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_segmented_
+from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_grouped_
 
 from .merge import MergePolicy, Merger
 from .model import decoder_parts
@@ -64,6 +64,7 @@ class AdapterLinear(nn.Module):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
         self._ctx = [ctx]  # list: keep the shared context out of nn.Module child registration
         self.lora: dict[int, LoraSlotWeights] = {}
+        self.lora_stacks: dict = {}  # slot tuple -> stacked weights (grouped path); reset on change
         self.ia3: dict[int, IA3SlotWeights] = {}
 
     @property
@@ -91,7 +92,7 @@ class AdapterLinear(nn.Module):
                 else:  # PEFT: base(x) * l
                     out[s:e] = out[s:e] * w.scale
         if self.lora:
-            lora_add_segmented_(out, x2, batch.segments, self.lora)
+            lora_add_grouped_(out, x2, batch.segments, self.lora, self.lora_stacks, batch.plans)
         return out.view(*shape[:-1], out.shape[-1])
 
 
@@ -165,6 +166,7 @@ class AdapterLayers:
     def install_lora(self, slot: int, modules: dict[str, LoraSlotWeights]) -> None:
         for path, w in modules.items():
             self.linears[path].lora[slot] = w
+            self.linears[path].lora_stacks.clear()
         self.lora_only.add(slot)
 
     def install_ia3(self, slot: int, modules: dict[str, IA3SlotWeights]) -> None:
@@ -180,7 +182,8 @@ class AdapterLayers:
             self.merger.unmerge()
         self.lora_only.discard(slot)
         for lin in self.linears.values():
-            lin.lora.pop(slot, None)
+            if lin.lora.pop(slot, None) is not None:
+                lin.lora_stacks.clear()
             lin.ia3.pop(slot, None)
         for sub in self.sublayers.values():
             sub.bottleneck.pop(slot, None)

@@ -24,6 +24,7 @@ class AdapterBatch:
     token_slots: torch.Tensor  # [T] int64, 0 = no adapter
     # (slot, start, end) for every slot != 0 present in the step, over the token axis
     segments: list[tuple[int, int, int]] = field(default_factory=list)
+    plans: dict = field(default_factory=dict)  # grouped-LoRA padding plans, shared by all modules
 
     @property
     def any_active(self) -> bool:
