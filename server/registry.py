@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,12 +154,19 @@ class AdapterRegistry:
         check_name(name)
         if not replace and name in self._current:  # cheap early answer; re-checked under lock
             raise AdapterExistsError(name)
-        loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits)
         staging = self.store / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
         try:
-            _write_file(staging / CONFIG_FILE, config_bytes)
-            _write_file(staging / WEIGHTS_FILE, weights_bytes)
+            # The staging write (and its fsync) overlaps validation: upload -> first token is
+            # bounded by the slower of the two, not their sum. Nothing is committed unless both
+            # succeed, and staging is removed either way.
+            writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
+            try:
+                loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits)
+            finally:
+                write_error = writing.exception()
+            if write_error is not None:
+                raise write_error
             with self._lock:
                 old = self._current.get(name)
                 if old is not None and not replace:
@@ -282,6 +290,14 @@ class AdapterRegistry:
         dest = qdir / f"{entry.name}-{uuid.uuid4().hex[:8]}"
         os.replace(entry, dest)
         log.error("corrupt adapter quarantined", extra={"adapter": entry.name, "error": str(exc), "moved_to": str(dest)})
+
+
+_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
+
+
+def _write_pair(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
+    _write_file(staging / CONFIG_FILE, config_bytes)
+    _write_file(staging / WEIGHTS_FILE, weights_bytes)
 
 
 def _write_file(path: Path, data: bytes) -> None:
