@@ -83,20 +83,30 @@ def test_decodes_are_scheduled_before_prefill_chunks():
     assert plan == [(a, 1), (b, 7)]
 
 
-def test_fcfs_head_blocked_by_admission_hook_blocks_everyone():
+def test_blocked_head_is_overtaken_only_for_a_bounded_number_of_steps():
     blocked = set()
     sched = Scheduler(EngineConfig(max_batch_size=8, max_num_batched_tokens=100),
                       can_admit=lambda s, running: s not in blocked)
+    sched.max_overtaken_steps = 2
     head, other = seq(3), seq(3)
     sched.add(head)
     sched.add(other)
     blocked.add(head)  # e.g. its adapter has no free device slot
     plan, admitted = sched.schedule(8)
-    assert plan == [] and admitted == []
-    assert list(sched.waiting) == [head, other]  # nobody overtakes the head
+    assert admitted == [other]  # a resident-adapter request overtakes the blocked head
+    assert list(sched.waiting) == [head]  # which keeps its place at the front
+    late = [seq(3) for _ in range(3)]
+    for s in late:
+        sched.add(s)
+    _, admitted = sched.schedule(8)  # head blocked for its 2nd step: still overtaken
+    assert admitted == late
+    late2 = seq(3)
+    sched.add(late2)
+    _, admitted = sched.schedule(8)  # 3rd step: the head has waited long enough -> strict FCFS
+    assert admitted == [] and list(sched.waiting) == [head, late2]
     blocked.clear()
-    plan, admitted = sched.schedule(8)
-    assert admitted == [head, other]
+    _, admitted = sched.schedule(8)
+    assert admitted == [head, late2]
 
 
 def test_admission_hook_sees_running_and_newly_admitted():

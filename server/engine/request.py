@@ -77,6 +77,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     cancelled: bool = False
+    blocked_steps: int = 0  # steps spent at admission waiting for an adapter slot
     finish_reason: FinishReason | None = None
     detok: object | None = None  # incremental detokenizer (engine-owned)
 

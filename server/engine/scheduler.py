@@ -26,6 +26,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.can_admit = can_admit or (lambda seq, running: True)
         self.rejected: list[tuple[Sequence, Exception]] = []  # admission hook raised: fail these
+        self.max_overtaken_steps = 16
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,22 +54,30 @@ class Scheduler:
                 plan.append((seq, n))
                 budget -= n
         admitted: list[Sequence] = []
+        blocked: list[Sequence] = []  # wait for an adapter slot; keep their queue order
         while self.waiting and budget > 0 and free_slots > len(admitted):
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             try:
                 ok = self.can_admit(seq, self.running + admitted)
             except Exception as exc:  # e.g. out of memory installing its adapter: fail it alone
-                self.waiting.popleft()
                 self.rejected.append((seq, exc))
                 continue
             if not ok:
-                break  # FCFS: the head waits for an adapter slot; nobody overtakes it
-            self.waiting.popleft()
+                seq.blocked_steps += 1
+                blocked.append(seq)
+                # Requests whose adapter is already resident (or base) may overtake a request
+                # that waits for a free slot — otherwise one cold adapter serialises everyone —
+                # until that request has waited `max_overtaken_steps`: then strict FCFS, so
+                # it is first in line for the next slot that frees up (no starvation).
+                if seq.blocked_steps > self.max_overtaken_steps:
+                    break
+                continue
             seq.status = SeqStatus.RUNNING
             admitted.append(seq)
             n = min(budget, len(seq.prompt_ids) - seq.num_computed)
             plan.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(blocked))
         self.running.extend(admitted)
         plan.sort(key=lambda item: item[0].adapter_slot)  # contiguous token segments per adapter
         return plan, admitted
