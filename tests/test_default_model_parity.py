@@ -122,3 +122,52 @@ def test_every_kind_alone_and_mixed(smol, refs, tmp_path):
                                    adapters=[serving.registry.resolve(n) if n else None for n, _ in jobs])
     for (name, i), seq in zip(jobs, seqs):
         assert seq.output_ids == refs[name][1][i], (name, i)
+
+
+HTTP_PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):",
+    "Water boils at",
+    "My favourite fruit is",
+    "Once upon a time",
+    "import numpy as np",
+    "The quick brown fox",
+    "1 + 1 =",
+]
+
+
+def test_http_one_at_a_time_and_sixteen_in_flight(smol):
+    """Through the HTTP API on the default model: greedy token_ids equal transformers' generate."""
+    import asyncio
+
+    import httpx
+
+    from peftserve.server.api.app import create_app
+    from peftserve.server.engine.async_engine import AsyncEngine
+    from peftserve.server.engine.engine import LLMEngine
+    from peftserve.server.state import ServerState
+
+    _, tok = smol
+    ref_model = _fresh(smol)
+    ref_model.generation_config.eos_token_id = None
+    refs = [_generate(ref_model, _ids(tok, p)) for p in HTTP_PROMPTS]
+    engine = AsyncEngine(LLMEngine(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128)))
+    engine.start()
+    app = create_app(ServerState(engine, tok, "SmolLM2-135M-Instruct"))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
+            async def one(p):
+                r = await c.post("/generate", json={"prompt": p, "max_new_tokens": NEW, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                return r.json()["token_ids"]
+            alone = [await one(p) for p in HTTP_PROMPTS[:2]]
+            together = await asyncio.gather(*(one(p) for p in HTTP_PROMPTS * 2))
+            return alone, together
+
+    try:
+        alone, together = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert alone == refs[:2]
+    assert together == refs * 2
