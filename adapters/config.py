@@ -15,7 +15,6 @@ Nothing named in the config (auto_mapping, tokenizers, megatron_core, ...) is ev
 from __future__ import annotations
 
 import enum
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ try:  # stdlib regex parser: Python >= 3.11 keeps it private as re._parser
 except ImportError:  # pragma: no cover
     import sre_parse as _sre  # type: ignore[no-redef]
 
+from peftserve.adapters.strict_json import loads_strict
 from .errors import ADAPTER_TOO_LARGE, INVALID_CONFIG, UNSUPPORTED_ADAPTER, AdapterError
 
 MAX_CONFIG_BYTES = 64 * 1024
@@ -441,19 +441,6 @@ def _parse_bottleneck(d: dict) -> Any:
 # entry point
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _invalid(f"duplicate key {key!r} in adapter_config.json")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise _invalid(f"non-standard JSON constant {name} in adapter_config.json")
-
-
 def load_config_json(config_bytes: bytes, *, max_config_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """Bytes -> JSON object, strictly (size cap, UTF-8, no duplicate keys, no NaN/Infinity)."""
     if len(config_bytes) > max_config_bytes:
@@ -461,7 +448,7 @@ def load_config_json(config_bytes: bytes, *, max_config_bytes: int = MAX_CONFIG_
                            f"adapter_config.json is {len(config_bytes)} bytes, limit is {max_config_bytes}")
     try:
         text = bytes(config_bytes).decode("utf-8-sig")  # tolerate a BOM, nothing else
-        d = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        d = loads_strict(text, "adapter_config.json", _invalid)
     except AdapterError:
         raise
     except UnicodeDecodeError:

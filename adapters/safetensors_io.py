@@ -13,13 +13,13 @@ Layout (https://github.com/huggingface/safetensors):
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from peftserve.adapters.strict_json import loads_strict
 from .errors import (
     ADAPTER_TOO_LARGE,
     INVALID_SAFETENSORS,
@@ -73,21 +73,6 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # json.loads silently keeps the last duplicate; two different readers could then disagree on
-    # what the file contains, so duplicates are rejected at every nesting level.
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _bad(f"duplicate key {key!r} in header")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> object:
-    raise _bad(f"non-standard JSON constant {name} in header")
-
-
 def _parse_header_json(raw: bytes) -> dict[str, object]:
     if not raw.startswith(b"{"):
         raise _bad("header must be a JSON object starting with '{'")
@@ -96,7 +81,7 @@ def _parse_header_json(raw: bytes) -> dict[str, object]:
     except UnicodeDecodeError as exc:
         raise _bad(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        header = loads_strict(text, "header", _bad)
     except AdapterError:
         raise
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
