@@ -1,0 +1,155 @@
+"""One trainable wrapper per method. PEFT does every method it has; bottleneck is ours.
+
+prefix-tuning vs p-tuning-v2 (both PEFT PrefixTuningConfig, i.e. learned key/value prefixes at
+EVERY layer): `prefix-tuning` trains the per-layer prefixes directly (prefix_projection=False);
+`p-tuning-v2` reparameterises them through a 2-layer MLP (prefix_projection=True). `--projection`
+/ `--no-projection` overrides either default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftserve.adapters import bottleneck as bn
+
+METHODS = ("lora", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "ia3", "bottleneck")
+# Learning rates that work for a few hundred steps; soft prompts need far larger steps than LoRA.
+DEFAULT_LR = {"lora": 1e-3, "prompt-tuning": 3e-2, "p-tuning": 3e-3, "prefix-tuning": 1e-2,
+              "p-tuning-v2": 3e-3, "ia3": 1e-2, "bottleneck": 1e-3}
+DEFAULT_INIT_TEXT = "Read the input carefully and answer with exactly the expected output."
+
+
+@dataclass
+class MethodOptions:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # comma list or "all-linear" (LoRA only)
+    num_virtual_tokens: int = 20
+    init: str = "text"  # prompt tuning: text | random
+    init_text: str = DEFAULT_INIT_TEXT
+    encoder: str = "mlp"  # p-tuning: mlp | lstm
+    encoder_hidden_size: int = 128
+    projection: bool | None = None  # prefix: None -> method default
+    reduction_factor: float = 16
+    placement: str = "pfeiffer"
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+
+
+def peft_config(method: str, opts: MethodOptions, model_dir: str | Path):
+    import peft
+
+    common = {"task_type": "CAUSAL_LM"}
+    if method == "lora":
+        targets = opts.target_modules if opts.target_modules == "all-linear" else \
+            [t.strip() for t in opts.target_modules.split(",") if t.strip()]
+        return peft.LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+                               target_modules=targets, **common)
+    if method == "prompt-tuning":
+        init = peft.PromptTuningInit.TEXT if opts.init == "text" else peft.PromptTuningInit.RANDOM
+        extra = {"prompt_tuning_init_text": opts.init_text, "tokenizer_name_or_path": str(model_dir)} \
+            if opts.init == "text" else {}
+        return peft.PromptTuningConfig(num_virtual_tokens=opts.num_virtual_tokens, prompt_tuning_init=init,
+                                       **extra, **common)
+    if method == "p-tuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=opts.num_virtual_tokens,
+                                        encoder_reparameterization_type=opts.encoder.upper(),
+                                        encoder_hidden_size=opts.encoder_hidden_size, **common)
+    if method in ("prefix-tuning", "p-tuning-v2"):
+        projection = (method == "p-tuning-v2") if opts.projection is None else opts.projection
+        return peft.PrefixTuningConfig(num_virtual_tokens=opts.num_virtual_tokens, prefix_projection=projection,
+                                       encoder_hidden_size=opts.encoder_hidden_size, **common)
+    if method == "ia3":
+        return peft.IA3Config(**common)  # PEFT's per-architecture default targets (k, v, down_proj)
+    raise ValueError(f"unknown PEFT method {method!r}")
+
+
+class TrainableAdapter:
+    """What the trainer needs: `model` (forward with labels -> .loss, and generate), the trainable
+    tensors by stable name (for checkpoints), save(), and a JSON description of the method."""
+
+    method: str
+    model: nn.Module
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        live = self.trainable_state()
+        if set(live) != set(tensors):
+            diff = sorted(set(live) ^ set(tensors))
+            raise ValueError(f"checkpoint tensors do not match this method/options (e.g. {diff[0]})")
+        with torch.no_grad():
+            for name, p in live.items():
+                if p.shape != tensors[name].shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {list(tensors[name].shape)}, "
+                                     f"expected {list(p.shape)}")
+                p.copy_(tensors[name])
+
+    def save(self, out_dir: str | Path) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class PeftTrainable(TrainableAdapter):
+    def __init__(self, method: str, base: nn.Module, model_dir: str | Path, opts: MethodOptions):
+        import peft
+
+        self.method, self.config = method, peft_config(method, opts, model_dir)
+        self.model = peft.get_peft_model(base, self.config)
+
+    def save(self, out_dir: str | Path) -> None:
+        self.model.save_pretrained(str(out_dir))
+
+    def describe(self) -> dict:
+        return self.config.to_dict()
+
+
+class BottleneckTrainable(TrainableAdapter):
+    def __init__(self, base: nn.Module, model_dir: str | Path, opts: MethodOptions, seed: int):
+        self.method = "bottleneck"
+        rf = opts.reduction_factor
+        rf = int(rf) if float(rf).is_integer() else rf  # write 16, not 16.0, into adapter_config.json
+        self.config = bn.BottleneckConfig(reduction_factor=rf, placement=opts.placement,
+                                          non_linearity=opts.non_linearity, scaling=opts.scaling,
+                                          base_model_name_or_path=str(model_dir))
+        self.model = base
+        self.handle = bn.attach_bottleneck(base, self.config, trainable=True, seed=seed)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.handle.named_tensors()  # names = the file format's tensor names
+
+    def save(self, out_dir: str | Path) -> None:
+        bn.save_bottleneck(out_dir, self.config, self.handle.weights())
+
+    def describe(self) -> dict:
+        return self.config.to_dict()
+
+
+def build_trainable(method: str, base: nn.Module, model_dir: str | Path, opts: MethodOptions,
+                    seed: int) -> TrainableAdapter:
+    """Freeze the base and attach a fresh adapter (seeded, so runs are reproducible)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    base.requires_grad_(False)
+    torch.manual_seed(seed)
+    if method == "bottleneck":
+        return BottleneckTrainable(base, model_dir, opts, seed)
+    return PeftTrainable(method, base, model_dir, opts)
+
+
+def options_dict(opts: MethodOptions) -> dict:
+    return asdict(opts)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); parameters() dedupes tied weights."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
