@@ -280,7 +280,8 @@ class Trainer:
 
             report = build_report(self, speed, interrupted=interrupted)
             write_report(self.out, report)
-            plot_loss(self.out, self.history, f"{self.args.method} on {Path(self.args.data).name}")
+            data = Path(self.args.data)
+            plot_loss(self.out, self.history, f"{self.args.method} on {data.parent.name}/{data.name}")
         self.acc.wait_for_everyone()
         return report or {}
 
