@@ -171,3 +171,17 @@ def test_http_one_at_a_time_and_sixteen_in_flight(smol):
         engine.stop()
     assert alone == refs[:2]
     assert together == refs * 2
+
+
+def test_bfloat16_engine_uses_a_float32_cache_and_still_answers(smol, tmp_path):
+    """CPU bf16 serving keeps K/V in float32 (fast decode attention); output stays right."""
+    _, tok = smol
+    model = _fresh(smol).to(torch.bfloat16)
+    serving = build_serving(model, tok, EngineConfig(max_batch_size=4, max_model_len=256, dtype=torch.bfloat16),
+                            store=tmp_path / "store")
+    assert serving.engine.cache.k[0].dtype == torch.float32
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    seq = serving.engine.generate([ids], SamplingParams(max_new_tokens=20))[0]
+    assert "Paris" in tok.decode(seq.output_ids)

@@ -43,15 +43,15 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kv_heads = k_cache.shape[1]
     groups = heads // kv_heads
     # Queries scattered to their slot; rows of idle slots stay zero and are ignored.
-    q_full = q.new_zeros(num_slots, heads, dim)
-    q_full[step.decode_slots] = q.transpose(0, 1)
+    q_full = k_cache.new_zeros(num_slots, heads, dim)  # in the cache's dtype (see engine.py)
+    q_full[step.decode_slots] = q.transpose(0, 1).to(k_cache.dtype)
     q_full = q_full.view(num_slots, kv_heads, groups, dim)  # [S, KVH, G, D]
     k = k_cache[:num_slots, :, :max_len]  # view, no copy: [S, KVH, L, D]
     v = v_cache[:num_slots, :, :max_len]
     scores = torch.matmul(q_full, k.transpose(-1, -2)) * scaling + mask  # [S, KVH, G, L]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(k.dtype)
     out = torch.matmul(probs, v)  # [S, KVH, G, D]
-    return out.view(num_slots, heads, dim)[step.decode_slots]
+    return out.view(num_slots, heads, dim)[step.decode_slots].to(q.dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor,
@@ -59,6 +59,7 @@ def _prefill_attention(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor
     """q: [H, Lq, D] new tokens of one row; k/v_row: [KVH, ctx, D] its whole cache -> [Lq, H, D]."""
     lq, ctx = q.shape[1], k_row.shape[1]
     groups = q.shape[0] // k_row.shape[0]
+    k_row, v_row = k_row.to(q.dtype), v_row.to(q.dtype)  # no-op unless the cache is float32
     if groups > 1:  # GQA: expand K/V heads to query heads (cheap view + one copy per chunk)
         k_row = k_row.repeat_interleave(groups, dim=0)
         v_row = v_row.repeat_interleave(groups, dim=0)

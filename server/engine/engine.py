@@ -61,6 +61,15 @@ def eos_ids(hf_model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
 
+def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """float32 KV on CPU for half-precision models: decode attention is many tiny batched
+    matmuls, which torch's CPU bf16 path runs ~4x slower than float32 (measured: 4.1 vs 0.7 ms
+    per layer at 32 rows x 768 positions); twice the KV memory buys a several-fold faster step."""
+    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return model_dtype
+
+
 class LLMEngine:
     def __init__(self, hf_model, tokenizer, config: EngineConfig, adapters: AdapterRuntime | None = None,
                  observer: EngineObserver | None = None):
@@ -69,7 +78,7 @@ class LLMEngine:
         self.model = PackedCausalLM(hf_model)
         m = self.model
         self.cache = KVCache(m.num_layers, config.max_batch_size, m.kv_heads, config.max_model_len, m.head_dim,
-                             m.dtype, m.device)
+                             cache_dtype(m.dtype, m.device), m.device)
         self.adapters = adapters or NoAdapters()
         self.runner = ModelRunner(m, self.cache, self.adapters.layers)
         self.scheduler = Scheduler(config, self.adapters.reserve)

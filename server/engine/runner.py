@@ -60,7 +60,7 @@ class ModelRunner:
             step.decode_tokens = torch.tensor(dec_tokens, dtype=torch.long, device=dev)
             step.decode_slots = torch.tensor(dec_slots, dtype=torch.long, device=dev)
             step.decode_mask = decode_mask(dec_slots, [ctx_lens[r] for r in decode_rows], max(dec_slots) + 1,
-                                           max(ctx_lens[r] for r in decode_rows), self.model.dtype, dev)
+                                           max(ctx_lens[r] for r in decode_rows), self.cache.k[0].dtype, dev)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(rope_pos, dtype=torch.long, device=dev)
         return input_ids, positions, step, sample_tokens
@@ -80,7 +80,7 @@ class ModelRunner:
             step.prefill_rows, step.decode_rows = [], [0]
             step.decode_tokens = torch.zeros(1, dtype=torch.long, device=dev)
             step.decode_slots = torch.tensor([slot], device=dev)
-            step.decode_mask = decode_mask([slot], [1], slot + 1, 1, self.model.dtype, dev)
+            step.decode_mask = decode_mask([slot], [1], slot + 1, 1, self.cache.k[0].dtype, dev)
         if self.adapter_layers is not None:
             self.adapter_layers.set_batch(step.adapters)
         self.model(embeds.to(self.model.dtype), torch.arange(n, device=dev), step, self.cache)
