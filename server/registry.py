@@ -11,7 +11,6 @@ and KV prefixes are keyed by version, never by name.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -319,10 +318,6 @@ def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: boo
         "tier": "device" if device_resident else reg.tier(ver), "requests": ver.requests,
         "created": ver.created, **ver.summary,
     }
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True)
 
 
 def summarize(loaded: LoadedAdapter) -> dict:

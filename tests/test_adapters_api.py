@@ -26,6 +26,7 @@ import torch
 
 from peftserve.server.state import ServerSettings
 from tests.conftest import build_tiny_model
+from tests.test_api import assert_error  # one definition of the error-body check
 
 pytestmark = pytest.mark.anyio
 
@@ -277,15 +278,6 @@ class StepGate:
 
 
 # -- assertions -----------------------------------------------------------------------------
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body
-
-
 def disk_state(store: Path) -> dict[str, str]:
     """Recursive listing of the store: relative path -> sha256 (files) or '<dir>'."""
     out = {}

@@ -159,10 +159,6 @@ class AdapterLayers:
         # While merged, the LoRA lives in the base weights: the wrappers must not add it again.
         self.batch = AdapterBatch(batch.token_slots, []) if target else batch
 
-    def module_path(self, path: str) -> str:
-        """Map a base-model module path to the key under which it is wrapped."""
-        return path
-
     def install_lora(self, slot: int, modules: dict[str, LoraSlotWeights]) -> None:
         for path, w in modules.items():
             self.linears[path].lora[slot] = w

@@ -27,9 +27,10 @@ class ModelRunner:
         cache_pos: list[int] = []
         token_slots: list[int] = []
         kv_slots, q_lens, ctx_lens, prefix_lens, adapter_slots = [], [], [], [], []
-        decode_rows, prefill_rows, sample_tokens = [], [], []
+        decode_rows, prefill_rows, sample_tokens, starts = [], [], [], []
         for row, (seq, n) in enumerate(plan):
             start = len(ids)
+            starts.append(start)
             new = seq.all_ids[seq.num_computed:seq.num_computed + n]
             ids.extend(new)
             first = seq.kv_prefix_len + seq.num_computed
@@ -55,7 +56,7 @@ class ModelRunner:
             decode_rows=decode_rows, prefill_rows=prefill_rows,
         )
         if decode_rows:
-            dec_tokens = [sum(q_lens[:r]) for r in decode_rows]
+            dec_tokens = [starts[r] for r in decode_rows]
             dec_slots = [kv_slots[r] for r in decode_rows]
             step.decode_tokens = torch.tensor(dec_tokens, dtype=torch.long, device=dev)
             step.decode_slots = torch.tensor(dec_slots, dtype=torch.long, device=dev)
