@@ -20,6 +20,18 @@ TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, max_position_embeddings=512)
 
 
+def pytest_report_header(config):
+    """The resolved stack, first thing in every run's output (CI logs included)."""
+    import sys
+
+    import fastapi
+    import peft
+    import transformers
+
+    return (f"peftserve stack: python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, peft {peft.__version__}, fastapi {fastapi.__version__}")
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"

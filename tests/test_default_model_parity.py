@@ -1,6 +1,6 @@
 """Parity on the real default model (SmolLM2-135M-Instruct, fp32): our engine's greedy tokens
-equal transformers' `generate` for the base and PEFT's `PeftModel.generate` for LoRA, prompt
-tuning, prefix tuning and (IA)3 — each alone, and all of them plus base rows in one batch.
+equal transformers' `generate` for the base, PEFT's `PeftModel.generate` for LoRA and (IA)3, and
+PEFT's no-cache forward loop for prompt tuning and prefix tuning (tests/oracle.py) — each alone, and all of them plus base rows in one batch.
 
 The model is converted once per machine (~25 s) and then loads from the safetensors cache.
 """
@@ -17,6 +17,7 @@ from peftserve.adapters.base_model import load_base_model
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.factory import build_serving
 from peftserve.server.engine.request import SamplingParams
+from tests.oracle import generate_oracle, oracle
 
 NEW = 12
 PROMPTS = [
@@ -42,12 +43,6 @@ def _fresh(smol):
 
 def _ids(tok, text):
     return tok(text).input_ids
-
-
-def _generate(model, ids):
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=NEW, do_sample=False)
-    return out[0, len(ids):].tolist()
 
 
 ADAPTERS = {
@@ -79,7 +74,7 @@ def refs(smol, tmp_path_factory):
     root = tmp_path_factory.mktemp("smol-adapters")
     base = _fresh(smol)
     base.generation_config.eos_token_id = None
-    out = {None: (None, [_generate(base, _ids(tok, p)) for p in PROMPTS])}
+    out = {None: (None, [generate_oracle(base, _ids(tok, p), NEW) for p in PROMPTS])}
     for i, (name, make) in enumerate(ADAPTERS.items()):
         fresh = _fresh(smol)
         torch.manual_seed(10 + i)
@@ -88,7 +83,7 @@ def refs(smol, tmp_path_factory):
         pm.save_pretrained(root / name)
         ref = PeftModel.from_pretrained(_fresh(smol), root / name).eval()
         ref.generation_config.eos_token_id = None
-        out[name] = (root / name, [_generate(ref, _ids(tok, p)) for p in PROMPTS])
+        out[name] = (root / name, [oracle(ref, _ids(tok, p), NEW) for p in PROMPTS])
     return out
 
 
@@ -150,7 +145,7 @@ def test_http_one_at_a_time_and_sixteen_in_flight(smol):
     _, tok = smol
     ref_model = _fresh(smol)
     ref_model.generation_config.eos_token_id = None
-    refs = [_generate(ref_model, _ids(tok, p)) for p in HTTP_PROMPTS]
+    refs = [generate_oracle(ref_model, _ids(tok, p), NEW) for p in HTTP_PROMPTS]
     engine = AsyncEngine(LLMEngine(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128)))
     engine.start()
     app = create_app(ServerState(engine, tok, "SmolLM2-135M-Instruct"))

@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.factory import build_serving
 from peftserve.server.engine.request import SamplingParams
+from tests.oracle import oracle
 from tests.test_lora_parity import StubTokenizer
 
 NEW = 8
@@ -71,7 +72,8 @@ def test_family_base_lora_and_soft_prompt(family, tmp_path):
                     param.normal_(0, 1)
         pm.save_pretrained(tmp_path / name)
         ref = PeftModel.from_pretrained(build(family), tmp_path / name).eval()
-        refs[name] = [_generate(ref, p) for p in _prompts()]
+        ref.generation_config.eos_token_id = None
+        refs[name] = [oracle(ref, p, NEW) for p in _prompts()]  # no-cache forward loop for soft prompts
         assert refs[name] != refs[None], f"{name} had no effect"
     serving = build_serving(build(family), StubTokenizer(), EngineConfig(max_batch_size=16, max_model_len=64),
                             store=tmp_path / "store")

@@ -1,8 +1,10 @@
 """Every adapter kind against its oracle, alone and all kinds mixed in one continuous batch.
 
-Oracles: PEFT's `PeftModel.generate` for prompt tuning (random + text init), P-tuning (MLP,
-LSTM), prefix tuning (with/without projection), (IA)3 and LoRA; our plain-torch reference
-forward (`attach_bottleneck`) for bottleneck adapters, which PEFT lacks.
+Oracles (tests/oracle.py): PEFT's no-cache `PeftModel.forward` loop for prompt tuning (random +
+text init), P-tuning (MLP, LSTM) and prefix tuning (with/without projection); `PeftModel.generate`
+for (IA)3 and LoRA; our plain-torch reference forward (`attach_bottleneck`) for bottleneck
+adapters, which PEFT lacks. That PEFT's generate agrees with the forward loop for the
+prompt-learning kinds is tests/test_oracle_plumbing.py's job.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from peftserve.adapters.bottleneck import BottleneckConfig, attach_bottleneck, i
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.factory import build_serving
 from peftserve.server.engine.request import SamplingParams
+from tests.oracle import generate_oracle, oracle
 from tests.test_lora_parity import StubTokenizer
 from tests.tiny import tiny_llama
 
@@ -65,12 +68,6 @@ BOTTLENECKS = {
 }
 
 
-def _generate(model, prompt):
-    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=NEW, do_sample=False)
-    return out[0, -NEW:].tolist()
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """name -> (adapter dir, {prompt index: oracle continuation})."""
@@ -85,7 +82,7 @@ def artifacts(tmp_path_factory):
         pm.save_pretrained(root / name)
         ref = PeftModel.from_pretrained(base(), root / name).eval()
         ref.generation_config.eos_token_id = None
-        out[name] = (root / name, {j: _generate(ref, p) for j, p in enumerate(prompts)})
+        out[name] = (root / name, {j: oracle(ref, p, NEW) for j, p in enumerate(prompts)})
     for i, (name, kw) in enumerate(BOTTLENECKS.items()):
         model = base()
         cfg = BottleneckConfig.from_dict({"peft_type": "BOTTLENECK", **kw})
@@ -95,10 +92,10 @@ def artifacts(tmp_path_factory):
         cfg2, w2 = read_bottleneck(root / name, model)
         attach_bottleneck(model, cfg2, w2)
         model.generation_config.eos_token_id = None
-        out[name] = (root / name, {j: _generate(model, p) for j, p in enumerate(prompts)})
+        out[name] = (root / name, {j: generate_oracle(model, p, NEW) for j, p in enumerate(prompts)})
     model = base()
     model.generation_config.eos_token_id = None
-    out[None] = (None, {j: _generate(model, p) for j, p in enumerate(prompts)})
+    out[None] = (None, {j: generate_oracle(model, p, NEW) for j, p in enumerate(prompts)})
     return out
 
 
@@ -167,4 +164,4 @@ def test_prompt_tuning_text_init_matches_peft(tmp_path):
     for p in _prompts():
         got = serving.engine.generate([p], SamplingParams(max_new_tokens=NEW, ignore_eos=True),
                                       adapters=[serving.registry.resolve("text")])[0].output_ids
-        assert got == _generate(ref, p)
+        assert got == oracle(ref, p, NEW)

@@ -86,6 +86,62 @@ def test_method_trains_saves_and_reloads(method, tok_dir, data_file, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+PROMPT_LEARNING = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
+
+
+@pytest.mark.parametrize("method", PROMPT_LEARNING)
+def test_prompt_learning_adapter_is_alive_in_peft_trainer_and_server(method, tok_dir, data_file, tmp_path):
+    """A few training steps give an adapter that changes the model's output (logits at every
+    prompt position); PEFT's no-cache forward, the trainer's exact-match decoder and our server
+    produce the same greedy tokens."""
+    from peft import PeftModel
+
+    from peftserve.adapters.training.evaluate import greedy_no_cache
+    from peftserve.server.engine.config import EngineConfig
+    from peftserve.server.engine.factory import build_serving
+    from peftserve.server.engine.request import SamplingParams
+    from tests.oracle import forward_oracle
+
+    Trainer(_args(data_file, tmp_path / "out", method, max_steps=4), base=_fresh(tok_dir)).run()
+    tok = tok_dir[0]
+    prompts = [tok(r["prompt"]).input_ids for r in ROWS[:3]]
+    base_model = _fresh(tok_dir)[0]
+    base = [forward_oracle(base_model, p, 4) for p in prompts]
+    peft_model = PeftModel.from_pretrained(_fresh(tok_dir)[0], str(tmp_path / "out")).eval()
+    ref = [forward_oracle(peft_model, p, 4) for p in prompts]
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            delta = (peft_model(input_ids=ids, use_cache=False).logits[:, -len(p):] - base_model(input_ids=ids).logits)
+            assert delta.abs().max() > 1e-3, f"{method}: the trained adapter does not change the output"
+    assert ref != base or method == "p-tuning", "the tiny model's argmax is too flat for a token-level check"
+    assert greedy_no_cache(peft_model, prompts, max_new_tokens=4, eos_id=None, pad_id=tok.eos_token_id,
+                           device="cpu") == ref  # the trainer's exact-match decoding, batched + padded
+    serving = build_serving(_fresh(tok_dir)[0], tok, EngineConfig(max_batch_size=4, max_model_len=128),
+                            store=tmp_path / "store")
+    serving.registry.import_dir(tmp_path / "out", "trained")
+    handle = serving.registry.resolve("trained")
+    seqs = serving.engine.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True),
+                                   adapters=[handle] * len(prompts))
+    assert [s.output_ids for s in seqs] == ref
+
+
+def test_trainer_refuses_a_prefix_that_never_reaches_the_model(tok_dir, data_file, tmp_path, monkeypatch):
+    """Simulates a transformers release that drops the cache kwarg PEFT passes prefixes in."""
+    from transformers import LlamaForCausalLM
+
+    from peftserve.adapters.training.trainer import TrainingSetupError
+
+    forward = LlamaForCausalLM.forward
+
+    def deaf(self, *args, past_key_values=None, cache=None, **kw):
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", deaf)
+    with pytest.raises(TrainingSetupError, match="does not reach the model's forward"):
+        Trainer(_args(data_file, tmp_path, "prefix-tuning"), base=_fresh(tok_dir))
+
+
 # ----------------------------------------------------------------------------- resume / Ctrl-C
 
 

@@ -104,6 +104,8 @@ class PeftTrainable(TrainableAdapter):
 
         self.method, self.config = method, peft_config(method, opts, model_dir)
         self.model = peft.get_peft_model(base, self.config)
+        if self.config.is_prompt_learning:
+            check_reaches_model(self.model, method)
 
     def save(self, out_dir: str | Path) -> None:
         self.model.save_pretrained(str(out_dir))
@@ -131,6 +133,36 @@ class BottleneckTrainable(TrainableAdapter):
 
     def describe(self) -> dict:
         return self.config.to_dict()
+
+
+@torch.no_grad()
+def check_reaches_model(model: nn.Module, method: str) -> None:
+    """Refuse to train a prompt-learning adapter that cannot reach the base model's forward.
+
+    Soft prompts and prefixes travel into the model through kwargs (`inputs_embeds`,
+    `past_key_values`) whose names and handling transformers changes between releases
+    (5.24 renamed the cache kwarg to `cache`; 5.40 drops `past_key_values`). If a PEFT +
+    transformers combination drops them, the loss still goes down a little (nothing), the run
+    "succeeds", and the saved adapter does nothing. A freshly initialised soft prompt or prefix
+    always changes the logits (it adds attended positions), so equal logits with and without it
+    mean the plumbing is dead. Cost: two forwards of 8 tokens.
+    """
+    import peft
+    import transformers
+
+    probe = (torch.arange(8) * 7 + 3).remainder(model.get_base_model().config.vocab_size)[None]  # [1, 8]
+    was_training = model.training
+    model.eval()
+    try:
+        with_adapter = model(input_ids=probe, use_cache=False).logits[:, -probe.shape[1]:]  # [1, 8, V]
+        without = model.get_base_model()(input_ids=probe, use_cache=False).logits  # [1, 8, V]
+    finally:
+        model.train(was_training)
+    if torch.equal(with_adapter, without):
+        raise ValueError(
+            f"PEFT {peft.__version__} with transformers {transformers.__version__}: the {method} adapter does not "
+            "reach the model's forward (its logits equal the base model's), so training would produce an adapter "
+            "that does nothing. Install the tested versions (make install, deploy/requirements.lock).")
 
 
 def build_trainable(method: str, base: nn.Module, model_dir: str | Path, opts: MethodOptions,
