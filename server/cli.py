@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request-body cap for /adapters uploads")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
+    s.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="do not serve the playground page at /ui (it follows --api-key when served)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     s.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     return parser
@@ -188,7 +190,7 @@ def serve(args) -> int:
                                   max_body_bytes=args.max_body_bytes,
                                   body_limits={"/adapters": args.max_upload_bytes},
                                   drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
-                                  version=_version())
+                                  version=_version(), ui=args.ui)
         metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,

@@ -20,6 +20,7 @@ class ServerSettings:
     manage_engine: bool = True  # the app's lifespan starts/stops the AsyncEngine
     dtype: str = "float32"  # for build_info
     version: str = ""
+    ui: bool = True  # serve the playground page at /ui (`--no-ui` turns it off)
 
     def body_limit_table(self) -> dict[str, int]:
         return {"": self.max_body_bytes, **self.body_limits}

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ApiError, Draining, EngineUnavailable, from_adapter_error
 from ..state import ServerState, get_state
-from . import generate
+from . import generate, ui
 from .limits import BodySizeLimitMiddleware
 from .metrics import HttpMetricsMiddleware, Metrics
 from .schemas import describe_validation_error
@@ -153,6 +153,8 @@ def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI
     install_exception_handlers(app)
     app.include_router(generate.router)
     app.include_router(ops)
+    if settings.ui:
+        app.include_router(ui.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodySizeLimitMiddleware, limits=settings.body_limit_table,
