@@ -20,6 +20,7 @@ class ServerSettings:
     manage_engine: bool = True  # the app's lifespan starts/stops the AsyncEngine
     dtype: str = "float32"  # for build_info
     version: str = ""
+    served_model_names: tuple[str, ...] = ()  # /v1 ids of the base model (first is listed); () = model_name
 
     def body_limit_table(self) -> dict[str, int]:
         return {"": self.max_body_bytes, **self.body_limits}
