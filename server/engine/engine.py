@@ -86,7 +86,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.adapters.reserve)
         self.observer = observer
         self.eos = eos_ids(hf_model, tokenizer)
-        self.eos_list = sorted(self.eos)
 
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -149,7 +148,7 @@ class LLMEngine:
                 samplers.append(seq)
         params = [s.params for s in samplers]
         # penalties/min_tokens on a copy (only when a row asks); logprobs from the raw logits
-        tokens = sample(apply_penalties(logits, samplers, self.eos_list), params, [s.generator for s in samplers])
+        tokens = sample(apply_penalties(logits, samplers, sorted(self.eos)), params, [s.generator for s in samplers])
         logprobs = token_logprobs(logits, params, tokens)
         now = time.monotonic()
         for seq, tok, lp in zip(samplers, tokens, logprobs):
