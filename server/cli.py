@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM-style preload of named adapters (any kind), alongside --adapters")
     s.add_argument("--allowed-adapter-dirs", nargs="+", default=None, metavar="DIR",
                    help="directories POST /v1/load_lora_adapter may load from (default: none, refused)")
+    s.add_argument("--vllm-metric-names", action=argparse.BooleanOptionalAction, default=True,
+                   help="also expose vLLM's metric names (vllm:num_requests_waiting, vllm:lora_requests_info, ...)")
     s.add_argument("--api-key", default=os.environ.get("PEFTSERVE_API_KEY"),
                    help="bearer token for /generate (env PEFTSERVE_API_KEY)")
     s.add_argument("--admin-key", default=os.environ.get("PEFTSERVE_ADMIN_KEY"),
@@ -222,7 +224,8 @@ def serve(args) -> int:
                                   drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
                                   version=_version(), served_model_names=tuple(args.served_model_name or ()),
                                   allowed_adapter_dirs=tuple(args.allowed_adapter_dirs or ()))
-        metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
+        metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version,
+                          vllm_names=args.vllm_metric_names)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,
                                         max_cpu_bytes=args.max_cpu_bytes)
