@@ -255,7 +255,7 @@ class Job:
     def log_done(self, outcome: str) -> None:
         log.info("openai request finished", extra={
             "request_id": self.id, "route": self.kind, "outcome": outcome, "model": self.model,
-            "stream": bool(self.req.stream), "choices": len(self.choices), **self.usage(),
+            "stream": bool(self.req.stream), "choices": len(self.choices), "user": self.req.user, **self.usage(),
             "duration_ms": round((time.monotonic() - self.started) * 1000, 1)})
 
     # -- logprobs in both OpenAI formats
