@@ -162,3 +162,33 @@ async def test_streamed_completion_events_and_done(make_server):
         assert all("usage" not in json.loads(b.removeprefix("data: "))
                    for b in plain.text.split("\n\n") if b and b != "data: [DONE]")
     assert server.wait_idle()
+
+
+# -- a client that goes away cancels every choice ------------------------------------------------------------
+async def test_disconnect_cancels_every_choice(make_server, live_server):
+    from tests.test_api import counter, slow_engine, wait_for
+
+    server = make_server(max_model_len=2048, max_batch_size=4)
+    slow_engine(server)
+    live = live_server(server.app)
+    body = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "n": 3}
+    async with httpx.AsyncClient(base_url=live.url, timeout=httpx.Timeout(10.0, read=0.5)) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/v1/completions", json=body)
+    assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 3, 3)
+    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: counter(server.metrics, "peftserve_requests_total", endpoint="/v1/completions",
+                                    status="499") == 1, 2)
+    assert server.state.inflight == 0
+    got = 0
+    async with httpx.AsyncClient(base_url=live.url, timeout=10.0) as client:
+        async with client.stream("POST", "/v1/chat/completions", json={
+                "messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "n": 2, "stream": True}) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                got += line.startswith("data: ")
+                if got == 5:
+                    break
+    assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 5, 3)
+    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: server.state.inflight == 0, 1)
