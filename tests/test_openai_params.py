@@ -192,3 +192,12 @@ async def test_disconnect_cancels_every_choice(make_server, live_server):
     assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 5, 3)
     assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
     assert wait_for(lambda: server.state.inflight == 0, 1)
+
+
+async def test_body_limit_on_v1_in_openai_shape(make_server):
+    server = make_server(settings=ServerSettings(max_body_bytes=1024))
+    async with server.client() as c:
+        big = {"prompt": "x" * 2048}
+        assert_oai_error(await c.post("/v1/completions", json=big), 413, "body_too_large")
+        r = await c.post("/generate", json=big)
+        assert r.status_code == 413 and set(r.json()["error"]) == {"code", "message"}
