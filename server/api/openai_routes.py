@@ -336,7 +336,7 @@ async def respond(request: Request, job: Job) -> Response:
     return JSONResponse(job.body(), headers=headers)
 
 
-class StreamingResponse(Response):
+class OpenAIStreamResponse(Response):
     """SSE in OpenAI's chunk format; cancels every choice when the client goes away.
 
     Chat: per choice a role chunk first, then content chunks, then a chunk with `finish_reason`;
@@ -452,7 +452,7 @@ class StreamingResponse(Response):
 async def run_job(request: Request, job: Job) -> Response:
     job.state.inflight += 1
     if job.req.stream:
-        return StreamingResponse(job)  # owns the in-flight count from here
+        return OpenAIStreamResponse(job)  # owns the in-flight count from here
     try:
         return await respond(request, job)
     finally:
