@@ -201,3 +201,35 @@ async def test_body_limit_on_v1_in_openai_shape(make_server):
         assert_oai_error(await c.post("/v1/completions", json=big), 413, "body_too_large")
         r = await c.post("/generate", json=big)
         assert r.status_code == 413 and set(r.json()["error"]) == {"code", "message"}
+
+
+async def test_a_failing_choice_fails_the_request_and_stops_the_others(make_server):
+    from peftserve.server.engine.request import FinishReason
+    from tests.test_api import slow_engine
+
+    server = make_server(max_model_len=2048, max_batch_size=4)
+    slow_engine(server)
+    add, calls = server.llm.add, []
+
+    def add_failing_second(seq):
+        calls.append(seq)
+        if len(calls) == 2:  # the engine fails this one row (as for a non-finite logit row)
+            server.llm.abort(seq, FinishReason.ERROR, error="generation failed: simulated")
+        else:
+            add(seq)
+
+    server.llm.add = add_failing_second
+    async with server.client() as c:
+        for stream in (False, True):
+            calls.clear()
+            r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2000, "ignore_eos": True,
+                                                      "n": 3, "stream": stream})
+            if stream:  # already started: the error is the last event before [DONE]
+                blocks = [b for b in r.text.split("\n\n") if b]
+                assert blocks[-1] == "data: [DONE]"
+                err = json.loads(blocks[-2].removeprefix("data: "))["error"]
+                assert err["code"] == "generation_failed" and err["type"] == "server_error"
+            else:
+                assert_oai_error(r, 500, "generation_failed")
+            assert server.wait_idle()  # the two healthy choices were cancelled, not run to 2000 tokens
+            assert all(len(s.output_ids) < 2000 for s in calls)

@@ -242,10 +242,9 @@ class Job:
                 "total_tokens": self.prompt_tokens + completion}
 
     def failure(self):
-        for c in self.choices:
-            if c.failed:
-                return _failure(self.state, c.reason, c.error)
-        return None
+        """The error to answer with: a choice that failed by itself before ones aborted because of it."""
+        failed = sorted((c for c in self.choices if c.failed), key=lambda c: c.reason is FinishReason.ABORT)
+        return _failure(self.state, failed[0].reason, failed[0].error) if failed else None
 
     def cancel(self) -> None:
         for s in self.streams:
@@ -311,6 +310,8 @@ async def respond(request: Request, job: Job) -> Response:
     async def collect(choice: Choice, stream) -> None:
         async for ev in stream:
             choice.add(ev)
+        if choice.failed:  # the response fails as a whole: stop the other choices now
+            job.cancel()
 
     collector = asyncio.ensure_future(asyncio.gather(*(collect(c, s) for c, s in zip(job.choices, job.streams))))
     listener = asyncio.ensure_future(_wait_disconnect(request.receive))
