@@ -301,3 +301,20 @@ def test_errors_in_openai_shape_through_the_client(srv):
     with pytest.raises(openai.UnprocessableEntityError) as exc:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10_000)
     assert exc.value.body["code"] == "context_length_exceeded"
+
+
+# -- a third-party OpenAI client ---------------------------------------------------------------------------------
+def test_langchain_chat_openai(srv):
+    """LangChain's ChatOpenAI (sends its own defaults: stream_options, n, ...) works unchanged.
+    langchain-openai is not in the locked test environment: install it to run this test."""
+    lc = pytest.importorskip("langchain_openai")
+    chat = lc.ChatOpenAI(base_url=srv.url + "/v1", api_key=KEY, model="prefix", temperature=0, max_tokens=5,
+                         max_retries=0, extra_body={"ignore_eos": True})
+    ref = generate(srv, messages=[{"role": "user", "content": "Say something."}], adapter="prefix",
+                   max_new_tokens=5, ignore_eos=True)["text"]
+    msg = chat.invoke("Say something.")
+    assert msg.content == ref and msg.usage_metadata["output_tokens"] == 5
+    assert "".join(chunk.content for chunk in chat.stream("Say something.")) == ref
+    llm = lc.OpenAI(base_url=srv.url + "/v1", api_key=KEY, model="qv", temperature=0, max_tokens=4, max_retries=0,
+                    model_kwargs={"extra_body": {"ignore_eos": True}})
+    assert llm.invoke(PROMPT) == generate(srv, prompt=PROMPT, adapter="qv", max_new_tokens=4, ignore_eos=True)["text"]
