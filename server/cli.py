@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-min-steps", type=_positive, default=d.merge_min_steps)
     s.add_argument("--adapter-store", metavar="DIR", default=None, help="where uploaded adapters are stored")
     s.add_argument("--adapters", metavar="DIR", default=None, help="load every adapter found in DIR at start-up")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="OpenAI `model` ids of the base model (the first is listed by /v1/models); "
+                        "default: the model directory's name")
+    s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="vLLM-style preload of named adapters (any kind), alongside --adapters")
+    s.add_argument("--allowed-adapter-dirs", nargs="+", default=None, metavar="DIR",
+                   help="directories POST /v1/load_lora_adapter may load from (default: none, refused)")
+    s.add_argument("--vllm-metric-names", action=argparse.BooleanOptionalAction, default=True,
+                   help="also expose vLLM's metric names (vllm:num_requests_waiting, vllm:lora_requests_info, ...)")
     s.add_argument("--api-key", default=os.environ.get("PEFTSERVE_API_KEY"),
                    help="bearer token for /generate (env PEFTSERVE_API_KEY)")
     s.add_argument("--admin-key", default=os.environ.get("PEFTSERVE_ADMIN_KEY"),
@@ -128,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """vLLM's `--lora-modules` forms: `name=path`, or JSON `{"name": ..., "path": ...}`."""
+    out = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            try:
+                obj = json.loads(item)
+                out.append((str(obj["name"]), str(obj["path"])))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules: cannot parse {item!r} (want name=path or JSON name/path)") from None
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules: {item!r} is not name=path")
+            out.append((name, path))
+    return out
+
+
 def _open_registry(serving, args) -> None:
     """Load the adapter store (survives restarts), then preload `--adapters DIR` if given."""
     from pathlib import Path
@@ -137,6 +164,12 @@ def _open_registry(serving, args) -> None:
 
     loaded = serving.registry.load_store()
     log.info("adapter store opened", extra={"store": str(serving.registry.store), "adapters": len(loaded)})
+    for name, path in parse_lora_modules(args.lora_modules or []):
+        try:
+            ver = serving.registry.import_dir(Path(path), name)
+            log.info("adapter preloaded", extra={"adapter": name, "kind": ver.kind.value, "version": ver.version})
+        except (AdapterError, ApiError, OSError) as exc:
+            log.error("adapter not preloaded", extra={"path": str(path), "adapter": name, "error": str(exc)})
     if args.adapters:
         for sub in sorted(Path(args.adapters).iterdir()):
             if not (sub / "adapter_config.json").is_file():
@@ -160,6 +193,7 @@ def serve(args) -> int:
 
     from ..adapters.base_model import cache_dir
     from .api import adapters as adapters_api
+    from .api import vllm_ops
     from .engine.factory import build_serving
     from .engine.model import UnsupportedModelError
     from .registry import RegistrySettings
@@ -190,8 +224,10 @@ def serve(args) -> int:
                                   max_body_bytes=args.max_body_bytes,
                                   body_limits={"/adapters": args.max_upload_bytes},
                                   drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
-                                  version=_version(), ui=args.ui)
-        metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
+                                  version=_version(), ui=args.ui, served_model_names=tuple(args.served_model_name or ()),
+                                  allowed_adapter_dirs=tuple(args.allowed_adapter_dirs or ()))
+        metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version,
+                          vllm_names=args.vllm_metric_names)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,
                                         max_cpu_bytes=args.max_cpu_bytes)
@@ -205,7 +241,7 @@ def serve(args) -> int:
     serving.registry.attach(engine)
     state = ServerState(engine, tokenizer, model_name, registry=serving.registry, settings=settings, metrics=metrics)
     state.slots = serving.slots
-    app = create_app(state, routers=[adapters_api.router])
+    app = create_app(state, routers=[adapters_api.router, vllm_ops.router])
     if not settings.api_key:
         log.warning("no API key configured: /generate is open to anyone who can reach %s:%s", args.host, args.port)
     return run_server(app, state, host=args.host, port=args.port, log_level=args.log_level)

@@ -21,6 +21,8 @@ class ServerSettings:
     dtype: str = "float32"  # for build_info
     version: str = ""
     ui: bool = True  # serve the playground page at /ui (`--no-ui` turns it off)
+    served_model_names: tuple[str, ...] = ()  # /v1 ids of the base model (first is listed); () = model_name
+    allowed_adapter_dirs: tuple[str, ...] = ()  # where POST /v1/load_lora_adapter may read (none = refused)
 
     def body_limit_table(self) -> dict[str, int]:
         return {"": self.max_body_bytes, **self.body_limits}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 31, 2))
@@ -43,7 +43,7 @@ class AdapterMetrics:
 
     # API
     def adapter_upload(self, result: str, reason: str = "", nbytes: int = 0, seconds: float = 0.0) -> None:
-        self.uploads.labels(result=result, reason=reason[:40]).inc()
+        self.uploads.labels(result=result, reason=reason[:40] or "none").inc()  # never an empty label value
         if result == "ok":
             self.upload_bytes.observe(nbytes)
             self.upload_seconds.observe(seconds)
@@ -67,14 +67,14 @@ class _AdapterCollector:
         g = GaugeMetricFamily("peftserve_adapters_registered", "Registered adapters.", value=len(versions))
         tiers = GaugeMetricFamily("peftserve_adapters_resident", "Adapters resident per tier.", labels=["tier"])
         tiers.add_metric(["device"], slots.resident if slots else 0)
-        tiers.add_metric(["cpu"], in_memory)
+        tiers.add_metric(["memory"], in_memory)  # the tier names GET /adapters uses: device, memory, disk
         tiers.add_metric(["disk"], len(versions))
         mem = GaugeMetricFamily("peftserve_adapter_memory_bytes", "Host memory held by resident adapters.",
                                 value=sum(v.nbytes for v in versions if v.loaded is not None))
         budget = GaugeMetricFamily("peftserve_adapter_memory_budget_bytes", "Host-memory adapter budget.",
                                    value=reg.settings.max_cpu_bytes)
-        hits = GaugeMetricFamily("peftserve_adapter_merge_cache_hits", "Weighted-combination cache hits.",
-                                 value=reg.combos.hits)
+        hits = CounterMetricFamily("peftserve_adapter_merge_cache_hits", "Weighted-combination cache hits.",
+                                   value=reg.combos.hits)  # only ever grows: a counter (exposed as *_total)
         out = [g, tiers, mem, budget, hits]
         if state is not None and slots is not None:
             out.append(_lora_info(state, slots))

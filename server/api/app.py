@@ -1,13 +1,14 @@
 """`create_app(state)`: the FastAPI application around one AsyncEngine.
 
-Routes: `POST /generate` (generate.py), `GET /health`, `GET /ready`, `GET /metrics`; more routers
+Routes: `POST /generate` (generate.py), the OpenAI-compatible `/v1/*` (openai_routes.py), `GET /health`, `GET /ready`, `GET /metrics`; more routers
 (adapter management) are added with `create_app(state, routers=[...])` or `app.include_router`
 afterwards — they reach the state through `peftserve.server.state.get_state` and guard
 themselves with `peftserve.server.api.auth.require_admin_key`.
 
 Middleware (outermost first): request counter (`peftserve_requests_total`) -> body-size limit
 (per-path cap table from the settings) -> FastAPI. Every error, FastAPI's own validation errors
-and 404/405 included, is rendered as `{"error": {"code": ..., "message": ...}}`.
+and 404/405 included, is rendered as `{"error": {"code": ..., "message": ...}}` — on `/v1/*` in
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with the same status and code.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ApiError, Draining, EngineUnavailable, from_adapter_error
 from ..state import ServerState, get_state
-from . import generate, ui
+from . import generate, openai_routes, ui
 from .limits import BodySizeLimitMiddleware
 from .metrics import HttpMetricsMiddleware, Metrics
+from .openai_errors import is_openai_path, openai_error_body
 from .schemas import describe_validation_error
 
 log = logging.getLogger("peftserve.server.api")
@@ -38,14 +40,18 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                500: "internal_error", 503: "unavailable"}
 
 
-def error_response(code: str, message: str, status: int, headers: dict | None = None) -> JSONResponse:
+def error_response(code: str, message: str, status: int, headers: dict | None = None,
+                   request: Request | None = None, param: str | None = None) -> JSONResponse:
+    """Our error body; on `/v1/*` OpenAI's shape instead (openai_errors.py), same status and code."""
+    if request is not None and is_openai_path(request.url.path):
+        return JSONResponse(openai_error_body(code, message, status, param), status_code=status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.code, exc.message, exc.status, exc.headers)
+        return error_response(exc.code, exc.message, exc.status, exc.headers, request, getattr(exc, "param", None))
 
     try:
         from peftserve.adapters.errors import AdapterError
@@ -55,11 +61,11 @@ def install_exception_handlers(app: FastAPI) -> None:
         @app.exception_handler(AdapterError)
         async def _adapter_error(request: Request, exc):
             err = from_adapter_error(exc)
-            return error_response(err.code, err.message, err.status)
+            return error_response(err.code, err.message, err.status, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response("invalid_request", describe_validation_error(exc.errors()), 422)
+        return error_response("invalid_request", describe_validation_error(exc.errors()), 422, request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -70,12 +76,12 @@ def install_exception_handlers(app: FastAPI) -> None:
             message = f"method {request.method} not allowed on {request.url.path}"
         else:
             message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(code, message, exc.status_code, getattr(exc, "headers", None))
+        return error_response(code, message, exc.status_code, getattr(exc, "headers", None), request)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):  # logged by the server as well
         log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
-        return error_response("internal_error", "internal server error", 500)
+        return error_response("internal_error", "internal server error", 500, request=request)
 
 
 ops = APIRouter()
@@ -152,6 +158,7 @@ def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI
     app.state.peft = state
     install_exception_handlers(app)
     app.include_router(generate.router)
+    app.include_router(openai_routes.router)
     app.include_router(ops)
     if settings.ui:
         app.include_router(ui.router)

@@ -19,6 +19,8 @@ import asyncio
 import json
 from collections.abc import Callable, Mapping
 
+from .openai_errors import is_openai_path, openai_error_body
+
 Limits = Mapping[str, int] | Callable[[], Mapping[str, int]]
 
 
@@ -67,7 +69,7 @@ class BodySizeLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > cap:
-            body = await self._reject_start(send, cap)
+            body = await self._reject_start(send, cap, scope.get("path", ""))
             if declared - cap <= self.drain_bytes:
                 await self._drain(receive)
             await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -91,7 +93,7 @@ class BodySizeLimitMiddleware:
                 if received > cap:
                     if not started:
                         responded = True
-                        reply = await self._reject_start(send, cap)
+                        reply = await self._reject_start(send, cap, scope.get("path", ""))
                     return {"type": "http.disconnect"}
             return message
 
@@ -129,11 +131,14 @@ class BodySizeLimitMiddleware:
             pass
 
     @staticmethod
-    async def _reject_start(send, cap: int) -> bytes:
+    async def _reject_start(send, cap: int, path: str = "") -> bytes:
         """Send the 413's status and headers now; returns the body to send once draining is done
-        (the server reports `http.disconnect` from `receive()` as soon as a response is complete)."""
-        body = json.dumps({"error": {"code": "body_too_large",
-                                     "message": f"request body exceeds the limit of {cap} bytes"}}).encode()
+        (the server reports `http.disconnect` from `receive()` as soon as a response is complete).
+        On `/v1/*` the body has OpenAI's error shape, like every other error there."""
+        message = f"request body exceeds the limit of {cap} bytes"
+        error = (openai_error_body("body_too_large", message, 413) if is_openai_path(path)
+                 else {"error": {"code": "body_too_large", "message": message}})
+        body = json.dumps(error).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

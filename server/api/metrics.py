@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .adapter_metrics import AdapterMetrics
+from .vllm_metrics import VllmMetrics
+
+# `*_created` series double every counter/histogram and no dashboard reads them (process-wide switch)
+disable_created_metrics()
 
 # vLLM's bucket sets
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -103,7 +107,8 @@ class _StateCollector:
 class Metrics:
     """Per-app metrics registry + EngineObserver implementation."""
 
-    def __init__(self, *, base_model: str = "", dtype: str = "", version: str = "", max_adapter_labels: int = 64):
+    def __init__(self, *, base_model: str = "", dtype: str = "", version: str = "", max_adapter_labels: int = 64,
+                 vllm_names: bool = True):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.adapter_label = _LabelLimiter(max_adapter_labels)
@@ -144,11 +149,16 @@ class Metrics:
         self._collector = _StateCollector()
         r.register(self._collector)
         self.adapters = AdapterMetrics(r)
+        # vLLM's names for the same data (vllm_metrics.py); None when --no-vllm-metric-names
+        self.vllm = VllmMetrics(r, TTFT_BUCKETS, ITL_BUCKETS, REQUEST_LATENCY_BUCKETS) if vllm_names else None
 
     def bind(self, state) -> None:
         """Attach the ServerState whose engine the scrape-time gauges describe."""
         self._collector.state = state
         self.adapters.state = state
+        if self.vllm is not None:
+            names = tuple(getattr(state.settings, "served_model_names", ()) or ()) or (state.model_name,)
+            self.vllm.bind(state, names[0])
 
     # adapter events (device tier on the engine thread, uploads on the API)
     def on_adapter_load(self, adapter, seconds: float) -> None:
@@ -178,6 +188,8 @@ class Metrics:
             self.prompt_tokens.inc(len(seq.prompt_ids))
         elif seq.last_token_at is not None:
             self.itl.observe(max(0.0, now - seq.last_token_at))
+        if self.vllm is not None:
+            self.vllm.on_token(seq, now)
 
     def on_finish(self, seq, now: float) -> None:
         reason = getattr(seq.finish_reason, "value", seq.finish_reason)
@@ -185,6 +197,8 @@ class Metrics:
             self.failure.labels(reason=str(reason)).inc()
             return
         self.success.labels(finished_reason=reason).inc()
+        if self.vllm is not None:
+            self.vllm.on_finish(seq, reason, now)
         self.e2e.labels(adapter=self.label_for(seq.adapter)).observe(max(0.0, now - seq.arrival))
         if seq.first_scheduled is not None:
             self.queue_time.observe(max(0.0, seq.first_scheduled - seq.arrival))

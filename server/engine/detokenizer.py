@@ -22,8 +22,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> bool:
-        """Append one token; return True when a stop string appeared (text is cut before it)."""
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
+        """Append one token; return True when a stop string appeared (text is cut before it).
+        `check_stop=False` (before min_tokens, as vLLM) only appends."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
@@ -31,7 +32,7 @@ class IncrementalDetokenizer:
             return False  # incomplete UTF-8 sequence or a special token: wait for more
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if not self.stop:
+        if not self.stop or not check_stop:
             self.text += new
             return False
         start = max(0, len(self.text) - self.max_stop)  # a stop may straddle old and new text

@@ -16,7 +16,9 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCache
+from .logprobs import token_logprobs
 from .model import PackedCausalLM
+from .penalties import apply_penalties
 from .request import FinishReason, Sequence, SeqStatus, TokenEvent
 from .runner import ModelRunner
 from .sampler import sample
@@ -144,10 +146,13 @@ class LLMEngine:
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 samplers.append(seq)
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        params = [s.params for s in samplers]
+        # penalties/min_tokens on a copy (only when a row asks); logprobs from the raw logits
+        tokens = sample(apply_penalties(logits, samplers, sorted(self.eos)), params, [s.generator for s in samplers])
+        logprobs = token_logprobs(logits, params, tokens)
         now = time.monotonic()
-        for seq, tok in zip(samplers, tokens):
-            self._append_token(seq, tok, now)
+        for seq, tok, lp in zip(samplers, tokens, logprobs):
+            self._append_token(seq, tok, now, lp)
         if self.observer:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
         return sum(n for _, n in plan)
@@ -167,14 +172,14 @@ class LLMEngine:
         vocab = self.model.vocab_size
         return kept, (torch.cat(rows) if rows else torch.empty(0, vocab))
 
-    def _append_token(self, seq: Sequence, tok: int, now: float) -> None:
+    def _append_token(self, seq: Sequence, tok: int, now: float, logprobs: tuple | None = None) -> None:
         seq.output_ids.append(tok)
         if seq.first_token_at is None:
             seq.first_token_at = now
         if self.observer:
             self.observer.on_token(seq, now)
         seq.last_token_at = now
-        stopped = seq.detok.add(tok)
+        stopped = seq.detok.add(tok, check_stop=len(seq.output_ids) > seq.params.min_tokens)
         reason = None
         if tok in self.eos and not seq.params.ignore_eos:
             reason = FinishReason.EOS
@@ -183,12 +188,12 @@ class LLMEngine:
         elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.context_len + 1 >= self.config.max_model_len:
             reason = FinishReason.LENGTH
         if reason is None:
-            seq.on_event(TokenEvent(tok, seq.detok.take(final=False)))
+            seq.on_event(TokenEvent(tok, seq.detok.take(final=False), logprobs=logprobs))
         else:
-            self._finish(seq, reason, last_token=tok)
+            self._finish(seq, reason, last_token=tok, logprobs=logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, last_token: int | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, logprobs: tuple | None = None) -> None:
         was_running = seq.status is SeqStatus.RUNNING
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
@@ -200,7 +205,7 @@ class LLMEngine:
         if self.observer:
             self.observer.on_finish(seq, time.monotonic())
         text = seq.detok.take(final=True) if seq.detok else ""
-        seq.on_event(TokenEvent(last_token, text, finish_reason=reason, error=error))
+        seq.on_event(TokenEvent(last_token, text, finish_reason=reason, error=error, logprobs=logprobs))
 
     # -- synchronous convenience (tests, offline use) ------------------------------------
     def generate(self, prompts: list[list[int]], params, adapters: list | None = None) -> list[Sequence]:

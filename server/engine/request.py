@@ -34,10 +34,22 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI/vLLM extras (server/engine/penalties.py, logprobs.py); the defaults change nothing
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: divides (>0) or multiplies (<0) logits of prompt+output tokens
+    min_tokens: int = 0  # EOS masked and stop strings ignored until this many tokens were generated
+    logprobs: int | None = None  # None = off; k >= 0 = sampled token's logprob + the top k
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when this row's logits are changed before sampling (penalties, min_tokens)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or self.min_tokens > 0)
 
 
 @dataclass
@@ -48,6 +60,8 @@ class TokenEvent:
     text: str  # newly decoded text (may be "" while a multi-byte char is incomplete)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # when the request asked for logprobs: (logprob of token_id, [(top id, logprob), ...] best first)
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
 
 _ids = itertools.count(1)
