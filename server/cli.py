@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request-body cap for /adapters uploads")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish after SIGTERM")
+    s.add_argument("--no-docs", dest="docs", action="store_false",
+                   help="do not serve /docs, /redoc and /openapi.json (otherwise they need the API key when set)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     s.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     return parser
@@ -187,7 +189,7 @@ def serve(args) -> int:
         settings = ServerSettings(api_key=args.api_key or None, admin_key=args.admin_key or None,
                                   max_body_bytes=args.max_body_bytes,
                                   body_limits={"/adapters": args.max_upload_bytes},
-                                  drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
+                                  drain_timeout_s=args.drain_timeout, docs=args.docs, dtype=str(dtype).removeprefix("torch."),
                                   version=_version())
         metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"

@@ -17,15 +17,16 @@ import threading
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ApiError, Draining, EngineUnavailable, from_adapter_error
+from ..errors import ApiError, Draining, from_adapter_error
 from ..state import ServerState, get_state
 from . import generate
+from .auth import require_api_key
 from .limits import BodySizeLimitMiddleware
 from .metrics import HttpMetricsMiddleware, Metrics
 from .schemas import describe_validation_error
@@ -85,7 +86,7 @@ ops = APIRouter()
 async def health(request: Request):
     engine = get_state(request).engine
     if not engine.running:
-        raise EngineUnavailable(engine.dead_reason or "engine loop not running")
+        raise generate.unavailable(engine)  # 503 engine_restarting while the supervisor rebuilds it
     return {"status": "ok"}
 
 
@@ -95,7 +96,7 @@ async def ready(request: Request):
     if state.draining:
         raise Draining("server is draining for shutdown")
     if not state.engine.running:
-        raise EngineUnavailable(state.engine.dead_reason or "engine loop not running")
+        raise generate.unavailable(state.engine)
     return {"status": "ready", "model": state.model_name}
 
 
@@ -103,6 +104,28 @@ async def ready(request: Request):
 async def metrics(request: Request):
     body, content_type = get_state(request).metrics.render()
     return Response(body, media_type=content_type)
+
+
+def docs_router(app: FastAPI) -> APIRouter:
+    """/openapi.json, /docs and /redoc behind the API key (open when no key is configured):
+    the schema lists every route and parameter, which is reconnaissance for an attacker."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi_json():
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @router.get("/redoc")
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return router
 
 
 def _abort_all(engine, timeout: float = 2.0) -> None:
@@ -148,13 +171,15 @@ def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI
             log.info("server stopped")
 
     app = FastAPI(title="peftserve", version=settings.version or "0", lifespan=lifespan,
-                  summary="Multi-adapter LLM inference server")
+                  summary="Multi-adapter LLM inference server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.peft = state
     install_exception_handlers(app)
     app.include_router(generate.router)
     app.include_router(ops)
     for router in routers:
         app.include_router(router)
+    if settings.docs:
+        app.include_router(docs_router(app))
     app.add_middleware(BodySizeLimitMiddleware, limits=settings.body_limit_table,
                        drain_bytes=settings.body_drain_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)  # added last = outermost
