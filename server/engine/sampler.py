@@ -7,7 +7,7 @@ Failure isolation: the engine fails rows with non-finite logits before sampling
 (`nonfinite_rows`, one vectorised check per step), and `sample` draws each sampled row inside
 its own try, so one row that cannot be sampled becomes a `SampleFailure` for that row only —
 never an exception that would end the step for its batch-mates. `filter_logits` computes in
-float32 with the temperature floored and overflow clamped, and top-p always keeps the most
+float32 with the temperature floored and overflow avoided by a shift, and top-p always keeps the most
 likely token, so every parameter `sampling_params.check` accepts gives a valid distribution.
 """
 
@@ -22,9 +22,6 @@ from .request import ErrorCode, SamplingParams
 from .sampling_params import SAMPLING_EPS
 
 log = logging.getLogger(__name__)
-
-_F32_MAX = torch.finfo(torch.float32).max
-
 
 @dataclass(frozen=True)
 class SampleFailure:
@@ -48,8 +45,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     Always keeps at least the most likely token, so the softmax of the result is a distribution.
     """
     temperature = max(float(params.temperature), SAMPLING_EPS)  # greedy rows never get here
-    # clamp: a huge finite logit over a small temperature overflows to inf (then softmax -> NaN)
-    logits = (logits.float() / temperature).clamp(-_F32_MAX, _F32_MAX)
+    logits = logits.float()
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # a huge finite logit over a small temperature overflows to inf (softmax -> NaN): shift
+        # by the max first (softmax is shift-invariant), so the top token is 0 and the rest <= 0
+        scaled = (logits - logits.max()) / temperature
+    logits = scaled
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
