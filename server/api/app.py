@@ -114,8 +114,8 @@ def docs_router(app: FastAPI) -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
 
     @router.get("/openapi.json")
-    async def openapi_json():
-        return JSONResponse(app.openapi())
+    async def openapi_json(request: Request):
+        return JSONResponse(generate.with_server_limits(app.openapi(), get_state(request)))
 
     @router.get("/docs")
     async def swagger():

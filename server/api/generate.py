@@ -54,6 +54,28 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 
 _tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe for concurrent mutable use
 
 
+def with_server_limits(schema: dict, state: ServerState) -> dict:
+    """The OpenAPI schema with this server's limits on the /generate body (max_model_len and
+    the vocabulary are known only at run time): a copy, the app's cached schema is untouched."""
+    try:
+        body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    except KeyError:
+        return schema
+    body = json.loads(json.dumps(body))
+    props = body.get("properties", {})
+    for option in props.get("max_new_tokens", {}).get("anyOf", [props.get("max_new_tokens", {})]):
+        option["maximum"] = state.max_model_len - 1
+    for option in props.get("input_ids", {}).get("anyOf", []):
+        if option.get("type") == "array":
+            option["items"]["maximum"] = state.vocab_size - 1
+            option["maxItems"] = state.max_model_len - 1
+    schema = {**schema, "paths": {**schema["paths"], "/generate": {"post": {
+        **schema["paths"]["/generate"]["post"],
+        "requestBody": {**schema["paths"]["/generate"]["post"]["requestBody"],
+                        "content": {"application/json": {"schema": body}}}}}}}
+    return schema
+
+
 def is_json_content_type(value: str | None) -> bool:
     if not value:
         return False

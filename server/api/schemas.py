@@ -31,7 +31,10 @@ AdapterSpec = Annotated[str, Field(min_length=1, max_length=256)] | Annotated[
 
 
 class GenerateRequest(BaseModel):
-    model_config = _STRICT
+    # exactly one input (enforced by _one_input; stated in the schema for clients and fuzzers)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("prompt", "messages", "input_ids")]})
 
     prompt: Annotated[str, Field(min_length=1)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
