@@ -375,3 +375,60 @@ def test_supervisor_refuses_work_while_restarting_and_gives_up_after_repeated_cr
         aengine.stop()
     assert codes.count(ErrorCode.ENGINE_RESTARTED) == 2 and ErrorCode.ENGINE_STOPPED in codes
     assert "restarting" in codes and aengine.restarts == 2 and "Fatal" in aengine.dead_reason
+
+
+# -- adapter device tier after failures ---------------------------------------------------------------
+def test_engine_reset_with_adapters_leaves_a_consistent_device_tier(tmp_path):
+    """After a crash mid-generation with a merged LoRA and pinned slots, reset() restores the
+    base weights, empties the slots and the pins, and every adapter serves correctly again."""
+    from peftserve.server.engine.merge import MergePolicy
+    from tests.test_engine_faults import _serving
+
+    serving = _serving(tmp_path)
+    engine, slots = serving.engine, serving.slots
+    a, b = serving.registry.resolve("a"), serving.registry.resolve("b")
+    prompts, params = [[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_new_tokens=5, ignore_eos=True)
+    ref = [s.output_ids for s in engine.generate(prompts * 3, params, adapters=[a, a, b, b, None, None])]
+    merger = slots.layers.merger
+    merger.policy, merger.min_steps = MergePolicy.SINGLE_ADAPTER, 1
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=30, ignore_eos=True), lambda e: None, adapter=a) for p in prompts]
+    for s in seqs:
+        engine.add(s)
+    for _ in range(3):
+        engine.step()
+    assert merger.merged_slot != 0 and slots.pins  # a LoRA is folded into the base weights
+    engine.reset()
+    assert merger.merged_slot == 0 and not slots.pins and slots.resident == 0
+    assert engine.cache.slots.num_free == 8
+    merger.policy = MergePolicy.NEVER
+    again = [s.output_ids for s in engine.generate(prompts * 3, params, adapters=[a, a, b, b, None, None])]
+    assert again == ref
+
+
+def test_prefix_failure_gives_back_the_slot_pin_and_half_installs_are_cleared():
+    from peftserve.server.engine.adapter_layers import AdapterLayers
+    from peftserve.server.engine.adapter_slots import AdapterSlots
+
+    class Handle:
+        uses_slot, uses_prefix, key = True, True, "v1"
+
+    layers = AdapterLayers(tiny_llama(0))
+
+    def prefix(ver):
+        raise MemoryError("injected")
+
+    slots = AdapterSlots(layers, 2, compute_prefix=prefix, device_weights=lambda ver: lambda lay, slot: None)
+    seq = Sequence([1], GREEDY, lambda e: None, adapter=Handle())
+    with pytest.raises(MemoryError):
+        slots.reserve(seq, [])
+    assert all(n == 0 for n in slots.pins.values())  # the slot can be evicted again
+
+    def half_install(lay, slot):
+        next(iter(lay.linears.values())).ia3[slot] = object()  # one module written, then failure
+        raise RuntimeError("injected install failure")
+
+    slots = AdapterSlots(layers, 2, compute_prefix=prefix, device_weights=lambda ver: half_install)
+    Handle.uses_prefix = False
+    with pytest.raises(RuntimeError):
+        slots.reserve(Sequence([1], GREEDY, lambda e: None, adapter=Handle()), [])
+    assert all(not lin.ia3 for lin in layers.linears.values()) and slots.resident == 0

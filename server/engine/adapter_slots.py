@@ -72,7 +72,12 @@ class AdapterSlots:
                 return False
         if adapter.uses_prefix:
             prefix_key = adapter.key
-            prefix = self._prefix(adapter)
+            try:
+                prefix = self._prefix(adapter)
+            except BaseException:  # the request fails alone (scheduler.rejected): give its slot back
+                if slot:
+                    self._unpin(slot)
+                raise
             self.prefix_pins[prefix_key] = self.prefix_pins.get(prefix_key, 0) + 1
             seq.kv_prefix_len = prefix.length
             seq.rope_offset = prefix.rope_offset
@@ -92,11 +97,7 @@ class AdapterSlots:
             return
         slot, prefix_key = held
         if slot:
-            self.pins[slot] -= 1
-            if self.pins[slot] == 0:
-                self.lru[slot] = None
-                if self.slot_key[slot] in self._dropped:
-                    self.drop(self.slot_key[slot])
+            self._unpin(slot)
         if prefix_key is not None:
             self.prefix_pins[prefix_key] -= 1
             if prefix_key in self._dropped:
@@ -104,6 +105,13 @@ class AdapterSlots:
             self._trim_prefixes()
 
     # -- slots ----------------------------------------------------------------------------
+    def _unpin(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            self.lru[slot] = None
+            if self.slot_key[slot] in self._dropped:
+                self.drop(self.slot_key[slot])
+
     def _acquire_slot(self, adapter) -> int | None:
         slot = self.key_slot.get(adapter.key)
         if slot is not None:
