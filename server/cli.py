@@ -189,8 +189,8 @@ def serve(args) -> int:
         settings = ServerSettings(api_key=args.api_key or None, admin_key=args.admin_key or None,
                                   max_body_bytes=args.max_body_bytes,
                                   body_limits={"/adapters": args.max_upload_bytes},
-                                  drain_timeout_s=args.drain_timeout, docs=args.docs, dtype=str(dtype).removeprefix("torch."),
-                                  version=_version())
+                                  drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
+                                  version=_version(), docs=args.docs)
         metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,

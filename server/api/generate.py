@@ -276,7 +276,8 @@ async def _respond(state: ServerState, request: Request, stream: RequestStream, 
 def _log_done(info: dict, result: _Result, outcome: str) -> None:
     failed = result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
     (log.warning if failed else log.info)("generate finished", extra={
-        "request_id": info["request_id"], "seq": info["seq"], "outcome": outcome, "stream": info["stream"], "adapter": info["adapter"],
+        "request_id": info["request_id"], "seq": info["seq"], "outcome": outcome, "stream": info["stream"],
+        "adapter": info["adapter"],
         "prompt_tokens": info["prompt_tokens"], "completion_tokens": len(result.token_ids),
         "duration_ms": round((time.monotonic() - info["started"]) * 1000, 1),
         **({"error": result.error} if result.error else {}),
