@@ -124,8 +124,20 @@ def tokenize(tokenizer, req: GenerateRequest) -> list[int]:
         try:
             result = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # no template, roles the template refuses, ...
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from None
+            # the template's own refusal (raise_exception("roles must alternate")) is for the
+            # client; anything else is an internal detail: logged, not sent
+            log.info("chat template refused the messages", extra={"error": repr(exc)})
+            detail = f": {str(exc)[:200]}" if _is_template_error(exc) else ""
+            raise InvalidRequest(f"messages could not be rendered with the chat template{detail}") from None
         return _ids_from(result)
+
+
+def _is_template_error(exc: Exception) -> bool:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, TemplateError)
 
 
 async def _wait_disconnect(receive) -> None:
