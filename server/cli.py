@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests may take to finish after SIGTERM")
     s.add_argument("--no-ui", dest="ui", action="store_false",
                    help="do not serve the playground page at /ui (it follows --api-key when served)")
+    s.add_argument("--no-docs", dest="docs", action="store_false",
+                   help="do not serve /docs, /redoc and /openapi.json (otherwise they need the API key when set)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     s.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
     return parser
@@ -224,7 +226,8 @@ def serve(args) -> int:
                                   max_body_bytes=args.max_body_bytes,
                                   body_limits={"/adapters": args.max_upload_bytes},
                                   drain_timeout_s=args.drain_timeout, dtype=str(dtype).removeprefix("torch."),
-                                  version=_version(), ui=args.ui, served_model_names=tuple(args.served_model_name or ()),
+                                  version=_version(), ui=args.ui, docs=args.docs,
+                                  served_model_names=tuple(args.served_model_name or ()),
                                   allowed_adapter_dirs=tuple(args.allowed_adapter_dirs or ()))
         metrics = Metrics(base_model=model_name, dtype=settings.dtype, version=settings.version,
                           vllm_names=args.vllm_metric_names)

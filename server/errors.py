@@ -119,3 +119,41 @@ class RequestAborted(_Fixed):
 def from_adapter_error(exc) -> ApiError:
     """Map `peftserve.adapters.errors.AdapterError` (code, message, status) to an ApiError."""
     return ApiError(exc.code, exc.message, getattr(exc, "status", 422))
+
+
+# -- failures reported by the engine (TokenEvent.code) -------------------------------------------
+# One generic, stable message per code: the engine's detail (exception, row, step) is logged with
+# the request id and never sent to the client. numerical_error is a 500: the model or adapter
+# produced NaN/inf, which the client's request cannot cause (sampling parameters are validated so
+# that no accepted value yields non-finite probabilities) — the same class vLLM reports as 5xx.
+_ENGINE_FAILURES: dict[str, tuple[int, str, str]] = {
+    # code from the engine: (status, code sent to the client, message)
+    "numerical_error": (500, "numerical_error",
+                        "the model produced non-finite values (NaN/inf) for this request; it was stopped"),
+    "sampling_error": (500, "sampling_error", "the next token could not be sampled for this request"),
+    "generation_failed": (500, "generation_failed", "generation failed for this request"),
+    "adapter_unavailable": (503, "adapter_unavailable", "the request's adapter could not be loaded; retry later"),
+    "engine_restarted": (503, "engine_restarted",
+                         "the engine restarted while this request was in flight; retry the request"),
+    "engine_stopped": (503, "engine_unavailable", "the engine is not running"),
+    "invalid_request": (422, "invalid_request", "the prompt is empty or longer than max_model_len"),
+    "internal_error": (500, "internal_error", "internal server error"),
+}
+_RETRYABLE = {"adapter_unavailable", "engine_restarted"}
+
+
+def engine_failure(code: str | None) -> ApiError:
+    """The API error for a request the engine ended with FinishReason.ERROR and `code`."""
+    key = str(getattr(code, "value", code) or "")  # an ErrorCode (str enum) or its value
+    status, public, message = _ENGINE_FAILURES.get(key, _ENGINE_FAILURES["internal_error"])
+    headers = {"Retry-After": "1"} if public in _RETRYABLE else None
+    return ApiError(public, message, status, headers)
+
+
+class EngineRestarting(_Fixed):
+    """The engine loop died and is being rebuilt (seconds): retry shortly."""
+
+    code, status = "engine_restarting", 503
+
+    def __init__(self, message: str = "the engine is restarting, retry shortly") -> None:
+        super().__init__(message, headers={"Retry-After": "1"})

@@ -18,6 +18,7 @@ class ServerSettings:
     body_drain_bytes: int = 8 * MiB  # after a 413, read & discard this much more so the client sees it
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     manage_engine: bool = True  # the app's lifespan starts/stops the AsyncEngine
+    docs: bool = True  # serve /openapi.json, /docs, /redoc (behind the API key when one is set)
     dtype: str = "float32"  # for build_info
     version: str = ""
     ui: bool = True  # serve the playground page at /ui (`--no-ui` turns it off)

@@ -510,8 +510,13 @@ async def test_engine_loop_death_mid_request_is_503(make_server):
     def die():
         raise Boom()
 
-    server.llm.step = die
+    server.llm.step = die  # dies at every step: the supervisor restarts it, then gives up
     async with server.client() as client:
+        assert_error(await post(client, prompt="x", max_new_tokens=4), 503, "engine_restarted")
+        while server.engine.state.value != "dead":  # each restart dies again on the next request
+            resp = await post(client, prompt="x", max_new_tokens=4)
+            assert resp.status_code == 503, resp.text
+            await asyncio.sleep(0.01)
         assert_error(await post(client, prompt="x", max_new_tokens=4), 503, "engine_unavailable")
         assert_error(await client.get("/health"), 503, "engine_unavailable")
     assert "Boom" in server.engine.dead_reason

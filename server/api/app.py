@@ -18,15 +18,16 @@ import threading
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ApiError, Draining, EngineUnavailable, from_adapter_error
+from ..errors import ApiError, Draining, from_adapter_error
 from ..state import ServerState, get_state
 from . import generate, openai_routes, ui
+from .auth import require_api_key
 from .limits import BodySizeLimitMiddleware
 from .metrics import HttpMetricsMiddleware, Metrics
 from .openai_errors import is_openai_path, openai_error_body
@@ -91,7 +92,7 @@ ops = APIRouter()
 async def health(request: Request):
     engine = get_state(request).engine
     if not engine.running:
-        raise EngineUnavailable(engine.dead_reason or "engine loop not running")
+        raise generate.unavailable(engine)  # 503 engine_restarting while the supervisor rebuilds it
     return {"status": "ok"}
 
 
@@ -101,7 +102,7 @@ async def ready(request: Request):
     if state.draining:
         raise Draining("server is draining for shutdown")
     if not state.engine.running:
-        raise EngineUnavailable(state.engine.dead_reason or "engine loop not running")
+        raise generate.unavailable(state.engine)
     return {"status": "ready", "model": state.model_name}
 
 
@@ -109,6 +110,28 @@ async def ready(request: Request):
 async def metrics(request: Request):
     body, content_type = get_state(request).metrics.render()
     return Response(body, media_type=content_type)
+
+
+def docs_router(app: FastAPI) -> APIRouter:
+    """/openapi.json, /docs and /redoc behind the API key (open when no key is configured):
+    the schema lists every route and parameter, which is reconnaissance for an attacker."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    router = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi_json(request: Request):
+        return JSONResponse(generate.with_server_limits(app.openapi(), get_state(request)))
+
+    @router.get("/docs")
+    async def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @router.get("/redoc")
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return router
 
 
 def _abort_all(engine, timeout: float = 2.0) -> None:
@@ -154,7 +177,7 @@ def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI
             log.info("server stopped")
 
     app = FastAPI(title="peftserve", version=settings.version or "0", lifespan=lifespan,
-                  summary="Multi-adapter LLM inference server")
+                  summary="Multi-adapter LLM inference server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.peft = state
     install_exception_handlers(app)
     app.include_router(generate.router)
@@ -164,6 +187,8 @@ def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI
         app.include_router(ui.router)
     for router in routers:
         app.include_router(router)
+    if settings.docs:
+        app.include_router(docs_router(app))
     app.add_middleware(BodySizeLimitMiddleware, limits=settings.body_limit_table,
                        drain_bytes=settings.body_drain_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)  # added last = outermost

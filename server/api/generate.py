@@ -23,17 +23,19 @@ from collections.abc import Mapping
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ..engine.async_engine import EngineDeadError, QueueFullError, RequestStream
 from ..engine.request import FinishReason, SamplingParams
-from ..errors import (AdapterNotFound, ContextLengthExceeded, Draining, EngineUnavailable, GenerationFailed,
-                      InvalidRequest, QueueFull, RequestAborted, UnsupportedMediaType)
+from ..engine.sampling_params import SamplingParamError
+from ..errors import (AdapterNotFound, ApiError, ContextLengthExceeded, Draining, EngineRestarting,
+                      EngineUnavailable, InvalidRequest, QueueFull, RequestAborted, UnsupportedMediaType,
+                      engine_failure)
 from ..state import ServerState, get_state
 from .auth import require_api_key
-from .schemas import ErrorResponse, GenerateRequest, GenerateResponse, describe_validation_error
+from .json_body import validate_json
+from .schemas import ErrorResponse, GenerateRequest, GenerateResponse
 
 log = logging.getLogger("peftserve.server.api.generate")
 
@@ -52,6 +54,28 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 
 _tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe for concurrent mutable use
 
 
+def with_server_limits(schema: dict, state: ServerState) -> dict:
+    """The OpenAPI schema with this server's limits on the /generate body (max_model_len and
+    the vocabulary are known only at run time): a copy, the app's cached schema is untouched."""
+    try:
+        body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    except KeyError:
+        return schema
+    body = json.loads(json.dumps(body))
+    props = body.get("properties", {})
+    for option in props.get("max_new_tokens", {}).get("anyOf", [props.get("max_new_tokens", {})]):
+        option["maximum"] = state.max_model_len - 1
+    for option in props.get("input_ids", {}).get("anyOf", []):
+        if option.get("type") == "array":
+            option["items"]["maximum"] = state.vocab_size - 1
+            option["maxItems"] = state.max_model_len - 1
+    schema = {**schema, "paths": {**schema["paths"], "/generate": {"post": {
+        **schema["paths"]["/generate"]["post"],
+        "requestBody": {**schema["paths"]["/generate"]["post"]["requestBody"],
+                        "content": {"application/json": {"schema": body}}}}}}}
+    return schema
+
+
 def is_json_content_type(value: str | None) -> bool:
     if not value:
         return False
@@ -60,10 +84,24 @@ def is_json_content_type(value: str | None) -> bool:
 
 
 def parse_request(body: bytes) -> GenerateRequest:
+    return validate_json(GenerateRequest, body)
+
+
+def sampling_params(req: GenerateRequest) -> SamplingParams:
+    """The engine's parameters; the engine-side rules (sampling_params.check) answer 422 too."""
     try:
-        return GenerateRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
+        return SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
+                              ignore_eos=req.ignore_eos)
+    except SamplingParamError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def unavailable(engine) -> ApiError:
+    """503 for a request that finds the engine not running (the internal reason is only logged)."""
+    if getattr(engine, "restarting", False):
+        return EngineRestarting()
+    return EngineUnavailable("the engine is not running")
 
 
 def _ids_from(result) -> list[int]:
@@ -86,8 +124,20 @@ def tokenize(tokenizer, req: GenerateRequest) -> list[int]:
         try:
             result = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # no template, roles the template refuses, ...
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}") from None
+            # the template's own refusal (raise_exception("roles must alternate")) is for the
+            # client; anything else is an internal detail: logged, not sent
+            log.info("chat template refused the messages", extra={"error": repr(exc)})
+            detail = f": {str(exc)[:200]}" if _is_template_error(exc) else ""
+            raise InvalidRequest(f"messages could not be rendered with the chat template{detail}") from None
         return _ids_from(result)
+
+
+def _is_template_error(exc: Exception) -> bool:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, TemplateError)
 
 
 async def _wait_disconnect(receive) -> None:
@@ -107,12 +157,11 @@ async def _resolve_adapter(state: ServerState, req: GenerateRequest):
     return await run_in_threadpool(state.registry.resolve, spec)
 
 
-def _failure(state: ServerState, reason: FinishReason, error: str | None):
-    if not state.engine.running:
-        return EngineUnavailable(state.engine.dead_reason or error or "engine stopped")
+def _failure(state: ServerState, reason: FinishReason, code) -> ApiError:
+    """The client-facing error of a request the engine ended (generic message + stable code)."""
     if reason is FinishReason.ABORT:
-        return RequestAborted("request aborted by the server")
-    return GenerationFailed(error or "generation failed")
+        return RequestAborted("request aborted by the server") if state.engine.running else unavailable(state.engine)
+    return engine_failure(code)
 
 
 class _Result:
@@ -120,7 +169,8 @@ class _Result:
         self.token_ids: list[int] = []
         self.parts: list[str] = []
         self.finish_reason: FinishReason | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # internal detail: logged, never sent
+        self.code = None  # ErrorCode of a failed request
 
     @property
     def text(self) -> str:
@@ -132,7 +182,7 @@ class _Result:
         if ev.text:
             self.parts.append(ev.text)
         if ev.finish_reason is not None:
-            self.finish_reason, self.error = ev.finish_reason, ev.error
+            self.finish_reason, self.error, self.code = ev.finish_reason, ev.error, ev.code
 
     def body(self, req: GenerateRequest, prompt_tokens: int) -> dict:
         return GenerateResponse(
@@ -159,7 +209,7 @@ async def generate(request: Request) -> Response:
 
     engine = state.engine
     if not engine.running:
-        raise EngineUnavailable(engine.dead_reason or "engine not running")
+        raise unavailable(engine)
     max_len = state.max_model_len
     if req.max_new_tokens > max_len:
         raise InvalidRequest(f"max_new_tokens: must be <= max_model_len ({max_len})")
@@ -181,20 +231,18 @@ async def generate(request: Request) -> Response:
             f"prompt ({len(prompt_ids)} tokens){extra} + max_new_tokens ({req.max_new_tokens}) "
             f"exceeds max_model_len ({max_len})")
 
-    params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
-                            top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
-                            ignore_eos=req.ignore_eos)
+    params = sampling_params(req)
     if state.draining:  # SIGTERM may have arrived while we were tokenising
         raise Draining()
     try:
         stream = engine.submit(prompt_ids, params, adapter=handle)
     except QueueFullError:
         raise QueueFull() from None
-    except EngineDeadError as exc:
-        raise EngineUnavailable(str(exc) or "engine not running") from None
+    except EngineDeadError:
+        raise unavailable(engine) from None
 
     request_id = uuid.uuid4().hex[:16]
-    info = {"request_id": request_id, "prompt_tokens": len(prompt_ids), "stream": req.stream,
+    info = {"request_id": request_id, "seq": stream.seq.seq_id, "prompt_tokens": len(prompt_ids), "stream": req.stream,
             "adapter": state.metrics.label_for(handle) if state.metrics else None, "started": time.monotonic()}
     state.inflight += 1
     if req.stream:
@@ -231,18 +279,21 @@ async def _respond(state: ServerState, request: Request, stream: RequestStream, 
         return Response(status_code=CLIENT_CLOSED, headers=headers)
     _log_done(info, result, result.finish_reason.value)
     if result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-        exc = _failure(state, result.finish_reason, result.error)
+        exc = _failure(state, result.finish_reason, result.code)
         exc.headers = {**(exc.headers or {}), **headers}
         raise exc
     return JSONResponse(result.body(req, info["prompt_tokens"]), headers=headers)
 
 
 def _log_done(info: dict, result: _Result, outcome: str) -> None:
-    log.info("generate finished", extra={
-        "request_id": info["request_id"], "outcome": outcome, "stream": info["stream"], "adapter": info["adapter"],
+    failed = result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
+    (log.warning if failed else log.info)("generate finished", extra={
+        "request_id": info["request_id"], "seq": info["seq"], "outcome": outcome, "stream": info["stream"],
+        "adapter": info["adapter"],
         "prompt_tokens": info["prompt_tokens"], "completion_tokens": len(result.token_ids),
         "duration_ms": round((time.monotonic() - info["started"]) * 1000, 1),
-        **({"error": result.error} if result.error else {})})
+        **({"error": result.error} if result.error else {}),
+        **({"code": getattr(result.code, "value", result.code)} if result.code else {})})
 
 
 def _sse(obj) -> bytes:
@@ -279,7 +330,7 @@ class SSEResponse(Response):
                             "more_body": True})
         res = self.result
         if res.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-            final = _failure(self.state, res.finish_reason, res.error).to_dict()
+            final = _failure(self.state, res.finish_reason, res.code).to_dict()
         else:
             final = res.body(self.req, self.info["prompt_tokens"])
         self.outcome = res.finish_reason.value

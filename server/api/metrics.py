@@ -12,7 +12,7 @@ import asyncio
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .adapter_metrics import AdapterMetrics
@@ -87,7 +87,7 @@ class _StateCollector:
     def _families(state):
         running = waiting = 0
         kv = 0.0
-        healthy = draining = 0
+        healthy = draining = restarts = 0
         if state is not None:
             engine = state.engine
             running, waiting = engine.num_running, engine.num_waiting
@@ -95,6 +95,7 @@ class _StateCollector:
             kv = 1.0 - slots.num_free / slots.num_slots if slots.num_slots else 0.0
             healthy = int(engine.running)
             draining = int(state.draining)
+            restarts = int(getattr(engine, "restarts", 0))
         yield GaugeMetricFamily("peftserve_num_requests_running", "Requests running in the engine (own a KV slot).",
                                 value=running)
         yield GaugeMetricFamily("peftserve_num_requests_waiting", "Requests waiting to be scheduled.", value=waiting)
@@ -102,6 +103,9 @@ class _StateCollector:
                                 value=kv)
         yield GaugeMetricFamily("peftserve_engine_healthy", "1 while the engine loop is running.", value=healthy)
         yield GaugeMetricFamily("peftserve_draining", "1 while the server drains for shutdown.", value=draining)
+        # the supervisor's count (async_engine.AsyncEngine.restarts), read at scrape time
+        yield CounterMetricFamily("peftserve_engine_restarts", "Times the engine loop died and was rebuilt.",
+                                  value=restarts)
 
 
 class Metrics:

@@ -29,10 +29,12 @@ from starlette.requests import ClientDisconnect
 
 from ..engine.async_engine import EngineDeadError, QueueFullError
 from ..engine.request import FinishReason, SamplingParams
-from ..errors import AdapterNotFound, ContextLengthExceeded, Draining, EngineUnavailable, QueueFull, UnsupportedMediaType
+from ..errors import AdapterNotFound, ContextLengthExceeded, Draining, QueueFull, UnsupportedMediaType
 from ..state import ServerState, get_state
 from .auth import require_api_key
-from .generate import CLIENT_CLOSED, _failure, _ids_from, _sse, _tokenizer_lock, _wait_disconnect, is_json_content_type
+from ..engine.sampling_params import SamplingParamError
+from .generate import (CLIENT_CLOSED, _failure, _ids_from, _sse, _tokenizer_lock, _wait_disconnect, is_json_content_type,
+                       unavailable)
 from .openai_errors import ParamError, invalid, model_not_found
 from .openai_schemas import ChatRequest, CompletionRequest, SamplingFields, parse_chat, parse_completion
 
@@ -127,12 +129,19 @@ async def read_body(state: ServerState, request: Request) -> bytes | None:
 
 def check_engine(state: ServerState) -> None:
     if not state.engine.running:
-        raise EngineUnavailable(state.engine.dead_reason or "engine not running")
+        raise unavailable(state.engine)  # the internal reason is logged, never sent
 
 
 def sampling_params(req: SamplingFields, max_new: int, logprobs: int | None, choice: int) -> SamplingParams:
     """OpenAI defaults: temperature 1, top_p 1; vLLM's top_k -1 = disabled. Seed of choice j: seed + j."""
     seed = None if req.seed is None else (req.seed + choice) % (2**63)
+    try:
+        return _engine_params(req, max_new, logprobs, seed)
+    except SamplingParamError as exc:  # the engine's own rules (server/engine/sampling_params.py)
+        raise invalid(exc.field, str(exc)) from None
+
+
+def _engine_params(req: SamplingFields, max_new: int, logprobs: int | None, seed: int | None) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stops,
@@ -170,7 +179,7 @@ def submit_all(state: ServerState, jobs: list[tuple[list[int], SamplingParams]],
             s.cancel()
         if isinstance(exc, QueueFullError):
             raise QueueFull() from None
-        raise EngineUnavailable(str(exc) or "engine not running") from None
+        raise unavailable(state.engine) from None
     return streams
 
 
@@ -189,7 +198,8 @@ class Choice:
         self.parts: list[str] = []
         self.logprobs: list[tuple[int, float, list]] = []  # (token id, logprob, top)
         self.reason: FinishReason | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # internal detail: logged, never sent
+        self.code = None  # ErrorCode of a failed choice
 
     @property
     def text(self) -> str:
@@ -203,7 +213,7 @@ class Choice:
         if ev.text:
             self.parts.append(ev.text)
         if ev.finish_reason is not None:
-            self.reason, self.error = ev.finish_reason, ev.error
+            self.reason, self.error, self.code = ev.finish_reason, ev.error, ev.code
 
     @property
     def failed(self) -> bool:
@@ -244,7 +254,7 @@ class Job:
     def failure(self):
         """The error to answer with: a choice that failed by itself before ones aborted because of it."""
         failed = sorted((c for c in self.choices if c.failed), key=lambda c: c.reason is FinishReason.ABORT)
-        return _failure(self.state, failed[0].reason, failed[0].error) if failed else None
+        return _failure(self.state, failed[0].reason, failed[0].code) if failed else None
 
     def cancel(self) -> None:
         for s in self.streams:

@@ -6,8 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..engine import sampling_params as rules
+
 MAX_STOP = 16
-MAX_SEED = 2**63 - 1
+MAX_SEED = rules.SEED_MAX
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -29,16 +31,24 @@ AdapterSpec = Annotated[str, Field(min_length=1, max_length=256)] | Annotated[
 
 
 class GenerateRequest(BaseModel):
-    model_config = _STRICT
+    # exactly one input (enforced by _one_input; stated in the schema for clients and fuzzers)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("prompt", "messages", "input_ids")]})
 
     prompt: Annotated[str, Field(min_length=1)] | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None
     input_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     adapter: AdapterSpec = None
-    max_new_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] = 64
-    temperature: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)] = 0.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
-    top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    # bounds from server/engine/sampling_params.py (the engine checks the same rules again)
+    max_new_tokens: Annotated[int, Field(ge=1, le=rules.MAX_NEW_TOKENS_MAX)] = 64
+    temperature: Annotated[float, Field(
+        ge=0.0, le=rules.TEMPERATURE_MAX, allow_inf_nan=False,
+        description=f"0 = greedy; values below {rules.SAMPLING_EPS:g} are greedy too")] = 0.0
+    top_p: Annotated[float, Field(
+        gt=0.0, le=1.0, allow_inf_nan=False,
+        description="nucleus mass; the most likely token is always kept")] = 1.0
+    top_k: Annotated[int, Field(ge=0, le=rules.TOP_K_MAX, description="0 = disabled")] = 0
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
                     Field(max_length=MAX_STOP)] | None = None

@@ -72,7 +72,12 @@ class AdapterSlots:
                 return False
         if adapter.uses_prefix:
             prefix_key = adapter.key
-            prefix = self._prefix(adapter)
+            try:
+                prefix = self._prefix(adapter)
+            except BaseException:  # the request fails alone (scheduler.rejected): give its slot back
+                if slot:
+                    self._unpin(slot)
+                raise
             self.prefix_pins[prefix_key] = self.prefix_pins.get(prefix_key, 0) + 1
             seq.kv_prefix_len = prefix.length
             seq.rope_offset = prefix.rope_offset
@@ -92,11 +97,7 @@ class AdapterSlots:
             return
         slot, prefix_key = held
         if slot:
-            self.pins[slot] -= 1
-            if self.pins[slot] == 0:
-                self.lru[slot] = None
-                if self.slot_key[slot] in self._dropped:
-                    self.drop(self.slot_key[slot])
+            self._unpin(slot)
         if prefix_key is not None:
             self.prefix_pins[prefix_key] -= 1
             if prefix_key in self._dropped:
@@ -104,6 +105,13 @@ class AdapterSlots:
             self._trim_prefixes()
 
     # -- slots ----------------------------------------------------------------------------
+    def _unpin(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            self.lru[slot] = None
+            if self.slot_key[slot] in self._dropped:
+                self.drop(self.slot_key[slot])
+
     def _acquire_slot(self, adapter) -> int | None:
         slot = self.key_slot.get(adapter.key)
         if slot is not None:
@@ -113,7 +121,11 @@ class AdapterSlots:
             if slot is None:
                 return None  # all slots pinned by running requests of other adapters: wait
             t0 = time.perf_counter()
-            self._device_weights(adapter)(self.layers, slot)
+            try:
+                self._device_weights(adapter)(self.layers, slot)
+            except BaseException:  # a half-installed slot must not leak modules into its next owner
+                self.layers.clear(slot)
+                raise
             self.slot_key[slot], self.key_slot[adapter.key] = adapter.key, slot
             self.stats["loads"] += 1
             if self.observer:
@@ -155,6 +167,27 @@ class AdapterSlots:
             self._dropped.add(key)  # free it when its last running request finishes
         else:
             self._dropped.discard(key)
+
+    def reset(self) -> None:
+        """Forget every pin and empty every slot (the engine supervisor, after the loop died).
+
+        The loop can die anywhere — between a reserve and its admission, half-way through an
+        install or a merge — so nothing per-sequence is trusted: merged weights are restored,
+        every device slot is cleared (adapters reinstall on their next request) and shared
+        prefixes stay cached (immutable per version) unless their version was dropped meanwhile.
+        """
+        self.layers.merger.unmerge()
+        for slot in range(1, self.num_slots + 1):
+            self.layers.clear(slot)
+        self.slot_key.clear()
+        self.key_slot.clear()
+        self.pins.clear()
+        self.lru.clear()
+        self._held.clear()
+        self.prefix_pins.clear()
+        for key in self._dropped:
+            self.prefixes.pop(key, None)
+        self._dropped.clear()
 
     @property
     def resident(self) -> int:

@@ -3,6 +3,11 @@
 torch releases the GIL inside its kernels, so the event loop stays responsive (health checks,
 uploads, SSE writes) while a step runs. The only way into the engine thread is the command
 queue; events come back through `loop.call_soon_threadsafe` onto one asyncio.Queue per request.
+
+Supervision: if the loop dies anyway (an exception escaping `step()`), the requests in flight
+get an `engine_restarted` error, the engine's per-request state is reset (same model, KV
+tensors and registry) and the loop runs again after a backoff, in the same thread; after too
+many crashes in a window (supervisor.RestartPolicy) it stays dead.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import threading
 from collections.abc import AsyncIterator
 
 from .engine import LLMEngine
-from .request import FinishReason, SamplingParams, Sequence, TokenEvent
+from .request import ErrorCode, FinishReason, SamplingParams, Sequence, SeqStatus, TokenEvent
+from .supervisor import EngineState, RestartPolicy, RestartTracker
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +33,16 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineRestartingError(EngineDeadError):
+    """The loop died and is being rebuilt: retry shortly."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, restart_policy: RestartPolicy | None = None):
         self.engine = engine
+        self.state = EngineState.CREATED
+        self.restarts = 0  # successful restarts of the loop (peftserve_engine_restarts_total)
+        self._tracker = RestartTracker(restart_policy or RestartPolicy())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -37,10 +50,11 @@ class AsyncEngine:
         self._live: set[Sequence] = set()  # not finished yet (engine thread + event loop)
         self._lock = threading.Lock()
         self.idle_wait_s = idle_wait_s
-        self.dead_reason: str | None = None
+        self.dead_reason: str | None = None  # internal (logs, tests); clients get a generic message
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        self.state = EngineState.RUNNING
         self._thread = threading.Thread(target=self._run, name="peftserve-engine", daemon=True)
         self._thread.start()
 
@@ -49,11 +63,17 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread:
             self._thread.join(timeout)
-        self._fail_all("engine stopped")  # nobody may wait forever on a stream
+        if self.state is not EngineState.DEAD:
+            self.state = EngineState.STOPPED
+        self._fail_all(ErrorCode.ENGINE_STOPPED, "engine stopped")  # nobody may wait forever on a stream
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
+        return self._thread is not None and self._thread.is_alive() and self.state is EngineState.RUNNING
+
+    @property
+    def restarting(self) -> bool:
+        return self.state is EngineState.RESTARTING
 
     @property
     def num_waiting(self) -> int:
@@ -70,6 +90,8 @@ class AsyncEngine:
     # -- requests ------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter=None) -> "RequestStream":
         if not self.running:
+            if self.restarting:
+                raise EngineRestartingError("engine restarting")
             raise EngineDeadError(self.dead_reason or "engine not running")
         if self.num_waiting >= self.engine.config.max_waiting:
             raise QueueFullError("request queue is full")
@@ -93,15 +115,45 @@ class AsyncEngine:
 
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
+        """The supervisor: run the loop; when it dies, fail what it held, reset, back off, rerun."""
+        while True:
+            try:
+                self._loop()
+                return  # stopped on purpose
+            except BaseException as exc:  # the loop died: nothing escapes this thread
+                detail = f"{type(exc).__name__}: {exc}"[:500]
+                log.exception("engine loop died", extra={"error": detail, "restarts": self.restarts})
+            if not self._recover(detail):
+                return
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if self.engine.has_work():
+                self.engine.step()
+
+    def _recover(self, detail: str) -> bool:
+        """After a crash: True once the loop may run again, False when the engine stays dead."""
+        delay = None if self._stop.is_set() else self._tracker.next_delay()
+        self.state = EngineState.RESTARTING if delay is not None else EngineState.DEAD
         try:
-            while not self._stop.is_set():
-                self._drain(block=not self.engine.has_work())
-                if self.engine.has_work():
-                    self.engine.step()
-        except BaseException as exc:  # engine loop death: fail everything fast, flag unhealthy
-            log.exception("engine loop died")
-            self.dead_reason = f"engine loop died: {type(exc).__name__}"
-            self._fail_all(self.dead_reason)
+            self.engine.reset()
+        except BaseException as exc:  # cannot rebuild: stay dead
+            log.exception("engine reset failed")
+            detail, delay = f"{detail}; reset failed: {type(exc).__name__}", None
+            self.state = EngineState.DEAD
+        if delay is None:
+            self.dead_reason = f"engine loop died: {detail}"
+            log.error("engine loop stays dead", extra={"error": detail, "restarts": self.restarts})
+            self._fail_all(ErrorCode.ENGINE_STOPPED, self.dead_reason)
+            return False
+        self._fail_all(ErrorCode.ENGINE_RESTARTED, f"engine loop died and is restarting: {detail}")
+        if self._stop.wait(delay):
+            return False
+        self.restarts += 1
+        self.state = EngineState.RUNNING
+        log.warning("engine loop restarted", extra={"restarts": self.restarts, "backoff_s": delay})
+        return True
 
     def _drain(self, block: bool) -> None:
         try:
@@ -119,6 +171,8 @@ class AsyncEngine:
         if cmd == "add":
             with self._lock:
                 self._pending -= 1
+            if arg.status is SeqStatus.FINISHED:  # failed while queued (engine restart)
+                return
             if arg.cancelled:
                 self.engine.abort(arg)
             else:
@@ -131,11 +185,19 @@ class AsyncEngine:
             except Exception:
                 log.exception("engine-thread call failed")
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, code: ErrorCode, detail: str) -> None:
+        """End every request not finished yet (queued, waiting or running) with `code`."""
         with self._lock:
-            live = list(self._live)
+            live = [seq for seq in self._live if seq.finish_reason is None]
+        observer = getattr(self.engine, "observer", None)
         for seq in live:
-            seq.on_event(TokenEvent(None, "", finish_reason=FinishReason.ERROR, error=reason))
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, FinishReason.ERROR
+            if observer is not None:
+                try:
+                    observer.on_finish(seq, 0.0)
+                except Exception:
+                    log.exception("observer failed")
+            seq.on_event(TokenEvent(None, "", finish_reason=FinishReason.ERROR, error=detail, code=code))
 
     def _forget(self, seq: Sequence) -> None:
         with self._lock:

@@ -2,6 +2,12 @@
 
 `LLMEngine` is synchronous and single-threaded (only the engine thread touches it);
 `server/engine/async_engine.py` runs it in a thread and bridges to asyncio.
+
+Failure isolation: everything in a step that concerns one request — its adapter admission and
+KV prefix, its forward rows, its logits (NaN/inf), its sampling, detokenisation and stop
+checks — fails that request alone (FinishReason.ERROR with an `ErrorCode`), never the step for
+its batch-mates. What still escapes `step()` is a bug in shared state; the supervisor in
+async_engine.py then resets the engine (`reset()`) and fails the requests it held.
 """
 
 from __future__ import annotations
@@ -15,13 +21,13 @@ import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SlotAllocator
 from .logprobs import token_logprobs
 from .model import PackedCausalLM
 from .penalties import apply_penalties
-from .request import FinishReason, Sequence, SeqStatus, TokenEvent
+from .request import ErrorCode, FinishReason, Sequence, SeqStatus, TokenEvent
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import SampleFailure, nonfinite_rows, sample
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class AdapterRuntime(Protocol):
     def reserve(self, seq: Sequence, running: list[Sequence]) -> bool: ...
     def on_admit(self, seq: Sequence, cache: KVCache) -> None: ...
     def release(self, seq: Sequence) -> None: ...
+    def reset(self) -> None: ...  # forget every pin/slot (after the engine loop died)
 
 
 class NoAdapters:
@@ -47,6 +54,9 @@ class NoAdapters:
         pass
 
     def release(self, seq):
+        pass
+
+    def reset(self):
         pass
 
 
@@ -89,21 +99,51 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
         if not seq.prompt_ids or len(seq.prompt_ids) >= self.config.max_model_len:
             # The API refuses these with a 422; direct engine users get an error event instead
             # of a step that would fail every batch-mate.
-            self._finish(seq, FinishReason.ERROR, error="prompt empty or longer than max_model_len")
+            self.fail(seq, ErrorCode.INVALID_REQUEST, "prompt empty or longer than max_model_len")
             return
-        if seq.params.seed is not None or not seq.params.greedy:
-            seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
-            seq.generator = torch.Generator().manual_seed(seed)
+        try:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
+            if seq.params.seed is not None or not seq.params.greedy:
+                seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
+                seq.generator = torch.Generator().manual_seed(seed)
+        except Exception as exc:
+            self.fail(seq, ErrorCode.INTERNAL_ERROR, f"request setup failed: {exc!r}")
+            return
         self.scheduler.add(seq)
 
-    def abort(self, seq: Sequence, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> None:
+    def abort(self, seq: Sequence, reason: FinishReason = FinishReason.ABORT, error: str | None = None,
+              code: ErrorCode | None = None) -> None:
         if seq.status is SeqStatus.FINISHED:
             return
-        self._finish(seq, reason, error=error)
+        self._finish(seq, reason, error=error, code=code)
+
+    def fail(self, seq: Sequence, code: ErrorCode, detail: str) -> None:
+        """End one request with FinishReason.ERROR; the detail goes to the log, the code to the client."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        log.error("request failed in the engine", extra={"seq": seq.seq_id, "code": code.value, "error": detail})
+        self._finish(seq, FinishReason.ERROR, error=detail, code=code)
+
+    def reset(self) -> list[Sequence]:
+        """Forget every request and all per-request state; return the requests it held.
+
+        For the supervisor after `step()` raised out of the loop: the scheduler, the KV-slot
+        allocation and the adapter pins may be half-updated, so they are rebuilt rather than
+        unwound. The model, the KV tensors (stale rows are never read: attention masks by
+        context length) and the adapter registry are kept. The caller fails the returned
+        requests; nothing here calls back into them.
+        """
+        held = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for seq in held:
+            seq.status = SeqStatus.FINISHED
+            seq.kv_slot = -1
+        self.scheduler = Scheduler(self.config, self.adapters.reserve)
+        self.cache.slots = SlotAllocator(self.cache.slots.num_slots)
+        self.adapters.reset()
+        return held
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -122,15 +162,18 @@ class LLMEngine:
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.ABORT)
         plan, admitted = self.scheduler.schedule(self.cache.slots.num_free)
-        for seq, exc in self.scheduler.rejected:
-            log.error("adapter admission failed", extra={"seq": seq.seq_id, "error": repr(exc)})
-            self._finish(seq, FinishReason.ERROR, error=f"adapter could not be loaded: {type(exc).__name__}")
+        for seq, exc in self.scheduler.rejected:  # its adapter could not be installed / prefixed
+            self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter admission failed: {exc!r}")
         self.scheduler.rejected.clear()
         now = time.monotonic()
         for seq in admitted:
             seq.kv_slot = self.cache.slots.alloc()
             seq.first_scheduled = now
-            self.adapters.on_admit(seq, self.cache)
+            try:
+                self.adapters.on_admit(seq, self.cache)
+            except Exception as exc:
+                self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter prefix could not be written: {exc!r}")
+        plan = [(seq, n) for seq, n in plan if seq.status is SeqStatus.RUNNING]
         if not plan:
             return 0
         t0 = time.perf_counter()
@@ -146,16 +189,37 @@ class LLMEngine:
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 samplers.append(seq)
-        params = [s.params for s in samplers]
-        # penalties/min_tokens on a copy (only when a row asks); logprobs from the raw logits
-        tokens = sample(apply_penalties(logits, samplers, sorted(self.eos)), params, [s.generator for s in samplers])
-        logprobs = token_logprobs(logits, params, tokens)
-        now = time.monotonic()
-        for seq, tok, lp in zip(samplers, tokens, logprobs):
-            self._append_token(seq, tok, now, lp)
+        self._sample_and_emit(samplers, logits)
         if self.observer:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
         return sum(n for _, n in plan)
+
+    def _sample_and_emit(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
+        """logits: [R, V], one row per sampling sequence. Rows with NaN/inf are failed, not
+        sampled (one vectorised check for the whole step); every other row gets its token."""
+        bad = nonfinite_rows(logits)
+        if bad:
+            for row in bad:
+                self.fail(samplers[row], ErrorCode.NUMERICAL_ERROR, "non-finite logits (NaN/inf)")
+            keep = [row for row in range(len(samplers)) if samplers[row].status is not SeqStatus.FINISHED]
+            samplers = [samplers[row] for row in keep]
+            logits = logits[keep]  # [R', V]
+            if not samplers:
+                return
+        params = [s.params for s in samplers]
+        # penalties/min_tokens on a copy (only when a row asks); logprobs from the raw logits
+        tokens = sample(apply_penalties(logits, samplers, sorted(self.eos)), params, [s.generator for s in samplers])
+        drawn = [0 if isinstance(t, SampleFailure) else t for t in tokens]  # failed rows: placeholder id
+        logprobs = token_logprobs(logits, params, drawn)
+        now = time.monotonic()
+        for seq, tok, lp in zip(samplers, tokens, logprobs):
+            if isinstance(tok, SampleFailure):
+                self.fail(seq, tok.code, tok.detail)
+                continue
+            try:
+                self._append_token(seq, tok, now, lp)
+            except Exception as exc:  # detokeniser, stop check, observer: this row only
+                self.fail(seq, ErrorCode.GENERATION_FAILED, f"token {tok} could not be emitted: {exc!r}")
 
     def _execute_isolated(self, plan: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], torch.Tensor]:
         """Run each row alone (their K/V writes are idempotent: nothing advanced yet); fail only
@@ -165,7 +229,7 @@ class LLMEngine:
             try:
                 out = self.runner.execute([(seq, n)])
             except Exception as exc:
-                self._finish(seq, FinishReason.ERROR, error=f"generation failed: {type(exc).__name__}")
+                self.fail(seq, ErrorCode.GENERATION_FAILED, f"forward pass failed: {exc!r}")
                 continue
             kept.append((seq, n))
             rows.append(out)
@@ -193,7 +257,10 @@ class LLMEngine:
             self._finish(seq, reason, last_token=tok, logprobs=logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, last_token: int | None = None,
-                error: str | None = None, logprobs: tuple | None = None) -> None:
+                error: str | None = None, code: ErrorCode | None = None, logprobs: tuple | None = None) -> None:
+        """Free the request's resources and deliver its last event. Exception-safe: whatever
+        fails on the way (adapter release, metrics, final text) is logged, and the event is
+        still delivered, so no consumer waits forever."""
         was_running = seq.status is SeqStatus.RUNNING
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
@@ -201,11 +268,18 @@ class LLMEngine:
         if was_running and seq.kv_slot >= 0:
             self.cache.slots.free(seq.kv_slot)
             seq.kv_slot = -1
-        self.adapters.release(seq)
-        if self.observer:
-            self.observer.on_finish(seq, time.monotonic())
-        text = seq.detok.take(final=True) if seq.detok else ""
-        seq.on_event(TokenEvent(last_token, text, finish_reason=reason, error=error, logprobs=logprobs))
+        text = ""
+        try:
+            self.adapters.release(seq)
+            if self.observer:
+                self.observer.on_finish(seq, time.monotonic())
+            if seq.detok and reason is not FinishReason.ERROR:
+                text = seq.detok.take(final=True)
+        except Exception:
+            log.exception("finishing a request failed", extra={"seq": seq.seq_id})
+        if reason is FinishReason.ERROR and code is None:
+            code = ErrorCode.INTERNAL_ERROR
+        seq.on_event(TokenEvent(last_token, text, finish_reason=reason, error=error, code=code, logprobs=logprobs))
 
     # -- synchronous convenience (tests, offline use) ------------------------------------
     def generate(self, prompts: list[list[int]], params, adapters: list | None = None) -> list[Sequence]:

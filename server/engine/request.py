@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from . import sampling_params as rules
+
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"
@@ -17,6 +19,23 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"
     ABORT = "abort"
     ERROR = "error"
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request ended in FinishReason.ERROR: a stable code the API maps to a status.
+
+    The human detail (exception type, which row, which step) goes to the log, never to the
+    client; the API answers with the code and a generic message for it (server/errors.py).
+    """
+
+    NUMERICAL_ERROR = "numerical_error"  # the model/adapter produced NaN/inf logits for this row
+    SAMPLING_ERROR = "sampling_error"  # drawing the next token failed for this row
+    GENERATION_FAILED = "generation_failed"  # forward pass, detokenisation or stop check failed
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its adapter could not be installed / prefixed
+    ENGINE_RESTARTED = "engine_restarted"  # the engine loop died and was rebuilt under it
+    ENGINE_STOPPED = "engine_stopped"  # the engine was stopped (shutdown) or gave up restarting
+    INVALID_REQUEST = "invalid_request"  # refused by the engine itself (direct engine users)
+    INTERNAL_ERROR = "internal_error"  # anything else that failed for this row only
 
 
 class SeqStatus(enum.Enum):
@@ -41,9 +60,18 @@ class SamplingParams:
     min_tokens: int = 0  # EOS masked and stop strings ignored until this many tokens were generated
     logprobs: int | None = None  # None = off; k >= 0 = sampled token's logprob + the top k
 
+    def __post_init__(self):
+        # the same rules as the API (422 there): no accepted value can give inf/NaN probabilities
+        rules.check(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, seed=self.seed, stop=self.stop)
+        rules.check_extras(max_new_tokens=self.max_new_tokens, presence_penalty=self.presence_penalty,
+                           frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                           min_tokens=self.min_tokens, logprobs=self.logprobs)
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Greedy below the temperature floor (sampling_params.SAMPLING_EPS), 0 included."""
+        return rules.is_greedy(self.temperature)
 
     @property
     def processes_logits(self) -> bool:
@@ -59,7 +87,8 @@ class TokenEvent:
     token_id: int | None
     text: str  # newly decoded text (may be "" while a multi-byte char is incomplete)
     finish_reason: FinishReason | None = None
-    error: str | None = None
+    error: str | None = None  # internal detail for logs (never shown to clients)
+    code: ErrorCode | None = None  # set with FinishReason.ERROR
     # when the request asked for logprobs: (logprob of token_id, [(top id, logprob), ...] best first)
     logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
