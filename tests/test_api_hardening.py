@@ -89,10 +89,10 @@ def poison_sampling(server, monkeypatch):
 
 def poison_detok(server, monkeypatch):
     class Fragile(IncrementalDetokenizer):
-        def add(self, token_id):
+        def add(self, token_id, **kw):
             if MARK in self.ids and len(self.ids) > 9:
                 raise ValueError("injected detokeniser failure")
-            return super().add(token_id)
+            return super().add(token_id, **kw)
 
     monkeypatch.setattr(engine_mod, "IncrementalDetokenizer", Fragile)
     return "generation_failed", 500

@@ -155,7 +155,10 @@ def test_every_dashboard_metric_is_exported(adapter_server, lib):
     missing = sorted(used - exported)
     assert not missing, f"the dashboard queries metrics /metrics does not export: {missing}"
     if shutil.which("promtool"):
-        out = _run("promtool", "check", "metrics", input=text)
+        # vLLM-compatible aliases keep vLLM's `vllm:` names on purpose (routers read them);
+        # promtool's lint reserves ':' for recording rules, so it checks our own names only
+        ours = "\n".join(line for line in text.splitlines() if "vllm:" not in line) + "\n"
+        out = _run("promtool", "check", "metrics", input=ours)
         assert out.returncode == 0, out.stdout + out.stderr
 
 

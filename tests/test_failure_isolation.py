@@ -134,10 +134,10 @@ def test_detokenizer_error_fails_only_its_row(monkeypatch):
     ref = reference(params_mix())
 
     class Fragile(IncrementalDetokenizer):
-        def add(self, token_id):
+        def add(self, token_id, **kw):
             if self.ids[:3] == POISON:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
-            return super().add(token_id)
+            return super().add(token_id, **kw)
 
     monkeypatch.setattr(engine_mod, "IncrementalDetokenizer", Fragile)
     check_poisoned(run(make_engine(), PROMPTS + [POISON], params_mix() + [GREEDY]), ref, ErrorCode.GENERATION_FAILED)

@@ -204,7 +204,7 @@ async def test_body_limit_on_v1_in_openai_shape(make_server):
 
 
 async def test_a_failing_choice_fails_the_request_and_stops_the_others(make_server):
-    from peftserve.server.engine.request import FinishReason
+    from peftserve.server.engine.request import ErrorCode
     from tests.test_api import slow_engine
 
     server = make_server(max_model_len=2048, max_batch_size=4)
@@ -214,7 +214,7 @@ async def test_a_failing_choice_fails_the_request_and_stops_the_others(make_serv
     def add_failing_second(seq):
         calls.append(seq)
         if len(calls) == 2:  # the engine fails this one row (as for a non-finite logit row)
-            server.llm.abort(seq, FinishReason.ERROR, error="generation failed: simulated")
+            server.llm.fail(seq, ErrorCode.GENERATION_FAILED, "simulated")
         else:
             add(seq)
 
