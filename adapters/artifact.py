@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .admission import check_numerics
 from .config import (
     DEFAULT_MAX_RANK,
     DEFAULT_MAX_VIRTUAL_TOKENS,
@@ -126,6 +127,7 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
         weights = load_prompt_learning(cfg, tensors, spec)
     else:
         weights = _load_bottleneck(cfg, tensors, spec)
+    check_numerics(kind, weights, cfg, spec.dtype)  # finite but overflowing weights -> 422
     return LoadedAdapter(kind=kind, config=cfg, weights=weights,
                          content_hash=content_hash(bytes(config_bytes), weights_bytes),
                          nbytes=_nbytes(weights), warnings=tuple(warnings))
