@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 31, 2))
@@ -69,13 +69,21 @@ class _AdapterCollector:
         tiers.add_metric(["device"], slots.resident if slots else 0)
         tiers.add_metric(["cpu"], in_memory)
         tiers.add_metric(["disk"], len(versions))
-        mem = GaugeMetricFamily("peftserve_adapter_memory_bytes", "Host memory held by resident adapters.",
-                                value=sum(v.nbytes for v in versions if v.loaded is not None))
+        mem = GaugeMetricFamily("peftserve_adapter_memory_bytes",
+                                "Host memory held by resident adapters and weighted combinations.",
+                                value=reg.resident_bytes())
         budget = GaugeMetricFamily("peftserve_adapter_memory_budget_bytes", "Host-memory adapter budget.",
                                    value=reg.settings.max_cpu_bytes)
         hits = GaugeMetricFamily("peftserve_adapter_merge_cache_hits", "Weighted-combination cache hits.",
                                  value=reg.combos.hits)
-        out = [g, tiers, mem, budget, hits]
+        combos = GaugeMetricFamily("peftserve_adapter_combinations", "Live weighted combinations in host memory.",
+                                   value=len(reg.combos))
+        errors = CounterMetricFamily("peftserve_adapter_store_errors",
+                                     "Stored adapter versions that failed verification on load, by reason.",
+                                     labels=["reason"])
+        for reason in ("hash_mismatch", "missing", "unreadable", "invalid"):
+            errors.add_metric([reason], reg.store_errors.get(reason, 0))
+        out = [g, tiers, mem, budget, hits, combos, errors]
         if state is not None and slots is not None:
             out.append(_lora_info(state, slots))
         return out
