@@ -5,7 +5,8 @@ adapter stacks `weight_i * scaling_i * A_i` along the rank axis and `B_i` alongs
 delta is `sum_i weight_i * scaling_i * B_i A_i` (exact, no SVD). Its own scaling follows PEFT's
 new config (`r = lora_alpha = sum of ranks`, rsLoRA inherited from the first adapter). Combined
 adapters are cached by (names, versions, weights), so a replaced adapter never reuses a stale
-combination.
+combination; the registry bounds them (host byte budget, `max_combinations`) and drops them with
+their members.
 """
 
 from __future__ import annotations
