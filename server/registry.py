@@ -21,6 +21,7 @@ member frees every combination built from it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -28,13 +29,14 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peftserve.adapters.admission import check_numerics
-from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, content_hash, load_adapter
+from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, content_hash, load_adapter, read_inside
 from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.spec import BaseModelSpec
@@ -63,6 +65,15 @@ class AdapterUnavailable(ApiError):
     def __init__(self, name: str):
         super().__init__(None, f"adapter {name!r} is unavailable: its stored files failed verification "
                          "and were quarantined (upload it again)")
+
+
+class CombinationCapacity(ApiError):
+    """Live combinations (cached or held by queued/running requests) fill their budget."""
+
+    code, status = "combination_capacity", 429
+
+    def __init__(self, message: str):
+        super().__init__(None, message, headers={"Retry-After": "1"})
 
 
 class StoreError(Exception):
@@ -138,6 +149,9 @@ class AdapterRegistry:
         self.stats = {"memory_evictions": 0, "disk_loads": 0, "combination_evictions": 0}
         self.store_errors: dict[str, int] = {}  # reason -> count (peftserve_adapter_store_errors_total)
         self.combos = CombinationCache()
+        # every combination object still alive: cached, or held by a queued/running request after
+        # its eviction from the cache. What bounds a flood of concurrent distinct combinations.
+        self._live_combos: weakref.WeakSet[AdapterVersion] = weakref.WeakSet()
         (self.store / ".staging").mkdir(parents=True, exist_ok=True)
 
     # -- queries --------------------------------------------------------------------------
@@ -187,8 +201,10 @@ class AdapterRegistry:
                 if ver.version in self._memory:
                     self._memory.move_to_end(ver.version)
                 return ver
+            self._make_room_for_combination(_combined_nbytes(members))
         ver = self.combos.make(members, weights, self._combined_version)
         with self._lock:
+            self._live_combos.add(ver)
             if all(self._current.get(m.name) is not None and self._current[m.name].version == m.version
                    for m in members):
                 ver = self.combos.put(key, ver)
@@ -352,7 +368,7 @@ class AdapterRegistry:
         self._memory.move_to_end(ver.version)
         budget = self.settings
         while len(self.combos) > budget.max_combinations:
-            self._evict(self.combos.oldest())
+            self._evict_oldest_combination()
         while len(self._memory) > 1:
             stored = [v for v in self._memory.values() if not v.is_combination]
             if sum(v.nbytes for v in self._memory.values()) > budget.max_cpu_bytes:
@@ -374,6 +390,38 @@ class AdapterRegistry:
             ver.loaded = None  # running requests keep their own reference to the weights
             self.stats["memory_evictions"] += 1
 
+    def _make_room_for_combination(self, nbytes: int) -> None:
+        """Before building a new combination (caller holds the lock): every live combination,
+        cached or held by a request, plus this one must fit `max_combinations` and
+        `max_cpu_bytes`. Evict cached ones (LRU) until it fits; if requests still hold too many,
+        refuse with 429 rather than grow host memory with the number of concurrent requests."""
+        budget = self.settings
+        collected = False
+        while True:
+            # no local strong reference may outlive this check: it would keep an evicted one alive
+            count, used = len(self._live_combos), sum(v.nbytes for v in self._live_combos)
+            if count < budget.max_combinations and used + nbytes <= budget.max_cpu_bytes:
+                return
+            if self._evict_oldest_combination():
+                continue
+            if collected:
+                break
+            # A finished request's Sequence and its event callback form a reference cycle, so
+            # its combination may only be garbage until the cyclic GC runs: collect once, here
+            # at the cap only, before telling a client to back off.
+            gc.collect()
+            collected = True
+        raise CombinationCapacity(f"{count} weighted combinations are in use ({used} bytes; limits "
+                                  f"{budget.max_combinations} and {budget.max_cpu_bytes} bytes): "
+                                  "retry later or reuse a combination")
+
+    def _evict_oldest_combination(self) -> bool:
+        victim = self.combos.oldest()
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
     def _forget_combinations(self, name: str) -> list[AdapterVersion]:
         """Drop every combination with member `name` from host memory; -> them (for the device tier)."""
         stale = self.combos.discard_member(name)
@@ -390,13 +438,18 @@ class AdapterRegistry:
     def _load_version(self, name: str, version: str) -> LoadedAdapter:
         """Read and verify one stored version. Raises StoreError (never AdapterError/OSError):
         whatever is wrong with a file the server wrote itself is the store's fault."""
-        vdir = self.store / name / version
+        vdir = Path(os.path.realpath(self.store / name / version))
+        limits = self.settings.limits
         try:
-            config, weights = (vdir / CONFIG_FILE).read_bytes(), (vdir / WEIGHTS_FILE).read_bytes()
-        except FileNotFoundError as exc:
-            raise StoreError("missing", f"{exc.filename} is missing") from None
+            # bounded, non-blocking reads: a file swapped for a huge one or a FIFO cannot hang us
+            config = read_inside(vdir, CONFIG_FILE, limits.max_config_bytes)
+            weights = read_inside(vdir, WEIGHTS_FILE, limits.max_bytes)
+        except AdapterError as exc:  # not a regular file, too large, cannot be opened
+            raise StoreError("unreadable", f"cannot read {vdir}: {exc.message}") from None
         except OSError as exc:
             raise StoreError("unreadable", f"cannot read {vdir}: {exc.strerror}") from None
+        if config is None or weights is None:
+            raise StoreError("missing", f"{vdir / (CONFIG_FILE if config is None else WEIGHTS_FILE)} is missing")
         actual = content_hash(config, weights)[:16]
         if actual != version:  # the version is the content hash: the files changed on disk
             raise StoreError("hash_mismatch", f"content hash {actual} does not match version {version!r}")
@@ -476,6 +529,11 @@ def summarize(loaded: LoadedAdapter) -> dict:
         cfg = loaded.config
         return {"placement": cfg.placement, "num_layers": len(w.layers)}
     return {"num_virtual_tokens": int(w.num_virtual_tokens)}
+
+
+def _combined_nbytes(members: list[AdapterVersion]) -> int:
+    """Bytes of the members' cat combination: every member's A and B, once (see combine.py)."""
+    return sum(m.loaded.nbytes if m.loaded is not None else m.nbytes for m in members)
 
 
 def _item(obj, key: str):

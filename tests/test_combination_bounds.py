@@ -168,7 +168,8 @@ async def test_api_combinations_with_the_user_key_are_bounded_and_counted(adapte
         metric = metric_value(server, "peftserve_adapter_memory_bytes")
         assert metric == server.registry.resident_bytes()
         assert metric > sum(server.registry.get(n).nbytes for n in names)  # combinations are counted
-        assert metric_value(server, "peftserve_adapter_combinations") == 4
+        cached = metric_value(server, "peftserve_adapter_combinations")
+        assert cached == len(server.registry.combos) and 1 <= cached <= 4
         assert (await client.delete("/adapters/rs", headers=admin)).status_code == 200
         assert len(server.registry.combos) == 0
         assert metric_value(server, "peftserve_adapter_memory_bytes") == \
@@ -182,3 +183,27 @@ def metric_value(server, name: str) -> float:
     body, _ = server.metrics.render()
     text = body.decode() if isinstance(body, bytes) else body
     return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])
+
+
+def test_combinations_held_by_requests_count_and_a_flood_is_429(wide_loras, tmp_path):
+    """Evicted from the cache but still held by queued/running requests, combinations still
+    occupy memory: new distinct ones beyond the cap are refused (429, Retry-After) instead of
+    growing host memory with the number of concurrent requests; released ones make room."""
+    from peftserve.server.registry import CombinationCapacity
+
+    spec, arts = wide_loras
+    reg = registry_with(spec, arts, tmp_path / "store", max_combinations=3)
+    held = [reg.resolve(combo(k, ["m0", "m1"])) for k in range(3)]  # three requests in flight
+    with pytest.raises(CombinationCapacity) as info:
+        reg.resolve(combo(3, ["m0", "m1"]))
+    assert info.value.status == 429 and info.value.headers == {"Retry-After": "1"}
+    assert reg.get("m0").requests == 3  # the refused request was not counted
+    held.pop()  # one request finishes
+    assert reg.resolve(combo(3, ["m0", "m1"])).nbytes > 0
+    # the byte budget applies the same way
+    reg2 = registry_with(spec, arts, tmp_path / "store2", max_cpu_bytes=int(held[0].nbytes * 2.5))
+    keep = [reg2.resolve(combo(k, ["m0", "m1"])) for k in range(2)]
+    with pytest.raises(CombinationCapacity):
+        reg2.resolve(combo(5, ["m0", "m1"]))
+    keep.clear()
+    reg2.resolve(combo(5, ["m0", "m1"]))

@@ -70,8 +70,23 @@ def break_unreadable(server, name, version, lib):
     f.mkdir()  # reading it fails with IsADirectoryError (chmod does not stop root)
 
 
+def break_fifo(server, name, version, lib):
+    import os
+
+    f = weights_file(server, name, version)
+    f.unlink()
+    os.mkfifo(f)  # a plain read would block forever
+
+
+def break_huge(server, name, version, lib):
+    f = weights_file(server, name, version)
+    with open(f, "r+b") as fh:  # sparse: over the registry's size cap without using the disk
+        fh.truncate(server.registry.settings.limits.max_bytes + 1)
+
+
 BREAKS = {"replaced": (break_replace, "hash_mismatch"), "dir_deleted": (break_delete_dir, "missing"),
-          "truncated": (break_truncate, "hash_mismatch"), "unreadable": (break_unreadable, "unreadable")}
+          "truncated": (break_truncate, "hash_mismatch"), "unreadable": (break_unreadable, "unreadable"),
+          "fifo": (break_fifo, "unreadable"), "huge": (break_huge, "unreadable")}
 
 
 @pytest.mark.parametrize("case", list(BREAKS))
