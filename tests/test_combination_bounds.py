@@ -207,3 +207,30 @@ def test_combinations_held_by_requests_count_and_a_flood_is_429(wide_loras, tmp_
         reg2.resolve(combo(5, ["m0", "m1"]))
     keep.clear()
     reg2.resolve(combo(5, ["m0", "m1"]))
+
+
+def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
+    """Members admitted on their own, but weight 100 each pushes the combined delta over the
+    float16 ceiling: the combination gets the same admission check (422, never served)."""
+    import dataclasses
+
+    from peftserve.adapters.admission import _lora_sigma_max, activation_ceiling
+    from peftserve.adapters.errors import AdapterError
+    from peftserve.adapters.safetensors_io import write_safetensors
+
+    spec, arts = wide_loras
+    spec16 = dataclasses.replace(spec, dtype="float16")
+    reg = AdapterRegistry(spec16, RegistrySettings(store=tmp_path / "store"))
+    for i, (config, weights) in enumerate(arts[:2]):
+        reg.add(f"m{i}", config, weights)
+        loaded = reg.get(f"m{i}").loaded
+        sigma = max(_lora_sigma_max(m.A, m.B, m.scale) / activation_ceiling(torch.float16, m.B.shape[0])
+                    for m in loaded.weights.modules.values())  # worst module, as a fraction of its ceiling
+        f = (1 / (20 * sigma)) ** 0.5  # scale A and B by f: every module at <= 1/20 of the ceiling
+        tensors = {k: v * f for k, v in read_safetensors(weights, max_bytes=1 << 30).items()}
+        reg.add(f"m{i}", config, write_safetensors(tensors), replace=True)
+    assert reg.resolve([{"name": "m0", "weight": 1.0}, {"name": "m1", "weight": 1.0}]).nbytes > 0
+    with pytest.raises(AdapterError) as info:
+        reg.resolve([{"name": "m0", "weight": 100.0}, {"name": "m1", "weight": 100.0}])
+    assert info.value.code == "adapter_numerically_unstable" and info.value.status == 422
+    assert len(reg.combos) == 1 and reg.get("m0").requests == 1
