@@ -76,7 +76,10 @@ def _norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[float]:
     inf only when the true norm exceeds sqrt(F) >= every ceiling, so inf is a correct answer."""
     if not tensors:
         return []
-    return torch.stack(torch._foreach_norm([t.float() for t in tensors], ord)).tolist()
+    flat = [t.float() for t in tensors]
+    if hasattr(torch, "_foreach_norm"):  # one kernel launch for all (private but long-standing API)
+        return torch.stack(torch._foreach_norm(flat, ord)).tolist()
+    return [float(torch.linalg.vector_norm(t, ord)) for t in flat]
 
 
 def _check_storage(named: list[tuple[str, torch.Tensor]], norms: list[float], dtype: torch.dtype) -> None:
