@@ -41,7 +41,7 @@ from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.spec import BaseModelSpec
 
-from .combine import CombinationCache, check_items, combination_key
+from .combine import CombinationCache, InvalidCombination, check_items, combination_key
 from .errors import AdapterNotFound, ApiError
 
 log = logging.getLogger(__name__)
@@ -396,6 +396,9 @@ class AdapterRegistry:
         `max_cpu_bytes`. Evict cached ones (LRU) until it fits; if requests still hold too many,
         refuse with 429 rather than grow host memory with the number of concurrent requests."""
         budget = self.settings
+        if nbytes > budget.max_cpu_bytes:  # never fits: not worth a retry
+            raise InvalidCombination(f"this combination needs {nbytes} bytes, more than the host-memory "
+                                     f"budget of {budget.max_cpu_bytes} bytes")
         collected = False
         while True:
             # no local strong reference may outlive this check: it would keep an evicted one alive

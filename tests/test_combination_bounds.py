@@ -207,6 +207,13 @@ def test_combinations_held_by_requests_count_and_a_flood_is_429(wide_loras, tmp_
         reg2.resolve(combo(5, ["m0", "m1"]))
     keep.clear()
     reg2.resolve(combo(5, ["m0", "m1"]))
+    # a combination larger than the whole budget can never fit: 422, not "retry later"
+    from peftserve.server.combine import InvalidCombination
+
+    reg3 = registry_with(spec, arts, tmp_path / "store3", max_cpu_bytes=held[0].nbytes - 1)
+    with pytest.raises(InvalidCombination) as too_big:
+        reg3.resolve(combo(0, ["m0", "m1"]))
+    assert too_big.value.status == 422
 
 
 def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
