@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .admission import check_numerics
 from .config import (
     DEFAULT_MAX_RANK,
     DEFAULT_MAX_VIRTUAL_TOKENS,
@@ -126,6 +127,7 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
         weights = load_prompt_learning(cfg, tensors, spec)
     else:
         weights = _load_bottleneck(cfg, tensors, spec)
+    check_numerics(kind, weights, cfg, spec.dtype)  # finite but overflowing weights -> 422
     return LoadedAdapter(kind=kind, config=cfg, weights=weights,
                          content_hash=content_hash(bytes(config_bytes), weights_bytes),
                          nbytes=_nbytes(weights), warnings=tuple(warnings))
@@ -135,8 +137,9 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
 # directories
 
 
-def _read_inside(root: Path, name: str, max_bytes: int) -> bytes | None:
-    """Read root/name if it exists, refusing symlinks that leave root and non-regular files."""
+def read_inside(root: Path, name: str, max_bytes: int) -> bytes | None:
+    """Read root/name if it exists, refusing symlinks that leave root and non-regular files (a
+    FIFO would block), and reading at most max_bytes + 1 (a file grown on disk is never slurped)."""
     path = root / name
     if not os.path.lexists(path):
         return None
@@ -180,13 +183,13 @@ def load_adapter_dir(path: str | os.PathLike, spec: BaseModelSpec, limits: Adapt
     root = Path(os.path.realpath(path))
     if not root.is_dir():
         raise AdapterError(INVALID_ARTIFACT, f"{os.fspath(path)!r} is not a directory")
-    weights = _read_inside(root, WEIGHTS_NAME, limits.max_bytes)
+    weights = read_inside(root, WEIGHTS_NAME, limits.max_bytes)
     if weights is None:
         if any(os.path.lexists(root / n) for n in _PICKLE_NAMES):
             raise AdapterError(INVALID_SAFETENSORS, "only pickle weights (adapter_model.bin) found: pickle is "
                                f"never loaded; provide {WEIGHTS_NAME}", status=415)
         raise AdapterError(INVALID_ARTIFACT, f"{WEIGHTS_NAME} not found in adapter directory")
-    config = _read_inside(root, CONFIG_NAME, limits.max_config_bytes)
+    config = read_inside(root, CONFIG_NAME, limits.max_config_bytes)
     if config is None:
         raise AdapterError(INVALID_ARTIFACT, f"{CONFIG_NAME} not found in adapter directory")
     return load_adapter(config, weights, spec, limits, strict_base=strict_base)

@@ -19,6 +19,7 @@ ADAPTER_TOO_LARGE = "adapter_too_large"
 NON_FINITE = "non_finite"
 BASE_MODEL_MISMATCH = "base_model_mismatch"
 INVALID_ARTIFACT = "invalid_artifact"  # directory layout problems (missing files, symlinks out, ...)
+NUMERICALLY_UNSTABLE = "adapter_numerically_unstable"  # finite weights that must overflow when served
 
 # HTTP status hints: 422 = understood but semantically invalid, 413 = too large,
 # 415 = a media type we never load (pickle / torch zip).

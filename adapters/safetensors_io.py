@@ -42,6 +42,7 @@ _KNOWN_DTYPES = frozenset(
 )
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4}
 MAX_NDIM = 8
+MAX_DIM = 2**31 - 1  # per dimension, also for empty tensors (see _check_extent)
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -98,7 +99,7 @@ def _check_metadata(meta: object) -> None:
         raise _bad("__metadata__ must map strings to strings")
 
 
-def _parse_entry(name: str, spec: object, region_len: int) -> _Entry:
+def _parse_entry(name: str, spec: object, region_len: int, max_bytes: int) -> _Entry:
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise _bad(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
@@ -109,6 +110,7 @@ def _parse_entry(name: str, spec: object, region_len: int) -> _Entry:
                            f"(use one of {', '.join(SUPPORTED_DTYPES)})")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
         raise _bad(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+    _check_extent(name, shape, dtype, max_bytes)
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
         raise _bad(f"tensor {name!r}: data_offsets must be [start, end] integers")
     start, end = offsets
@@ -121,6 +123,25 @@ def _parse_entry(name: str, spec: object, region_len: int) -> _Entry:
         raise _bad(f"tensor {name!r}: shape {shape[:MAX_NDIM]} x {dtype} = {nbytes} bytes "
                    f"but data_offsets span {end - start} bytes")
     return _Entry(name, dtype, tuple(shape), start, end)
+
+
+def _check_extent(name: str, shape: list[int], dtype: str, max_bytes: int) -> None:
+    """Bound every dimension even when the tensor is empty.
+
+    A zero dimension makes the byte count 0 whatever the others are, so `[2**40, 2**40, 0]` or
+    `[2**63, 0]` would pass the span check and then overflow torch's int64 size/stride arithmetic
+    (a 500 instead of a 4xx). Rule: each dim < 2**31 (torch and every kernel we run index with
+    it), and with its empty dims counted as 1 the tensor must still fit the file-size cap: a
+    shape is only as large as an upload could back.
+    """
+    if any(d > MAX_DIM for d in shape):
+        raise _bad(f"tensor {name!r}: dimension {max(shape)} exceeds {MAX_DIM}")
+    extent = _ITEMSIZE[dtype]
+    for d in shape:  # at most MAX_NDIM factors of < 2**31: Python ints, stopped as soon as too big
+        extent *= max(d, 1)
+        if extent > max_bytes:
+            raise _bad(f"tensor {name!r}: shape {shape} (empty dims counted as 1) needs more than the "
+                       f"{max_bytes}-byte size cap")
 
 
 def _check_tiling(entries: list[_Entry], region_len: int) -> None:
@@ -189,7 +210,7 @@ def read_safetensors(
         if name == "__metadata__":
             _check_metadata(spec)
             continue
-        entries.append(_parse_entry(name, spec, region_len))
+        entries.append(_parse_entry(name, spec, region_len, max_bytes))
     _check_tiling(entries, region_len)
 
     if sys.byteorder == "little":

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, check_regex
@@ -69,6 +70,7 @@ class BaseModelSpec:
     lora_default_targets: tuple[str, ...] | None = None
     ia3_default_targets: tuple[str, ...] | None = None
     ia3_feedforward_modules: tuple[str, ...] | None = None  # IA3 default "feedforward" suffixes
+    dtype: str = "float32"  # serving dtype of the weights (adapters/admission.py bounds against its range)
 
     @classmethod
     def from_model(cls, model: nn.Module, name_or_path: str | None = None, *,
@@ -107,6 +109,7 @@ class BaseModelSpec:
             else:
                 other.add(name)
         model_type = str(getattr(cfg, "model_type", "") or "")
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if max_model_len is None:
             max_model_len = int(attr("max_position_embeddings", "n_positions"))
         return cls(
@@ -125,6 +128,7 @@ class BaseModelSpec:
             lora_default_targets=_LORA_DEFAULT_TARGETS.get(model_type),
             ia3_default_targets=_IA3_DEFAULT_TARGETS.get(model_type),
             ia3_feedforward_modules=_IA3_DEFAULT_FEEDFORWARD.get(model_type),
+            dtype=str(dtype).removeprefix("torch."),
         )
 
     @property

@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests before 429 queue_full")
     s.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
     s.add_argument("--max-cpu-adapters", type=_positive, default=64, help="adapters kept loaded in host memory")
-    s.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30, help="host-memory byte budget for adapters")
+    s.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30,
+                   help="host-memory byte budget for adapters and weighted combinations")
+    s.add_argument("--max-combinations", type=_positive, default=16,
+                   help="live weighted combinations (`adapter: [{name, weight}, ...]`) kept in host memory")
+    s.add_argument("--strict-base", action="store_true",
+                   help="refuse (422 base_model_mismatch) adapters whose config names another base model")
     s.add_argument("--merge-policy", default=d.merge_policy, choices=["never", "single-adapter"],
                    help="fold a LoRA into the base weights while it serves every running row")
     s.add_argument("--merge-min-steps", type=_positive, default=d.merge_min_steps)
@@ -233,7 +238,8 @@ def serve(args) -> int:
                           vllm_names=args.vllm_metric_names)
         store = Path(args.adapter_store) if args.adapter_store else cache_dir() / "adapter-store"
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,
-                                        max_cpu_bytes=args.max_cpu_bytes)
+                                        max_cpu_bytes=args.max_cpu_bytes, max_combinations=args.max_combinations,
+                                        strict_base=args.strict_base)
         serving = build_serving(hf_model, tokenizer, config, store=store, model_name=model_name,
                                 registry_settings=reg_settings, observer=metrics)
         _open_registry(serving, args)

@@ -5,7 +5,8 @@ adapter stacks `weight_i * scaling_i * A_i` along the rank axis and `B_i` alongs
 delta is `sum_i weight_i * scaling_i * B_i A_i` (exact, no SVD). Its own scaling follows PEFT's
 new config (`r = lora_alpha = sum of ranks`, rsLoRA inherited from the first adapter). Combined
 adapters are cached by (names, versions, weights), so a replaced adapter never reuses a stale
-combination.
+combination; the registry bounds them (host byte budget, `max_combinations`) and drops them with
+their members.
 """
 
 from __future__ import annotations
@@ -76,26 +77,60 @@ def combine_lora(versions: list, weights: list[float]) -> LoadedAdapter:
                          nbytes=weights_obj.nbytes)
 
 
+def combination_key(versions: list, weights: list[float]) -> tuple:
+    """(name, version, weight) per member: a replaced member never reuses a stale combination."""
+    return tuple((v.name, v.version, float(w)) for v, w in zip(versions, weights))
+
+
 class CombinationCache:
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple, object] = OrderedDict()
+    """Live combinations, most recently used last. Bounds (count, bytes) are the registry's:
+    combinations live in its host-memory LRU next to adapters (server/registry.py), which calls
+    `discard` when it evicts one and `discard_member` when a member is replaced or deleted."""
+
+    def __init__(self):
+        self._items: OrderedDict[tuple, object] = OrderedDict()  # key -> combined AdapterVersion
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get_or_make(self, versions: list, weights: list[float], make_version):
-        key = tuple((v.name, v.version, float(w)) for v, w in zip(versions, weights))
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple):
         with self._lock:
-            if key in self._items:
+            ver = self._items.get(key)
+            if ver is not None:
                 self.hits += 1
                 self._items.move_to_end(key)
-                return self._items[key]
+            return ver
+
+    def make(self, versions: list, weights: list[float], make_version):
+        """Combine (slow: call without the registry lock); not cached until `put`."""
         self.misses += 1
         t0 = time.perf_counter()
         ver = make_version(combine_lora(versions, weights), versions)
         ver.summary["merge_seconds"] = round(time.perf_counter() - t0, 6)
-        with self._lock:
-            self._items[key] = ver
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
         return ver
+
+    def put(self, key: tuple, ver) -> object:
+        """Cache `ver` under `key`; if another thread won the race, keep and return its version."""
+        with self._lock:
+            existing = self._items.get(key)
+            if existing is not None:
+                return existing
+            self._items[key] = ver
+            return ver
+
+    def oldest(self):
+        with self._lock:
+            return next(iter(self._items.values()), None)
+
+    def discard(self, version: str) -> None:
+        with self._lock:
+            for key in [k for k, v in self._items.items() if v.version == version]:
+                del self._items[key]
+
+    def discard_member(self, name: str) -> list:
+        """Forget every combination with member `name` (any version); -> the forgotten versions."""
+        with self._lock:
+            keys = [k for k in self._items if any(member == name for member, _, _ in k)]
+            return [self._items.pop(k) for k in keys]

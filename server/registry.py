@@ -7,10 +7,21 @@ disk store (`--adapter-store`, survives restarts; every write is temp-dir + atom
 A version is the adapter's content hash. Requests hold the `AdapterVersion` object they
 resolved, so a replace or delete never changes what a running request computes: device slots
 and KV prefixes are keyed by version, never by name.
+
+Store integrity: every load from disk (start-up and reload after host-memory eviction) checks the
+files' content hash against the version id before parsing. A mismatch (file replaced), a missing
+version directory or unreadable/corrupt files quarantine the adapter (moved to `.quarantine`,
+gone from the current map) and answer 503 `adapter_unavailable`: the store failed, not the client,
+and no other weights are ever served under that version.
+
+Bounded host memory: weighted combinations live in the same LRU and byte budget as adapters
+(`max_cpu_bytes`), their number is capped (`max_combinations`), and replacing or deleting a
+member frees every combination built from it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -18,17 +29,19 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, load_adapter
+from peftserve.adapters.admission import check_numerics
+from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, content_hash, load_adapter, read_inside
 from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.spec import BaseModelSpec
 
-from .combine import CombinationCache, check_items
+from .combine import CombinationCache, InvalidCombination, check_items, combination_key
 from .errors import AdapterNotFound, ApiError
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,33 @@ PREFIX_KINDS = {AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING, AdapterKind.PRE
 class AdapterExistsError(ApiError):
     def __init__(self, name: str):
         super().__init__("adapter_exists", f"adapter {name!r} already exists (use replace=true for a new version)", 409)
+
+
+class AdapterUnavailable(ApiError):
+    """The adapter's stored files failed verification: a server-side fault, never the client's."""
+
+    code, status = "adapter_unavailable", 503
+
+    def __init__(self, name: str):
+        super().__init__(None, f"adapter {name!r} is unavailable: its stored files failed verification "
+                         "and were quarantined (upload it again)")
+
+
+class CombinationCapacity(ApiError):
+    """Live combinations (cached or held by queued/running requests) fill their budget."""
+
+    code, status = "combination_capacity", 429
+
+    def __init__(self, message: str):
+        super().__init__(None, message, headers={"Retry-After": "1"})
+
+
+class StoreError(Exception):
+    """A stored version cannot be loaded; `reason` labels peftserve_adapter_store_errors_total."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_name(name: str) -> str:
@@ -62,6 +102,12 @@ class AdapterVersion:
     summary: dict  # rank, targets, virtual tokens... for GET /adapters
     loaded: LoadedAdapter | None = None  # host-memory tier; None when evicted to disk only
     requests: int = 0
+    warnings: tuple[str, ...] = ()  # shown to the uploader (e.g. trained on another base model)
+    members: tuple[str, ...] = ()  # names of the combined adapters; () for a stored adapter
+
+    @property
+    def is_combination(self) -> bool:
+        return bool(self.members)
 
     @property
     def key(self) -> str:
@@ -84,8 +130,10 @@ class AdapterVersion:
 class RegistrySettings:
     store: Path
     limits: AdapterLimits = field(default_factory=AdapterLimits)
-    max_cpu_adapters: int = 64
-    max_cpu_bytes: int = 2 << 30
+    max_cpu_adapters: int = 64  # stored adapters resident in host memory
+    max_cpu_bytes: int = 2 << 30  # adapters + combinations resident in host memory
+    max_combinations: int = 16  # live weighted combinations (each also counts in max_cpu_bytes)
+    strict_base: bool = False  # refuse (422 base_model_mismatch) adapters trained on another base model
 
 
 class AdapterRegistry:
@@ -94,11 +142,16 @@ class AdapterRegistry:
         self.settings = settings
         self.store = Path(settings.store)
         self._current: dict[str, AdapterVersion] = {}
-        self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident
+        self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident (LRU first)
+        self._quarantined: dict[str, AdapterVersion] = {}  # name -> version whose files failed at runtime
         self._lock = threading.RLock()
         self._on_drop = on_drop or (lambda version: None)  # tell the device tier
-        self.stats = {"memory_evictions": 0, "disk_loads": 0}
+        self.stats = {"memory_evictions": 0, "disk_loads": 0, "combination_evictions": 0}
+        self.store_errors: dict[str, int] = {}  # reason -> count (peftserve_adapter_store_errors_total)
         self.combos = CombinationCache()
+        # every combination object still alive: cached, or held by a queued/running request after
+        # its eviction from the cache. What bounds a flood of concurrent distinct combinations.
+        self._live_combos: weakref.WeakSet[AdapterVersion] = weakref.WeakSet()
         (self.store / ".staging").mkdir(parents=True, exist_ok=True)
 
     # -- queries --------------------------------------------------------------------------
@@ -108,8 +161,7 @@ class AdapterRegistry:
             items = [(_item(i, "name"), _item(i, "weight")) for i in spec]
             check_items(items)
             held = [self._acquire(n) for n, _ in items]
-            combined = self.combos.get_or_make([h for _, h in held], [float(w) for _, w in items],
-                                               self._combined_version)
+            combined = self._combination([h for _, h in held], [float(w) for _, w in items])
             with self._lock:  # count only a combination that was accepted as a whole
                 for ver, _ in held:
                     ver.requests += 1
@@ -126,9 +178,38 @@ class AdapterRegistry:
         with self._lock:
             ver = self._current.get(name) if isinstance(name, str) else None
             if ver is None:
+                if isinstance(name, str) and name in self._quarantined:
+                    raise AdapterUnavailable(name)
                 raise AdapterNotFound(str(name)[:80])
-            self._ensure_loaded(ver)
-            return ver, replace(ver)
+            try:
+                self._ensure_loaded(ver)
+            except StoreError as exc:
+                dropped = self._quarantine_version(ver, exc)
+            else:
+                return ver, replace(ver)
+        for gone in dropped:  # outside the lock: the device tier runs on the engine thread
+            self._on_drop(gone)
+        raise AdapterUnavailable(ver.name)
+
+    def _combination(self, members: list[AdapterVersion], weights: list[float]) -> AdapterVersion:
+        """The cached combination of these member versions and weights, made (outside the lock)
+        and cached when missing. A member replaced or deleted meanwhile: served, not cached."""
+        key = combination_key(members, weights)
+        with self._lock:
+            ver = self.combos.get(key)
+            if ver is not None:
+                if ver.version in self._memory:
+                    self._memory.move_to_end(ver.version)
+                return ver
+            self._make_room_for_combination(_combined_nbytes(members))
+        ver = self.combos.make(members, weights, self._combined_version)
+        with self._lock:
+            self._live_combos.add(ver)
+            if all(self._current.get(m.name) is not None and self._current[m.name].version == m.version
+                   for m in members):
+                ver = self.combos.put(key, ver)
+                self._remember(ver)
+        return ver
 
     def list(self) -> list[AdapterVersion]:
         with self._lock:
@@ -138,8 +219,15 @@ class AdapterRegistry:
         with self._lock:
             ver = self._current.get(name)
             if ver is None:
+                if name in self._quarantined:
+                    raise AdapterUnavailable(name)
                 raise AdapterNotFound(name)
             return ver
+
+    def resident_bytes(self) -> int:
+        """Host memory held by resident adapters and combinations (what max_cpu_bytes bounds)."""
+        with self._lock:
+            return sum(v.nbytes for v in self._memory.values())
 
     def tier(self, ver: AdapterVersion) -> str:
         return "memory" if ver.loaded is not None else "disk"
@@ -161,7 +249,8 @@ class AdapterRegistry:
             # succeed, and staging is removed either way.
             writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
             try:
-                loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits)
+                loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,
+                                      strict_base=self.settings.strict_base)
             finally:
                 write_error = writing.exception()
             if write_error is not None:
@@ -175,26 +264,30 @@ class AdapterRegistry:
                     return old  # identical content: nothing changes
                 self._commit(name, ver.version, staging)
                 self._current[name] = ver
+                self._quarantined.pop(name, None)
+                stale = self._forget_combinations(name) if old is not None else []
                 self._remember(ver)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            self._on_drop(old)
+        for gone in ([old] if old is not None else []) + stale:
+            self._on_drop(gone)
         log.info("adapter registered", extra={"adapter": name, "version": ver.version, "kind": ver.kind.value})
         return ver
 
     def delete(self, name: str) -> AdapterVersion:
         with self._lock:
-            ver = self._current.pop(name, None)
+            ver = self._current.pop(name, None) or self._quarantined.pop(name, None)
             if ver is None:
                 raise AdapterNotFound(name)
             self._memory.pop(ver.version, None)
+            stale = self._forget_combinations(name)
             target = self.store / name
             if target.exists():
                 trash = self.store / ".staging" / f"deleted-{uuid.uuid4().hex}"
                 os.replace(target, trash)  # atomic: the name is gone from disk at once
                 shutil.rmtree(trash, ignore_errors=True)
-        self._on_drop(ver)
+        for gone in [ver, *stale]:
+            self._on_drop(gone)
         return ver
 
     def load_store(self) -> list[str]:
@@ -206,14 +299,13 @@ class AdapterRegistry:
             if entry.name.startswith(".") or not entry.is_dir() or not NAME_RE.fullmatch(entry.name):
                 continue
             try:
-                version = (entry / CURRENT_FILE).read_text().strip()
-                vdir = entry / version
-                ver = self._new_version(entry.name, load_adapter((vdir / CONFIG_FILE).read_bytes(),
-                                                                  (vdir / WEIGHTS_FILE).read_bytes(),
-                                                                  self.spec, self.settings.limits))
-                if ver.version != version:  # the version is the content hash: the files changed
-                    raise ValueError(f"content hash {ver.version} does not match version {version!r}")
-            except (OSError, AdapterError, ValueError) as exc:
+                try:
+                    version = (entry / CURRENT_FILE).read_text().strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise StoreError("missing", f"no readable {CURRENT_FILE}: {exc}") from None
+                ver = self._new_version(entry.name, self._load_version(entry.name, version))
+            except StoreError as exc:
+                self._count_store_error(exc.reason)
                 self._quarantine(entry, exc)
                 continue
             with self._lock:
@@ -236,13 +328,17 @@ class AdapterRegistry:
 
     # -- internals ------------------------------------------------------------------------
     def _combined_version(self, loaded: LoadedAdapter, parts: list[AdapterVersion]) -> AdapterVersion:
+        # A weighted sum of admitted adapters can still overflow (weights up to 100, 8 members).
+        check_numerics(loaded.kind, loaded.weights, loaded.config, self.spec.dtype)
         ver = self._new_version("+".join(v.name for v in parts), loaded)
         ver.summary["combined"] = True
+        ver.members = tuple(v.name for v in parts)
         return ver
 
     def _new_version(self, name: str, loaded: LoadedAdapter) -> AdapterVersion:
         return AdapterVersion(name=name, version=loaded.content_hash[:16], kind=loaded.kind, nbytes=loaded.nbytes,
-                              created=time.time(), summary=summarize(loaded), loaded=loaded)
+                              created=time.time(), summary=summarize(loaded), loaded=loaded,
+                              warnings=tuple(loaded.warnings))
 
     def _commit(self, name: str, version: str, staging: Path) -> None:
         adir = self.store / name
@@ -266,29 +362,132 @@ class AdapterRegistry:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _remember(self, ver: AdapterVersion) -> None:
+        """Make `ver` the most recently used resident, then evict (LRU first) until the count
+        and byte budgets hold again. Always keeps `ver` itself."""
         self._memory[ver.version] = ver
         self._memory.move_to_end(ver.version)
         budget = self.settings
-        while len(self._memory) > 1 and (len(self._memory) > budget.max_cpu_adapters or
-                                         sum(v.nbytes for v in self._memory.values()) > budget.max_cpu_bytes):
-            _, evicted = self._memory.popitem(last=False)
-            evicted.loaded = None  # running requests keep their own reference to the weights
+        while len(self.combos) > budget.max_combinations:
+            self._evict_oldest_combination()
+        while len(self._memory) > 1:
+            stored = [v for v in self._memory.values() if not v.is_combination]
+            if sum(v.nbytes for v in self._memory.values()) > budget.max_cpu_bytes:
+                victim = next(iter(self._memory.values()))
+            elif len(stored) > budget.max_cpu_adapters:
+                victim = stored[0]
+            else:
+                break
+            if victim is ver:
+                break
+            self._evict(victim)
+
+    def _evict(self, ver: AdapterVersion) -> None:
+        self._memory.pop(ver.version, None)
+        if ver.is_combination:  # rebuilt from its members on the next request
+            self.combos.discard(ver.version)
+            self.stats["combination_evictions"] += 1
+        else:
+            ver.loaded = None  # running requests keep their own reference to the weights
             self.stats["memory_evictions"] += 1
+
+    def _make_room_for_combination(self, nbytes: int) -> None:
+        """Before building a new combination (caller holds the lock): every live combination,
+        cached or held by a request, plus this one must fit `max_combinations` and
+        `max_cpu_bytes`. Evict cached ones (LRU) until it fits; if requests still hold too many,
+        refuse with 429 rather than grow host memory with the number of concurrent requests."""
+        budget = self.settings
+        if nbytes > budget.max_cpu_bytes:  # never fits: not worth a retry
+            raise InvalidCombination(f"this combination needs {nbytes} bytes, more than the host-memory "
+                                     f"budget of {budget.max_cpu_bytes} bytes")
+        collected = False
+        while True:
+            # no local strong reference may outlive this check: it would keep an evicted one alive
+            count, used = len(self._live_combos), sum(v.nbytes for v in self._live_combos)
+            if count < budget.max_combinations and used + nbytes <= budget.max_cpu_bytes:
+                return
+            if self._evict_oldest_combination():
+                continue
+            if collected:
+                break
+            # A finished request's Sequence and its event callback form a reference cycle, so
+            # its combination may only be garbage until the cyclic GC runs: collect once, here
+            # at the cap only, before telling a client to back off.
+            gc.collect()
+            collected = True
+        raise CombinationCapacity(f"{count} weighted combinations are in use ({used} bytes; limits "
+                                  f"{budget.max_combinations} and {budget.max_cpu_bytes} bytes): "
+                                  "retry later or reuse a combination")
+
+    def _evict_oldest_combination(self) -> bool:
+        victim = self.combos.oldest()
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
+
+    def _forget_combinations(self, name: str) -> list[AdapterVersion]:
+        """Drop every combination with member `name` from host memory; -> them (for the device tier)."""
+        stale = self.combos.discard_member(name)
+        for ver in stale:
+            self._memory.pop(ver.version, None)
+        return stale
 
     def _ensure_loaded(self, ver: AdapterVersion) -> None:
         if ver.loaded is None:
-            vdir = self.store / ver.name / ver.version
-            ver.loaded = load_adapter((vdir / CONFIG_FILE).read_bytes(), (vdir / WEIGHTS_FILE).read_bytes(),
-                                      self.spec, self.settings.limits)
+            ver.loaded = self._load_version(ver.name, ver.version)
             self.stats["disk_loads"] += 1
         self._remember(ver)
+
+    def _load_version(self, name: str, version: str) -> LoadedAdapter:
+        """Read and verify one stored version. Raises StoreError (never AdapterError/OSError):
+        whatever is wrong with a file the server wrote itself is the store's fault."""
+        vdir = Path(os.path.realpath(self.store / name / version))
+        limits = self.settings.limits
+        try:
+            # bounded, non-blocking reads: a file swapped for a huge one or a FIFO cannot hang us
+            config = read_inside(vdir, CONFIG_FILE, limits.max_config_bytes)
+            weights = read_inside(vdir, WEIGHTS_FILE, limits.max_bytes)
+        except AdapterError as exc:  # not a regular file, too large, cannot be opened
+            raise StoreError("unreadable", f"cannot read {vdir}: {exc.message}") from None
+        except OSError as exc:
+            raise StoreError("unreadable", f"cannot read {vdir}: {exc.strerror}") from None
+        if config is None or weights is None:
+            raise StoreError("missing", f"{vdir / (CONFIG_FILE if config is None else WEIGHTS_FILE)} is missing")
+        actual = content_hash(config, weights)[:16]
+        if actual != version:  # the version is the content hash: the files changed on disk
+            raise StoreError("hash_mismatch", f"content hash {actual} does not match version {version!r}")
+        try:
+            return load_adapter(config, weights, self.spec, self.settings.limits)
+        except AdapterError as exc:  # hash-verified but refused (e.g. a stricter check than at upload)
+            raise StoreError("invalid", f"stored adapter no longer loads: [{exc.code}] {exc.message}") from None
+
+    def _count_store_error(self, reason: str) -> None:
+        self.store_errors[reason] = self.store_errors.get(reason, 0) + 1
+
+    def _quarantine_version(self, ver: AdapterVersion, exc: StoreError) -> list[AdapterVersion]:
+        """A current version's files failed at runtime (caller holds the lock): move them aside,
+        forget the version and its combinations; -> versions the device tier must drop."""
+        self._count_store_error(exc.reason)
+        if self._current.get(ver.name) is ver:
+            del self._current[ver.name]
+        self._quarantined[ver.name] = ver
+        self._memory.pop(ver.version, None)
+        stale = self._forget_combinations(ver.name)
+        entry = self.store / ver.name
+        if entry.exists():
+            self._quarantine(entry, exc)
+        else:
+            log.error("adapter store entry vanished", extra={"adapter": ver.name, "version": ver.version,
+                                                             "reason": exc.reason, "error": str(exc)})
+        return [ver, *stale]
 
     def _quarantine(self, entry: Path, exc: Exception) -> None:
         qdir = self.store / ".quarantine"
         qdir.mkdir(exist_ok=True)
         dest = qdir / f"{entry.name}-{uuid.uuid4().hex[:8]}"
         os.replace(entry, dest)
-        log.error("corrupt adapter quarantined", extra={"adapter": entry.name, "error": str(exc), "moved_to": str(dest)})
+        log.error("corrupt adapter quarantined", extra={"adapter": entry.name, "error": str(exc), "moved_to": str(dest),
+                                                        "reason": getattr(exc, "reason", "invalid")})
 
 
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
@@ -316,7 +515,7 @@ def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: boo
     return {
         "name": ver.name, "version": ver.version, "kind": ver.kind.value, "size_bytes": ver.nbytes,
         "tier": "device" if device_resident else reg.tier(ver), "requests": ver.requests,
-        "created": ver.created, **ver.summary,
+        "created": ver.created, **ver.summary, "warnings": list(ver.warnings),
     }
 
 
@@ -333,6 +532,11 @@ def summarize(loaded: LoadedAdapter) -> dict:
         cfg = loaded.config
         return {"placement": cfg.placement, "num_layers": len(w.layers)}
     return {"num_virtual_tokens": int(w.num_virtual_tokens)}
+
+
+def _combined_nbytes(members: list[AdapterVersion]) -> int:
+    """Bytes of the members' cat combination: every member's A and B, once (see combine.py)."""
+    return sum(m.loaded.nbytes if m.loaded is not None else m.nbytes for m in members)
 
 
 def _item(obj, key: str):

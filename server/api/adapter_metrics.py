@@ -69,13 +69,21 @@ class _AdapterCollector:
         tiers.add_metric(["device"], slots.resident if slots else 0)
         tiers.add_metric(["memory"], in_memory)  # the tier names GET /adapters uses: device, memory, disk
         tiers.add_metric(["disk"], len(versions))
-        mem = GaugeMetricFamily("peftserve_adapter_memory_bytes", "Host memory held by resident adapters.",
-                                value=sum(v.nbytes for v in versions if v.loaded is not None))
+        mem = GaugeMetricFamily("peftserve_adapter_memory_bytes",
+                                "Host memory held by resident adapters and weighted combinations.",
+                                value=reg.resident_bytes())
         budget = GaugeMetricFamily("peftserve_adapter_memory_budget_bytes", "Host-memory adapter budget.",
                                    value=reg.settings.max_cpu_bytes)
         hits = CounterMetricFamily("peftserve_adapter_merge_cache_hits", "Weighted-combination cache hits.",
                                    value=reg.combos.hits)  # only ever grows: a counter (exposed as *_total)
-        out = [g, tiers, mem, budget, hits]
+        combos = GaugeMetricFamily("peftserve_adapter_combinations", "Live weighted combinations in host memory.",
+                                   value=len(reg.combos))
+        errors = CounterMetricFamily("peftserve_adapter_store_errors",
+                                     "Stored adapter versions that failed verification on load, by reason.",
+                                     labels=["reason"])
+        for reason in ("hash_mismatch", "missing", "unreadable", "invalid"):
+            errors.add_metric([reason], reg.store_errors.get(reason, 0))
+        out = [g, tiers, mem, budget, hits, combos, errors]
         if state is not None and slots is not None:
             out.append(_lora_info(state, slots))
         return out

@@ -43,6 +43,22 @@ def _info(request: Request, ver) -> dict:
     return version_info(state.registry, ver, device_resident=resident)
 
 
+_FIELDS = ("name", "replace", "adapter_config", "adapter_model")
+
+
+def _refuse_ambiguous_parts(form) -> None:
+    """A part given twice is ambiguous (which `name`? which weights?): 422, never pick one.
+    A part we do not know is refused like the multipart parser refuses surplus parts (400)."""
+    for field in _FIELDS:
+        count = len(form.getlist(field))
+        if count > 1:
+            raise ApiError("invalid_request", f"multipart field {field!r} appears {count} times; give it once", 422)
+    unknown = sorted(set(form.keys()) - set(_FIELDS))
+    if unknown:
+        raise ApiError("bad_request", f"unexpected multipart part {unknown[0][:40]!r} "
+                       f"(expected {', '.join(_FIELDS)})", 400)
+
+
 async def _read_upload(form, field: str, limit: int) -> bytes:
     part = form.get(field)
     if part is None or isinstance(part, str):
@@ -62,7 +78,9 @@ async def upload(request: Request):
     metrics = get_state(request).metrics
     t0 = time.perf_counter()
     try:
-        async with request.form(max_files=2, max_fields=4) as form:
+        # Limits leave room for one repeat of each part, so that a duplicate is reported as such.
+        async with request.form(max_files=4, max_fields=4) as form:
+            _refuse_ambiguous_parts(form)
             name = check_name(str(form.get("name") or ""))
             replace_raw = str(form.get("replace") or "").strip().lower()
             if replace_raw not in _TRUE | _FALSE:
@@ -83,6 +101,8 @@ async def upload(request: Request):
     if metrics is not None and hasattr(metrics, "adapter_upload"):
         metrics.adapter_upload("ok", "", len(weights_bytes), time.perf_counter() - t0)
     log.info("adapter uploaded", extra={"adapter": ver.name, "version": ver.version, "bytes": len(weights_bytes)})
+    if ver.warnings:
+        log.warning("adapter accepted with warnings", extra={"adapter": ver.name, "warnings": list(ver.warnings)})
     return JSONResponse(_info(request, ver), status_code=201)
 
 
