@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator
 
 from .engine import LLMEngine
@@ -97,13 +98,9 @@ class AsyncEngine:
             raise QueueFullError("request queue is full")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        def deliver(ev: TokenEvent) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
-                seq.cancelled = True
-
-        seq = Sequence(list(prompt_ids), params, on_event=deliver, adapter=adapter)
+        seq = Sequence(list(prompt_ids), params, on_event=_deliver_to(loop, events), adapter=adapter)
+        seq.on_event.seq = weakref.ref(seq)  # no seq <-> callback cycle: a finished request (and
+        # the adapter or combination it holds) is freed by refcount, not at the next cyclic GC
         with self._lock:
             self._pending += 1
             self._live.add(seq)
@@ -202,6 +199,22 @@ class AsyncEngine:
     def _forget(self, seq: Sequence) -> None:
         with self._lock:
             self._live.discard(seq)
+
+
+class _deliver_to:
+    """A request's event callback: puts each TokenEvent on the consumer's asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+        self.loop, self.events = loop, events
+        self.seq = lambda: None  # weakref to the Sequence, set by submit()
+
+    def __call__(self, ev: TokenEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+        except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
+            seq = self.seq()
+            if seq is not None:
+                seq.cancelled = True
 
 
 class RequestStream:
