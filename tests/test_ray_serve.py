@@ -70,6 +70,52 @@ class RayApp:
         raise AssertionError(f"only replicas {sorted(seen)} answered in {tries} tries")
 
 
+# -- no cluster needed ------------------------------------------------------------------------
+def test_routing_reads_adapter_of_generate_and_model_of_v1():
+    from peftserve.server.ray_serve.ingress import routing_of
+
+    js = "application/json"
+    assert routing_of("POST", "/generate", js, b'{"prompt": "x", "adapter": "a1"}') == ("a1", ["a1"], False)
+    assert routing_of("POST", "/v1/chat/completions", js, b'{"model": "m", "stream": true}') == ("m", ["m"], True)
+    assert routing_of("POST", "/generate", js, b'{"adapter": [{"name": "a", "weight": 1}, {"name": "b"}]}') == \
+        (None, ["a", "b"], False)
+    assert routing_of("POST", "/generate", js, b"{") == (None, [], False)  # the replica answers 422
+    assert routing_of("POST", "/generate", "text/plain", b'{"adapter": "a1"}') == (None, [], False)
+    assert routing_of("POST", "/generate", js, b'{"adapter": "../etc"}') == (None, [], False)
+    assert routing_of("GET", "/adapters", "", b"") == (None, [], False)
+
+
+def test_serve_yaml_is_a_valid_serve_config_of_known_settings():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from peftserve.server.ray_serve.config import RayConfigError, RayServeConfig
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "deploy/ray/serve.yaml").read_text())
+    ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(raw)
+    cfg = RayServeConfig.from_dict(raw["applications"][0]["args"])
+    assert cfg.deployment_options()["num_replicas"] == cfg.replicas
+    auto = RayServeConfig.from_dict({"autoscale": True, "max_batch_size": 4}).deployment_options()
+    assert auto["autoscaling_config"]["target_ongoing_requests"] == 4.0 and "num_replicas" not in auto
+    with pytest.raises(RayConfigError, match="unknown"):
+        RayServeConfig.from_dict({"replica": 2})
+    with pytest.raises(RayConfigError):
+        RayServeConfig.from_dict({"max_resident_adapters": 0})
+
+
+def test_serve_ray_cli_takes_every_serve_flag():
+    from peftserve.server.cli import build_parser
+    from peftserve.server.ray_serve.config import RayServeConfig
+    from peftserve.server.ray_serve.launch import config_from_args
+
+    args = build_parser().parse_args(["serve-ray", "--replicas", "3", "--max-resident-adapters", "5",
+                                      "--max-batch-size", "4", "--adapter-store", "/s", "--no-affinity"])
+    cfg = RayServeConfig.from_dict(config_from_args(args))
+    assert (cfg.replicas, cfg.max_resident_adapters, cfg.max_batch_size, cfg.adapter_store, cfg.affinity) == \
+        (3, 5, 4, "/s", False)
+
+
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory, smollm_tokenizer):
     from tests.conftest import build_tiny_model
