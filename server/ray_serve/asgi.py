@@ -48,6 +48,7 @@ async def stream_asgi(app, method: str, path: str, query_string: bytes, headers:
             out.put_nowait(_DONE)
 
     task = asyncio.ensure_future(run())
+    complete = False  # a whole response went out: an error the app raises afterwards is only logged
     try:
         while True:
             message = await out.get()
@@ -55,6 +56,7 @@ async def stream_asgi(app, method: str, path: str, query_string: bytes, headers:
                 break
             yield message
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
                 break
     finally:
         disconnected.set()
@@ -65,8 +67,10 @@ async def stream_asgi(app, method: str, path: str, query_string: bytes, headers:
                 task.cancel()
             except Exception:  # noqa: BLE001 - the app's own error after the client left: nobody to tell
                 pass
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()
+    if task.done() and not task.cancelled():
+        exc = task.exception()  # retrieved either way (asyncio warns about unretrieved ones)
+        if exc is not None and not complete:
+            raise exc  # the app failed before answering: the caller's error to report
 
 
 async def call_asgi(app, method: str, path: str, query_string: bytes, headers: list[tuple[bytes, bytes]],
