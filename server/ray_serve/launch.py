@@ -70,11 +70,11 @@ def serve_ray(args) -> int:
         return 2
     from .app import build_app
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
     ray.init(**init, include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init: it installs a SIGTERM handler that exits
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(raw), name="peftserve", route_prefix="/")
