@@ -47,24 +47,27 @@ class RayApp:
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=120)
 
-    async def direct(self, body: dict, route: str | None) -> dict:
-        """One /generate through the replica deployment handle, without affinity."""
+    async def direct(self, body: dict | None, route: str | None, path: str = "/generate") -> dict:
+        """One request through the replica deployment handle, without affinity (GET if no body)."""
         import json
 
-        req = {"method": "POST", "path": "/generate", "query": b"", "body": json.dumps(body).encode(),
+        req = {"method": "POST" if body is not None else "GET", "path": path, "query": b"",
+               "body": json.dumps(body).encode() if body is not None else b"",
                "headers": [(b"content-type", b"application/json")], "route": route,
                "adapters": [route] if route else [], "manage": False}
         return await self.replica_handle.handle.remote(req)
 
-    async def on_every_replica(self, body: dict, route: str | None, replicas: int = 2, tries: int = 60) -> dict:
+    async def on_every_replica(self, body: dict | None, route: str | None, replicas: int = 2, tries: int = 60,
+                               path: str = "/generate") -> dict:
         """replica id -> its answer, once each of `replicas` replicas answered (bounded)."""
         import json
 
         seen: dict[str, dict] = {}
         for _ in range(tries):
-            out = await self.direct(body, route)
+            out = await self.direct(body, route, path)
             rid = dict(out["headers"])[b"x-peftserve-replica"].decode()
-            seen.setdefault(rid, {"status": out["status"], "body": json.loads(out["body"])})
+            parsed = json.loads(out["body"]) if body is not None else out["body"].decode()
+            seen.setdefault(rid, {"status": out["status"], "body": parsed})
             if len(seen) >= replicas:
                 return seen
         raise AssertionError(f"only replicas {sorted(seen)} answered in {tries} tries")
@@ -225,6 +228,24 @@ async def test_affinity_repeated_requests_land_on_the_holding_replica(ray_app, l
             residency.append(r.headers["x-peftserve-adapter-residency"])
         assert replicas == [holder] * len(replicas), replicas
         assert residency == ["hit"] * len(residency), residency
+        # the same, from each replica's own /metrics
+        scraped = await ray_app.on_every_replica(None, None, path="/metrics")
+        assert set(scraped) >= {holder}
+        for rid, answer in scraped.items():
+            text = answer["body"]
+            assert f'peftserve_replica_info{{replica="{rid}"}} 1.0' in text
+            hits = _sample(text, 'peftserve_replica_adapter_residency_total{adapter="rs",result="hit"}')
+            loads = _sample(text, 'peftserve_replica_adapter_residency_total{adapter="rs",result="load"}')
+            assert (hits, loads) == ((len(residency), 1) if rid == holder else (0, 0)), (rid, hits, loads)
+            resident = _sample(text, "peftserve_replica_resident_adapters")
+            assert (1 if rid == holder else 0) <= resident <= 3, (rid, resident)  # K = 3
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0
 
 
 async def test_upload_replace_delete_consistent_on_every_replica(ray_app, lib):

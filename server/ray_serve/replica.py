@@ -64,6 +64,28 @@ class _Resident:
             replica._evicted(self)
 
 
+class _ReplicaMetrics:
+    """Series each replica adds to its own `/metrics` (scrape replicas one by one, or read them
+    through the ingress: one replica per scrape, named by `peftserve_replica_info`)."""
+
+    def __init__(self, metrics, replica_id: str, resident_count):
+        from prometheus_client import Counter, Gauge
+
+        r = metrics.registry
+        self.adapter_label = metrics.adapter_label  # the app's bounded label set (OTHER beyond it)
+        Gauge("peftserve_replica_info", "This Ray Serve replica (1).", ["replica"], registry=r).labels(
+            replica=replica_id).set(1)
+        self.residency = Counter("peftserve_replica_adapter_residency",
+                                 "Routed adapter requests by whether the adapter was already resident here.",
+                                 ["adapter", "result"], registry=r)
+        self.loads = Counter("peftserve_replica_adapter_loads", "Adapters made resident on this replica.",
+                             registry=r)
+        self.evictions = Counter("peftserve_replica_adapter_evictions",
+                                 "Adapters evicted from this replica (LRU beyond max_resident_adapters).", registry=r)
+        Gauge("peftserve_replica_resident_adapters", "Adapters resident on this replica now.",
+              registry=r).set_function(resident_count)
+
+
 def build_state(cfg: RayServeConfig):
     """(state, app, serving) exactly as `peftserve serve` wires them (server/cli.py), except that
     the store is not scanned at start: N replicas would race to quarantine in a shared directory,
@@ -124,7 +146,7 @@ class EngineReplica:
         self.state.engine.start()
         self._resident: dict[str, _Resident] = {}
         self._lock = threading.Lock()
-        self.counters = {"requests": 0, "adapter_hits": 0, "adapter_loads": 0, "adapter_evictions": 0}
+        self._metrics = _ReplicaMetrics(self.state.metrics, self.replica_id, lambda: len(self._resident))
         log.info("replica ready", extra={"replica": self.replica_id, "model": self.state.model_name,
                                          "seconds": round(time.monotonic() - t0, 2),
                                          "max_resident_adapters": self.cfg.max_resident_adapters})
@@ -137,7 +159,7 @@ class EngineReplica:
         resident = _Resident(self, name)
         with self._lock:
             self._resident[name] = resident
-            self.counters["adapter_loads"] += 1
+        self._metrics.loads.inc()
         log.info("adapter resident", extra={"replica": self.replica_id, "adapter": name, "version": ver.version})
         return resident
 
@@ -146,7 +168,7 @@ class EngineReplica:
             if self._resident.get(resident.name) is not resident:
                 return  # a later load of the same name owns it now (or it was already evicted)
             del self._resident[resident.name]
-            self.counters["adapter_evictions"] += 1
+        self._metrics.evictions.inc()
         self.registry.release(resident.name)
         log.info("adapter evicted", extra={"replica": self.replica_id, "adapter": resident.name})
 
@@ -169,7 +191,6 @@ class EngineReplica:
     async def _prepare(self, req: dict):
         """-> (extra response headers, an error response or None)."""
         extra = [(REPLICA_HEADER, self.replica_id.encode())]
-        self.counters["requests"] += 1
         try:
             if req.get("manage"):
                 await asyncio.to_thread(self._sync_store)
@@ -183,11 +204,12 @@ class EngineReplica:
                 except AdapterNotFound:
                     pass  # deleted in between: same 404
                 else:
-                    if hit:
-                        self.counters["adapter_hits"] += 1
+                    self._metrics.residency.labels(adapter=self._metrics.adapter_label(route),
+                                                   result="hit" if hit else "load").inc()
                     extra.append((RESIDENCY_HEADER, b"hit" if hit else b"load"))
             for name in req.get("adapters", ()):  # the version check: never serve a replaced version
-                await asyncio.to_thread(self.registry.refresh, name)
+                if name != route:  # checked just above
+                    await asyncio.to_thread(self.registry.refresh, name)
         except ApiError as exc:
             return extra, _error(exc)
         return extra, None
@@ -216,10 +238,6 @@ class EngineReplica:
                 yield {"status": message["status"], "headers": list(message.get("headers", [])) + extra}
             elif message.get("body"):
                 yield message["body"]
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"replica": self.replica_id, "resident": sorted(self._resident), **self.counters}
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose engine loop died."""
