@@ -91,56 +91,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-adapter", add_help=False, help="train an adapter (see `peftserve train-adapter --help`)")
     s = sub.add_parser("serve", help="run the HTTP API server",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model", default="default", help="`default` (SmolLM2-135M-Instruct) or a local HF model dir")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_non_negative, default=8000)
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
-    s.add_argument("--max-batch-size", type=_positive, default=d.max_batch_size,
-                   help="running sequences (KV-cache slots)")
-    s.add_argument("--max-model-len", type=_positive, default=d.max_model_len,
-                   help="prompt + generated tokens per request")
-    s.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
-                   help="token budget of one engine step")
-    s.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
-                   help="queued requests before 429 queue_full")
-    s.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
-    s.add_argument("--max-cpu-adapters", type=_positive, default=64, help="adapters kept loaded in host memory")
-    s.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30,
-                   help="host-memory byte budget for adapters and weighted combinations")
-    s.add_argument("--max-combinations", type=_positive, default=16,
-                   help="live weighted combinations (`adapter: [{name, weight}, ...]`) kept in host memory")
-    s.add_argument("--strict-base", action="store_true",
-                   help="refuse (422 base_model_mismatch) adapters whose config names another base model")
-    s.add_argument("--merge-policy", default=d.merge_policy, choices=["never", "single-adapter"],
-                   help="fold a LoRA into the base weights while it serves every running row")
-    s.add_argument("--merge-min-steps", type=_positive, default=d.merge_min_steps)
-    s.add_argument("--adapter-store", metavar="DIR", default=None, help="where uploaded adapters are stored")
-    s.add_argument("--adapters", metavar="DIR", default=None, help="load every adapter found in DIR at start-up")
-    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="OpenAI `model` ids of the base model (the first is listed by /v1/models); "
-                        "default: the model directory's name")
-    s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="vLLM-style preload of named adapters (any kind), alongside --adapters")
-    s.add_argument("--allowed-adapter-dirs", nargs="+", default=None, metavar="DIR",
-                   help="directories POST /v1/load_lora_adapter may load from (default: none, refused)")
-    s.add_argument("--vllm-metric-names", action=argparse.BooleanOptionalAction, default=True,
-                   help="also expose vLLM's metric names (vllm:num_requests_waiting, vllm:lora_requests_info, ...)")
-    s.add_argument("--api-key", default=os.environ.get("PEFTSERVE_API_KEY"),
-                   help="bearer token for /generate (env PEFTSERVE_API_KEY)")
-    s.add_argument("--admin-key", default=os.environ.get("PEFTSERVE_ADMIN_KEY"),
-                   help="bearer token for adapter management (env PEFTSERVE_ADMIN_KEY; default: the API key)")
-    s.add_argument("--max-body-bytes", type=_positive, default=1024 * 1024, help="request-body cap for /generate")
-    s.add_argument("--max-upload-bytes", type=_positive, default=256 * 1024 * 1024,
-                   help="request-body cap for /adapters uploads")
-    s.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests may take to finish after SIGTERM")
-    s.add_argument("--no-ui", dest="ui", action="store_false",
-                   help="do not serve the playground page at /ui (it follows --api-key when served)")
-    s.add_argument("--no-docs", dest="docs", action="store_false",
-                   help="do not serve /docs, /redoc and /openapi.json (otherwise they need the API key when set)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
-    s.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    r = sub.add_parser("serve-ray", help="run N engine replicas behind Ray Serve (extra: peftserve[ray])",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for p in (s, r):  # serve-ray takes every serve flag (each replica is one `serve` engine)
+        p.add_argument("--model", default="default", help="`default` (SmolLM2-135M-Instruct) or a local HF model dir")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=_non_negative, default=8000)
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
+        p.add_argument("--max-batch-size", type=_positive, default=d.max_batch_size,
+                       help="running sequences (KV-cache slots)")
+        p.add_argument("--max-model-len", type=_positive, default=d.max_model_len,
+                       help="prompt + generated tokens per request")
+        p.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
+                       help="token budget of one engine step")
+        p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
+                       help="queued requests before 429 queue_full")
+        p.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
+        p.add_argument("--max-cpu-adapters", type=_positive, default=64, help="adapters kept loaded in host memory")
+        p.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30,
+                       help="host-memory byte budget for adapters and weighted combinations")
+        p.add_argument("--max-combinations", type=_positive, default=16,
+                       help="live weighted combinations (`adapter: [{name, weight}, ...]`) kept in host memory")
+        p.add_argument("--strict-base", action="store_true",
+                       help="refuse (422 base_model_mismatch) adapters whose config names another base model")
+        p.add_argument("--merge-policy", default=d.merge_policy, choices=["never", "single-adapter"],
+                       help="fold a LoRA into the base weights while it serves every running row")
+        p.add_argument("--merge-min-steps", type=_positive, default=d.merge_min_steps)
+        p.add_argument("--adapter-store", metavar="DIR", default=None, help="where uploaded adapters are stored")
+        p.add_argument("--adapters", metavar="DIR", default=None, help="load every adapter found in DIR at start-up")
+        p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="OpenAI `model` ids of the base model (the first is listed by /v1/models); "
+                                "default: the model directory's name")
+        p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="vLLM-style preload of named adapters (any kind), alongside --adapters")
+        p.add_argument("--allowed-adapter-dirs", nargs="+", default=None, metavar="DIR",
+                       help="directories POST /v1/load_lora_adapter may load from (default: none, refused)")
+        p.add_argument("--vllm-metric-names", action=argparse.BooleanOptionalAction, default=True,
+                       help="also expose vLLM's metric names (vllm:num_requests_waiting, vllm:lora_requests_info, ...)")
+        p.add_argument("--api-key", default=os.environ.get("PEFTSERVE_API_KEY"),
+                       help="bearer token for /generate (env PEFTSERVE_API_KEY)")
+        p.add_argument("--admin-key", default=os.environ.get("PEFTSERVE_ADMIN_KEY"),
+                       help="bearer token for adapter management (env PEFTSERVE_ADMIN_KEY; default: the API key)")
+        p.add_argument("--max-body-bytes", type=_positive, default=1024 * 1024, help="request-body cap for /generate")
+        p.add_argument("--max-upload-bytes", type=_positive, default=256 * 1024 * 1024,
+                       help="request-body cap for /adapters uploads")
+        p.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may take to finish after SIGTERM")
+        p.add_argument("--no-ui", dest="ui", action="store_false",
+                       help="do not serve the playground page at /ui (it follows --api-key when served)")
+        p.add_argument("--no-docs", dest="docs", action="store_false",
+                       help="do not serve /docs, /redoc and /openapi.json (otherwise they need the API key when set)")
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+        p.add_argument("--threads", type=_positive, default=None, help="torch intra-op threads")
+    from .ray_serve.launch import add_arguments as add_ray_arguments  # no Ray import: flags only
+
+    add_ray_arguments(r)
     return parser
 
 
@@ -325,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "serve-ray":
+        from .ray_serve.launch import serve_ray
+
+        return serve_ray(args)
     return 2  # pragma: no cover  (argparse enforces a command)
 
 

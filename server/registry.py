@@ -321,6 +321,74 @@ class AdapterRegistry:
             raise AdapterError("invalid_adapter", f"{path}: needs {CONFIG_FILE} + {WEIGHTS_FILE} (pickles are never loaded)")
         return self.add(name or path.name, cfg.read_bytes(), weights.read_bytes(), replace=True)
 
+    # -- one store shared by several processes (server/ray_serve) -------------------------
+    def refresh(self, name: str) -> AdapterVersion | None:
+        """Bring `name` in line with the store's `CURRENT`, which another process sharing the
+        directory may have replaced or deleted since this registry last looked. -> the current
+        version, or None when the store no longer has the adapter (it is forgotten here too, so
+        `resolve` answers 404). Costs one small file read when nothing changed; a changed version
+        is loaded and its content hash checked against its name before it is served. Never writes
+        to the store: concurrent readers need no lock, and quarantine stays `load_store`'s job."""
+        check_name(name)
+        adir = self.store / name
+        for _ in range(3):  # a replace may remove the version dir while we read it: read CURRENT again
+            try:
+                version = (adir / CURRENT_FILE).read_text().strip()
+            except FileNotFoundError:
+                version = None
+            with self._lock:
+                old = self._current.get(name)
+            if old is not None and old.version == version:
+                return old
+            if version is None:
+                with self._lock:
+                    if self._current.get(name) is old:
+                        self._current.pop(name, None)
+                        if old is not None:
+                            self._memory.pop(old.version, None)
+                if old is not None:
+                    self._on_drop(old)
+                return None
+            vdir = adir / version
+            try:
+                loaded = load_adapter((vdir / CONFIG_FILE).read_bytes(), (vdir / WEIGHTS_FILE).read_bytes(),
+                                      self.spec, self.settings.limits)
+            except FileNotFoundError:
+                continue
+            ver = self._new_version(name, loaded)
+            if ver.version != version:  # the version is the content hash: refuse to serve altered files
+                raise ApiError("adapter_store_corrupt",
+                               f"adapter {name!r}: content hash {ver.version} does not match version {version}", 500)
+            self.stats["disk_loads"] += 1
+            with self._lock:
+                if self._current.get(name) is not old:  # another thread refreshed first
+                    return self._current.get(name)
+                self._current[name] = ver
+                self._remember(ver)
+            if old is not None:
+                self._on_drop(old)
+            log.info("adapter refreshed from the store", extra={"adapter": name, "version": version,
+                                                                "previous": old.version if old else None})
+            return ver
+        raise ApiError("adapter_store_busy", f"adapter {name!r} kept changing while it was read; retry", 503)
+
+    def store_names(self) -> list[str]:
+        """Names the shared store holds now (directories with a `CURRENT`), whatever is loaded here."""
+        return sorted(e.name for e in self.store.iterdir() if not e.name.startswith(".")
+                      and NAME_RE.fullmatch(e.name) and (e / CURRENT_FILE).is_file())
+
+    def release(self, name: str) -> None:
+        """Drop `name`'s weights from host memory and its device slot but keep its entry, so the
+        next request reloads it from the store. For an outside residency policy (Ray multiplexing
+        bounds the adapters each replica holds); never touches the store."""
+        with self._lock:
+            ver = self._current.get(name)
+            if ver is None:
+                return
+            self._memory.pop(ver.version, None)
+            ver.loaded = None  # running requests keep their own reference to the weights
+        self._on_drop(ver)
+
     def attach(self, async_engine) -> None:
         """Once an AsyncEngine runs, device-tier drops must happen on its thread."""
         drop = self._on_drop
