@@ -273,23 +273,33 @@ def test_torchrun_two_cpu_processes(tiny_dir, data_file, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_upload_posts_multipart(tmp_path, monkeypatch):
+def test_upload_goes_through_the_client(tmp_path, monkeypatch):
+    """`train-adapter --upload` is the client's upload (one implementation): multipart parts,
+    Bearer admin key, the server's error code in the message."""
     import httpx
 
-    from peftserve.adapters.training.upload import upload_adapter
+    from peftserve.adapters.training.upload import UploadError, upload_adapter
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\0")
-    seen = {}
+    seen, answers = [], [httpx.Response(201, json={"name": "sent", "version": "abc123", "kind": "LORA",
+                                                   "warnings": ["trained on another base"]}),
+                         httpx.Response(422, json={"error": {"code": "invalid_safetensors", "message": "bad"}})]
 
-    def fake_post(url, data, files, headers, timeout):
-        seen.update(url=url, data=data, files=sorted(files), auth=headers.get("Authorization"))
-        return httpx.Response(201, text="ok")
+    def handler(request):
+        seen.append((str(request.url), request.headers.get("authorization"), request.content))
+        return answers.pop(0)
 
-    monkeypatch.setattr(httpx, "post", fake_post)
-    upload_adapter(tmp_path, "http://srv:8000/", name="sent", admin_key="k")
-    assert seen == {"url": "http://srv:8000/adapters", "data": {"name": "sent"},
-                    "files": ["adapter_config", "adapter_model"], "auth": "Bearer k"}
+    real = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real(**{**kw, "transport": httpx.MockTransport(handler)}))
+    msg = upload_adapter(tmp_path, "http://srv:8000/", name="sent", admin_key="k")
+    url, auth, body = seen[0]
+    assert url == "http://srv:8000/adapters" and auth == "Bearer k"
+    for part in (b'name="name"', b'name="adapter_config"', b'name="adapter_model"'):
+        assert part in body
+    assert "'sent' version abc123" in msg and "trained on another base" in msg
+    with pytest.raises(UploadError, match="invalid_safetensors"):
+        upload_adapter(tmp_path, "http://srv:8000", name="sent", admin_key="k")
 
 
 def test_demo_tasks_are_reproducible(tmp_path):
