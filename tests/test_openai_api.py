@@ -306,7 +306,7 @@ def test_errors_in_openai_shape_through_the_client(srv):
 # -- a third-party OpenAI client ---------------------------------------------------------------------------------
 def test_langchain_chat_openai(srv):
     """LangChain's ChatOpenAI (sends its own defaults: stream_options, n, ...) works unchanged.
-    langchain-openai is not in the locked test environment: install it to run this test."""
+    langchain-openai is in the test extra (deploy/requirements.lock)."""
     lc = pytest.importorskip("langchain_openai")
     chat = lc.ChatOpenAI(base_url=srv.url + "/v1", api_key=KEY, model="prefix", temperature=0, max_tokens=5,
                          max_retries=0, extra_body={"ignore_eos": True})
