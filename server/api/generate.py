@@ -147,6 +147,24 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
+async def stream_until_disconnect(produce, receive) -> None:
+    """Run `produce` (a coroutine writing a streamed body) beside a listener on ASGI `receive`;
+    whichever ends first cancels the other. A client that goes away (disconnect, or an OSError
+    while sending) ends the stream quietly; any other failure of the producer is re-raised."""
+    producer = asyncio.ensure_future(produce)
+    listener = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if producer in done and not producer.cancelled():
+            exc = producer.exception()
+            if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
+                raise exc
+    finally:
+        for task in (producer, listener):
+            task.cancel()
+        await asyncio.gather(producer, listener, return_exceptions=True)
+
+
 async def _resolve_adapter(state: ServerState, req: GenerateRequest):
     spec = req.adapter_spec()
     if spec is None:
@@ -337,18 +355,9 @@ class SSEResponse(Response):
         await send({"type": "http.response.body", "body": _sse(final) + b"data: [DONE]\n\n", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
-        producer = asyncio.ensure_future(self._produce(send))
-        listener = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
-            if producer in done and not producer.cancelled():
-                exc = producer.exception()
-                if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
-                    raise exc
+            await stream_until_disconnect(self._produce(send), receive)
         finally:
-            for task in (producer, listener):
-                task.cancel()
-            await asyncio.gather(producer, listener, return_exceptions=True)
             if not self.stream.finished:
                 self.stream.cancel()
             self.state.inflight -= 1

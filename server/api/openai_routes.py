@@ -34,7 +34,7 @@ from ..state import ServerState, get_state
 from .auth import require_api_key
 from ..engine.sampling_params import SamplingParamError
 from .generate import (CLIENT_CLOSED, _failure, _ids_from, _sse, _tokenizer_lock, _wait_disconnect, is_json_content_type,
-                       unavailable)
+                       stream_until_disconnect, unavailable)
 from .openai_errors import ParamError, invalid, model_not_found
 from .openai_schemas import ChatRequest, CompletionRequest, SamplingFields, parse_chat, parse_completion
 
@@ -443,18 +443,9 @@ class OpenAIStreamResponse(Response):
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
-        producer = asyncio.ensure_future(self._produce(send))
-        listener = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
-            if producer in done and not producer.cancelled():
-                exc = producer.exception()
-                if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
-                    raise exc
+            await stream_until_disconnect(self._produce(send), receive)
         finally:
-            for task in (producer, listener):
-                task.cancel()
-            await asyncio.gather(producer, listener, return_exceptions=True)
             self.job.cancel()
             self.job.state.inflight -= 1
             self.job.log_done(self.outcome)
