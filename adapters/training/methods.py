@@ -149,7 +149,11 @@ class FullTrainable(TrainableAdapter):
         base.requires_grad_(True)
 
     def save(self, out_dir: str | Path) -> None:
+        """A self-contained HF directory (weights + the base's tokenizer), usable as `--model DIR`."""
+        from transformers import AutoTokenizer
+
         self.model.save_pretrained(str(out_dir), safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(str(out_dir))
 
     def describe(self) -> dict:
         return {"method": FULL, "base_model_name_or_path": self.model_dir, "servable_as_adapter": False}
