@@ -38,7 +38,7 @@ from peftserve.adapters.training.tasks import zh_reviews as zh
 LR_GRID = {m: (round(DEFAULT_LR[m] / 3, 8), DEFAULT_LR[m], round(DEFAULT_LR[m] * 3, 8)) for m in TRAIN_METHODS}
 # Quick mode (tiny warmed-up model, a few steps): x3 and x10 the defaults, since a random 64-wide
 # model needs bigger steps than the 135M base to move within seconds.
-QUICK_LR_GRID = {m: (round(DEFAULT_LR[m] * 3, 8), round(DEFAULT_LR[m] * 10, 8)) for m in TRAIN_METHODS}
+QUICK_LR_GRID = {m: (round(DEFAULT_LR[m] * 10, 8), round(DEFAULT_LR[m] * 3, 8)) for m in TRAIN_METHODS}
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class Budget:
 
 
 FULL_BUDGET = Budget()
-QUICK_BUDGET = Budget(max_steps=24, batch_size=8, max_length=96, val_rows=16, test_rows=24, seeds=(0, 1),
-                      grid_size=2, throughput_requests=8, throughput_new_tokens=4, num_virtual_tokens=8)
+QUICK_BUDGET = Budget(max_steps=6, batch_size=8, max_length=96, val_rows=8, test_rows=16, seeds=(0, 1),
+                      grid_size=1, throughput_requests=4, throughput_new_tokens=2, num_virtual_tokens=8)
 
 
 def quick_subset(paths: dict[str, Path], n_train: int = 32, n_eval: int = 24) -> dict[str, list[dict]]:
@@ -192,6 +192,8 @@ class Comparison:
         reuse = self.ns.skip_existing or run_dir in self.trained  # seed 0 of the grid is reused for the seeds
         if reuse and (r := finished_report(run_dir, self.budget, lr, seed)) is not None:
             return r
+        if self.ns.report_only:
+            return None
         self.trained.add(run_dir)
         t0 = time.perf_counter()
         rc = self.train(train_args(method, lr, seed, self.train_file, run_dir, self.model, self.budget), run_dir)
@@ -204,14 +206,16 @@ class Comparison:
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
         return report
 
-    def ensure_eval(self, method: str, lr: float, seed: int, split: str, throughput: bool) -> dict:
+    def ensure_eval(self, method: str, lr: float, seed: int, split: str, throughput: bool) -> dict | None:
         run_dir = self.out / "runs" / run_name(method, lr, seed)
         path = run_dir / f"eval-{split}.json"
         rows = self.splits[split]
-        if self.ns.skip_existing and path.is_file():
+        if (self.ns.skip_existing or self.ns.report_only) and path.is_file():
             done = json.loads(path.read_text())
             if done.get("n") == len(rows) and (done.get("throughput") or not throughput or method == FULL):
                 return done
+        if self.ns.report_only:
+            return None
         t0 = time.perf_counter()
         result = self._evaluate(method, run_dir, rows, split, throughput)
         result["eval_seconds"] = round(time.perf_counter() - t0, 1)
@@ -245,7 +249,7 @@ class Comparison:
     def base_reference(self) -> dict:
         """The untrained base model through the same engine (zero-shot), and its throughput."""
         path = self.out / "base-eval-test.json"
-        if self.ns.skip_existing and path.is_file():
+        if (self.ns.skip_existing or self.ns.report_only) and path.is_file():
             done = json.loads(path.read_text())
             if done.get("n") == len(self.splits["test"]):
                 return done
@@ -262,10 +266,10 @@ class Comparison:
         search = []
         for lr in grid:
             rep = self.ensure_trained(method, lr, 0)
-            acc = self.ensure_eval(method, lr, 0, "validation", False)["accuracy"] if rep else None
-            search.append({"lr": lr, "val_accuracy": acc})
+            ev = self.ensure_eval(method, lr, 0, "validation", False) if rep else None
+            search.append({"lr": lr, "val_accuracy": ev and ev["accuracy"]})
         scored = [s for s in search if s["val_accuracy"] is not None]
-        if not scored:
+        if not scored or len(scored) < len(grid) and self.ns.report_only:  # the choice is not made yet
             return {"method": method, "grid": list(grid), "search": search, "seeds": [], "failed": True}
         best = max(scored, key=lambda s: s["val_accuracy"])["lr"]  # max keeps the first of equals
         seeds = []
@@ -274,6 +278,8 @@ class Comparison:
             if rep is None:
                 continue
             ev = self.ensure_eval(method, best, seed, "test", True)
+            if ev is None:  # --report-only and not evaluated yet
+                continue
             run_dir = self.out / "runs" / run_name(method, best, seed)
             seeds.append({"seed": seed, "test_accuracy": ev["accuracy"], "off_label": ev["off_label"],
                           "served_requests_per_s": ev["requests_per_s"], "throughput": ev.get("throughput"),
@@ -294,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(TRAIN_METHODS))
     p.add_argument("--quick", action="store_true", help="tiny random model + trivially separable subset (smoke test)")
     p.add_argument("--skip-existing", action="store_true", help="reuse finished runs and evaluations in OUTPUT")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: rebuild the (possibly PARTIAL) report from OUTPUT")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last/ and best/")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--val-rows", type=int)

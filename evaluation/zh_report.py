@@ -77,7 +77,7 @@ def markdown(ns, budget, base: dict, summaries: list[dict], results: dict, compl
               "| method | " + " | ".join(f"lr {i + 1}" for i in range(b.grid_size)) + " | chosen |",
               "|---|" + "---|" * (b.grid_size + 1)]
     for m, r in results.items():
-        cells = [f"{s['lr']:g}: " + ("failed" if s["val_accuracy"] is None else f"{s['val_accuracy']:.3f}")
+        cells = [f"{s['lr']:g}: " + ("n/a" if s["val_accuracy"] is None else f"{s['val_accuracy']:.3f}")
                  for s in r["search"]]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {r.get('lr', 'n/a')} |")
     base_thr = (base.get("throughput") or {}).get("generated_tokens_per_s")
