@@ -163,7 +163,7 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         self.splits = splits
         (self.out / "data").mkdir(parents=True, exist_ok=True)
-        for name, rows in splits.items():  # exactly the rows this comparison used
+        for name, rows in ({} if ns.report_only else splits).items():  # exactly the rows this comparison used
             (self.out / "data" / f"{name}.jsonl").write_text(
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         self.train_file = self.out / "data" / "train.jsonl"
@@ -290,6 +290,13 @@ class Comparison:
                 "failed": len(seeds) < len(self.budget.seeds)}
 
 
+def recorded_seconds(out: Path, base: dict) -> float:
+    """Compute time spent so far according to progress.jsonl (every run and evaluation) + the base eval."""
+    path = out / "progress.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return sum(e.get("seconds", 0.0) for e in events) + base.get("seconds", 0.0)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train-adapter compare --task zh-reviews",
                                 description="Every method + full fine-tuning on zh-reviews, evaluated through "
@@ -356,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for m in methods:
         results[m] = cmp.method(m)
-        zh_report.write(cmp.out, ns, budget, base, results, methods, time.perf_counter() - t0,
+        elapsed = recorded_seconds(cmp.out, base) if ns.report_only else time.perf_counter() - t0
+        zh_report.write(cmp.out, ns, budget, base, results, methods, elapsed,
                         json.loads((paths["train"].parent / "meta.json").read_text()))
     print((cmp.out / "comparison.md").read_text())
     return 0 if all(not r.get("failed") for r in results.values()) else 1
