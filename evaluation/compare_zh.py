@@ -189,7 +189,7 @@ class Comparison:
 
     def ensure_trained(self, method: str, lr: float, seed: int) -> dict | None:
         run_dir = self.out / "runs" / run_name(method, lr, seed)
-        reuse = self.ns.skip_existing or run_dir in self.trained  # seed 0 of the grid is reused for the seeds
+        reuse = self.ns.skip_existing or self.ns.report_only or run_dir in self.trained  # seed 0 is reused
         if reuse and (r := finished_report(run_dir, self.budget, lr, seed)) is not None:
             return r
         if self.ns.report_only:

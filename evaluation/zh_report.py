@@ -88,7 +88,7 @@ def markdown(ns, budget, base: dict, summaries: list[dict], results: dict, compl
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, summaries: list[dict], chance: float) -> None:
+def plot(path: Path, summaries: list[dict], chance: float, complete: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +111,8 @@ def plot(path: Path, summaries: list[dict], chance: float) -> None:
     ax2.bar([m for m, _ in served], [v for _, v in served], color="tab:green")
     ax2.set_title("served tokens/s, mixed batch")
     ax2.tick_params(axis="x", rotation=45)
+    if not complete:
+        fig.suptitle("PARTIAL — not the result (missing bars = not run yet)", color="tab:red")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -128,5 +130,5 @@ def write(out: Path, ns, budget, base: dict, results: dict, methods: list[str], 
     (out / "results.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     (out / "comparison.md").write_text(markdown(ns, budget, base, summaries, results, complete, elapsed_s, meta,
                                                 len(methods)))
-    plot(out / "comparison.png", summaries, base["majority"])
+    plot(out / "comparison.png", summaries, base["majority"], complete)
     return doc
