@@ -11,7 +11,7 @@ import logging
 import sys
 import warnings
 
-from .methods import DEFAULT_INIT_TEXT, METHODS, MethodOptions
+from .methods import DEFAULT_INIT_TEXT, TRAIN_METHODS, MethodOptions
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -41,7 +41,8 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftserve train-adapter",
                                 description="Train a PEFT adapter (or our bottleneck adapter) on JSONL data. "
                                             "Subcommand: `compare --task NAME` trains every method.")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=TRAIN_METHODS, required=True,
+                   help="an adapter kind, or `full` (full fine-tuning: a whole model, not servable as an adapter)")
     p.add_argument("--data", required=True, help="JSONL: prompt/completion, instruction/input/output, or messages")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--model", default="default", help='"default" (SmolLM2-135M-Instruct) or a local HF dir')
@@ -133,6 +134,28 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
+SERVING_COMPARISON_TASKS = ("zh-reviews",)
+SERVING_COMPARISON_MODULE = "peftserve.server.evaluation.compare_zh"
+
+
+def _wants_serving_comparison(argv: list[str]) -> bool:
+    return any(a == f"--task={t}" for a in argv for t in SERVING_COMPARISON_TASKS) or any(
+        a == "--task" and i + 1 < len(argv) and argv[i + 1] in SERVING_COMPARISON_TASKS for i, a in enumerate(argv))
+
+
+def _exec_serving_comparison(argv: list[str]) -> int:
+    """`compare --task zh-reviews` scores every method through the serving engine, so it lives in
+    `peftserve.server.evaluation` (server side). It is started as its own process, not imported:
+    `adapters/` never imports `server`, and the training package works without it. exec (not a
+    child process) keeps one PID, so Ctrl-C / `timeout` reach the comparison directly."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", SERVING_COMPARISON_MODULE, *argv])
+    return 1  # not reached: execv replaces the process or raises OSError
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -140,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message="Position ids are not supported.*")
     if argv and argv[0] == "compare":
+        if _wants_serving_comparison(argv[1:]):
+            return _exec_serving_comparison(argv[1:])
         from .compare import main as compare_main
 
         return compare_main(argv[1:])

@@ -4,6 +4,10 @@ prefix-tuning vs p-tuning-v2 (both PEFT PrefixTuningConfig, i.e. learned key/val
 EVERY layer): `prefix-tuning` trains the per-layer prefixes directly (prefix_projection=False);
 `p-tuning-v2` reparameterises them through a 2-layer MLP (prefix_projection=True). `--projection`
 / `--no-projection` overrides either default.
+
+`full` (full fine-tuning) is the baseline the comparison needs, not an adapter: every base weight
+trains and the result is a whole model (HF directory, safetensors). The server cannot load it as
+an adapter (no adapter_config.json); it would be served as its own base model (`--model DIR`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from torch import nn
 
 from peftserve.adapters import bottleneck as bn
 
-METHODS = ("lora", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "ia3", "bottleneck")
+METHODS = ("lora", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "ia3", "bottleneck")  # adapters
+FULL = "full"
+TRAIN_METHODS = METHODS + (FULL,)  # what `--method` accepts
 # Learning rates that work for a few hundred steps; soft prompts need far larger steps than LoRA.
 DEFAULT_LR = {"lora": 1e-3, "prompt-tuning": 3e-2, "p-tuning": 3e-3, "prefix-tuning": 1e-2,
-              "p-tuning-v2": 3e-3, "ia3": 1e-2, "bottleneck": 1e-3}
+              "p-tuning-v2": 3e-3, "ia3": 1e-2, "bottleneck": 1e-3, FULL: 3e-5}
 DEFAULT_INIT_TEXT = "Read the input carefully and answer with exactly the expected output."
 
 
@@ -135,6 +141,24 @@ class BottleneckTrainable(TrainableAdapter):
         return self.config.to_dict()
 
 
+class FullTrainable(TrainableAdapter):
+    """Full fine-tuning: every base parameter trains; saved as a whole HF model (safetensors)."""
+
+    def __init__(self, base: nn.Module, model_dir: str | Path):
+        self.method, self.model, self.model_dir = FULL, base, str(model_dir)
+        base.requires_grad_(True)
+
+    def save(self, out_dir: str | Path) -> None:
+        """A self-contained HF directory (weights + the base's tokenizer), usable as `--model DIR`."""
+        from transformers import AutoTokenizer
+
+        self.model.save_pretrained(str(out_dir), safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(str(out_dir))
+
+    def describe(self) -> dict:
+        return {"method": FULL, "base_model_name_or_path": self.model_dir, "servable_as_adapter": False}
+
+
 @torch.no_grad()
 def check_reaches_model(model: nn.Module, method: str) -> None:
     """Refuse to train a prompt-learning adapter that cannot reach the base model's forward.
@@ -168,10 +192,12 @@ def check_reaches_model(model: nn.Module, method: str) -> None:
 def build_trainable(method: str, base: nn.Module, model_dir: str | Path, opts: MethodOptions,
                     seed: int) -> TrainableAdapter:
     """Freeze the base and attach a fresh adapter (seeded, so runs are reproducible)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"unknown --method {method!r}; choose from {', '.join(TRAIN_METHODS)}")
     base.requires_grad_(False)
     torch.manual_seed(seed)
+    if method == FULL:
+        return FullTrainable(base, model_dir)
     if method == "bottleneck":
         return BottleneckTrainable(base, model_dir, opts, seed)
     return PeftTrainable(method, base, model_dir, opts)
