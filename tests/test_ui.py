@@ -139,6 +139,35 @@ def test_side_by_side_upload_and_errors_in_a_real_browser(browser, adapter_serve
     assert "bad-one" not in [v.name for v in server.registry.list()]
 
 
+def test_with_only_the_api_key_the_page_lists_adapters_from_v1_models(browser, adapter_server, lib, live_server):
+    """A user who may generate but not manage adapters still picks them (read-only listing)."""
+    from selenium.webdriver.common.by import By
+
+    server = adapter_server(settings=ServerSettings(api_key="user-key-1", admin_key="admin-key-1"))
+    _register(server, "lora-qv", lib.get("qv").dir)
+    live = live_server(server.app)
+    browser.get(f"{live.url}/ui")
+    assert "peftserve playground: sign in" in browser.title
+    browser.find_element(By.NAME, "key").send_keys("user-key-1")
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait(browser, lambda d: _attr(d, "body", "data-ready") == "1")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '.adapter[data-name="lora-qv"]'))
+    assert "need the admin key" in browser.find_element(By.ID, "adapters-note").text
+    row = browser.find_element(By.CSS_SELECTOR, '.adapter[data-name="lora-qv"]')
+    assert "LORA" in row.text and not row.find_elements(By.CSS_SELECTOR, "button.delete")
+    row.find_element(By.CSS_SELECTOR, "input").click()
+    browser.find_element(By.CSS_SELECTOR, '.adapter[data-name="(base)"] input').click()  # only the adapter
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys(PROMPT)
+    browser.find_element(By.ID, "run").click()
+    _wait(browser, lambda d: _attr(d, "#columns", "data-state") == "done", timeout=120)
+    (col,) = browser.find_elements(By.CSS_SELECTOR, "#columns .column")
+    ref = httpx.post(f"{live.url}/generate", json={"prompt": PROMPT, "max_new_tokens": 32, "seed": 0, "adapter": "lora-qv"},
+                     headers={"Authorization": "Bearer user-key-1"}, timeout=60).json()
+    assert col.get_attribute("data-state") == "done" and json.loads(col.get_attribute("data-token-ids")) == ref["token_ids"]
+
+
 def _upload(browser, name: str, config: Path, weights: Path) -> None:
     from selenium.webdriver.common.by import By
 

@@ -61,7 +61,8 @@ function describe(a) {
   if (a.rank !== undefined) parts.push(`r${a.rank}`);
   if (a.num_virtual_tokens !== undefined) parts.push(`${a.num_virtual_tokens} virtual tokens`);
   if (a.placement !== undefined) parts.push(a.placement);
-  parts.push(`v ${a.version}`, a.tier, `${a.requests} req`);
+  parts.push(`v ${a.version}`);
+  if (a.tier !== undefined) parts.push(a.tier, `${a.requests} req`);
   return parts.join(" · ");
 }
 
@@ -83,6 +84,9 @@ function renderAdapters() {
       const meta = document.createElement("span");
       meta.className = "meta";
       meta.textContent = describe(a);
+      box.append(meta);
+    }
+    if (a.kind && !a.readOnly) {
       const del = document.createElement("button");
       del.type = "button";
       del.className = "small delete";
@@ -94,10 +98,20 @@ function renderAdapters() {
         catch (err) { $("#upload-result").textContent = err.plain || String(err); }
         loadAdapters();
       });
-      box.append(meta, del);
+      box.append(del);
     }
     list.append(box);
   }
+}
+
+// With only the API key (not the admin key) GET /adapters is refused; /v1/models lists the same
+// adapters (name, kind, version) to anyone who may generate, so the page still works — without
+// the admin-only details (tier, request counts) and without delete.
+async function listFromModels() {
+  const models = (await (await api("/v1/models")).json()).data;
+  return models.filter((m) => m.parent).map((m) => ({
+    name: m.id, kind: m.peftserve.kind, version: m.peftserve.version, readOnly: true,
+  }));
 }
 
 async function loadAdapters() {
@@ -107,8 +121,16 @@ async function loadAdapters() {
     note.textContent = adapters.length ? "" : "No adapters registered yet: upload one below.";
   } catch (err) {
     adapters = [];
-    note.textContent = err.code === "adapters_disabled" ? "This server runs without an adapter registry."
-      : `Listing adapters failed (${err.plain || err}).`;
+    if (err.code === "adapters_disabled") {
+      note.textContent = "This server runs without an adapter registry.";
+    } else if (err.code === "forbidden" || err.code === "unauthorized") {
+      try {
+        adapters = await listFromModels();
+        note.textContent = "Listed with the API key: uploads and deletes need the admin key.";
+      } catch (err2) { note.textContent = `Listing adapters failed (${err2.plain || err2}).`; }
+    } else {
+      note.textContent = `Listing adapters failed (${err.plain || err}).`;
+    }
   }
   for (const name of [...selected]) if (name !== BASE && !adapters.some((a) => a.name === name)) selected.delete(name);
   renderAdapters();
