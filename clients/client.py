@@ -126,6 +126,17 @@ def _sse_data(line: str):
     return data if data == "[DONE]" else json.loads(data)
 
 
+def _stream_event(line: str):
+    """One SSE line of a /generate stream -> its event dict, "[DONE]", or None for other lines.
+    A failure after the stream started arrives as an event `{"error": {...}}`: raised here, so the
+    sync and async streams share one reading of the protocol."""
+    data = _sse_data(line)
+    if isinstance(data, dict) and "error" in data:
+        e = data["error"]
+        raise ServerError(500, e.get("code", "error"), e.get("message", ""))
+    return data
+
+
 class _Base:
     def __init__(self, base_url: str, api_key: str | None, admin_key: str | None, retry: RetryPolicy | None):
         self.base_url = base_url.rstrip("/")
@@ -188,15 +199,11 @@ class PeftServeClient(_Base):
         resp = self._send("POST", "/generate", stream=True, json={**body, "stream": True})
         try:
             for line in resp.iter_lines():
-                data = _sse_data(line)
-                if data is None:
-                    continue
+                data = _stream_event(line)
                 if data == "[DONE]":
                     return
-                if "error" in data:
-                    e = data["error"]
-                    raise ServerError(500, e.get("code", "error"), e.get("message", ""))
-                yield data
+                if data is not None:
+                    yield data
         finally:
             resp.close()
 
@@ -279,15 +286,11 @@ class AsyncPeftServeClient(_Base):
         resp = await self._send("POST", "/generate", stream=True, json={**body, "stream": True})
         try:
             async for line in resp.aiter_lines():
-                data = _sse_data(line)
-                if data is None:
-                    continue
+                data = _stream_event(line)
                 if data == "[DONE]":
                     return
-                if "error" in data:
-                    e = data["error"]
-                    raise ServerError(500, e.get("code", "error"), e.get("message", ""))
-                yield data
+                if data is not None:
+                    yield data
         finally:
             await resp.aclose()
 
