@@ -207,3 +207,16 @@ def test_client_installs_and_runs_in_a_venv_holding_only_httpx(served, tmp_path)
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "client-ok peftserve.clients.client" in res.stdout and str(env_dir) in res.stdout
+
+
+def test_stream_protocol_raises_in_band_errors_with_their_code():
+    """Both streams read events through one function: an in-band error after the stream started
+    is raised with the server's code, [DONE] ends the stream, other SSE lines are skipped."""
+    from peftserve.clients.client import ServerError, _stream_event
+
+    assert _stream_event('data: {"token_id": 5, "text": "a"}') == {"token_id": 5, "text": "a"}
+    assert _stream_event("data: [DONE]") == "[DONE]"
+    assert _stream_event("") is None and _stream_event(": keep-alive") is None
+    with pytest.raises(ServerError) as info:
+        _stream_event('data: {"error": {"code": "numerical_error", "message": "non-finite"}}')
+    assert info.value.code == "numerical_error" and info.value.status == 500
