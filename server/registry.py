@@ -392,7 +392,14 @@ class AdapterRegistry:
     def attach(self, async_engine) -> None:
         """Once an AsyncEngine runs, device-tier drops must happen on its thread."""
         drop = self._on_drop
-        self._on_drop = lambda ver: async_engine.call(lambda engine: drop(ver))
+
+        def on_engine_thread(ver: AdapterVersion) -> None:
+            # The queued command carries a weightless copy: until the engine thread runs it, the
+            # original (a combination's weights) would count as live against max_combinations.
+            stub = replace(ver, loaded=None)
+            async_engine.call(lambda engine: drop(stub))
+
+        self._on_drop = on_engine_thread
 
     # -- internals ------------------------------------------------------------------------
     def _combined_version(self, loaded: LoadedAdapter, parts: list[AdapterVersion]) -> AdapterVersion:

@@ -241,3 +241,35 @@ def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
         reg.resolve([{"name": "m0", "weight": 100.0}, {"name": "m1", "weight": 100.0}])
     assert info.value.code == "adapter_numerically_unstable" and info.value.status == 422
     assert len(reg.combos) == 1 and reg.get("m0").requests == 1
+
+
+def test_a_queued_device_drop_does_not_keep_combinations_live(wide_loras, tmp_path):
+    """Once attached to an engine, the registry tells the device tier about dropped versions
+    through the engine's command queue. A command not yet run must not hold the dropped
+    combination (and its weights): it would count as live against --max-combinations and a
+    new combination right after a delete would get a spurious 429 (a CI flake, seen once)."""
+    import gc
+
+    spec, arts = wide_loras
+    reg = registry_with(spec, arts, tmp_path / "store", max_combinations=2)
+    drops = []
+
+    class StalledEngine:  # the engine thread has not reached the queued commands yet
+        commands = []
+
+        def call(self, fn):
+            self.commands.append(fn)
+
+    stalled = StalledEngine()
+    reg._on_drop = lambda ver: drops.append(ver.key)
+    reg.attach(stalled)
+    made = [reg.resolve(combo(k, ["m0", "m1"])).version for k in range(2)]
+    reg.delete("m0")
+    assert len(reg.combos) == 0 and stalled.commands
+    gc.collect()
+    assert len(reg._live_combos) == 0, "a queued drop command keeps a dropped combination alive"
+    reg.resolve(combo(0, ["m2", "m3"]))  # no CombinationCapacity
+    reg.resolve(combo(1, ["m2", "m3"]))
+    for fn in stalled.commands:  # the device tier still learns every dropped version
+        fn(None)
+    assert set(made) <= set(drops)
