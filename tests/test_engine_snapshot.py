@@ -178,7 +178,6 @@ async def test_metrics_and_adapter_listing_read_only_the_snapshot_while_a_step_i
               EngineThreadOnly(server.llm.cache, "cache", foreign),
               EngineThreadOnly(server.llm.adapters, "adapter slots", foreign)]
     server.llm.scheduler, server.llm.cache, server.llm.adapters = fences
-    server.state.slots = fences[2]  # what the wiring hands the API, fenced as well
     async with server.client() as client:
         assert (await upload(client, "qv", lib.get("qv"))).status_code == 201
         assert (await upload(client, "mlp", lib.get("mlp"))).status_code == 201
