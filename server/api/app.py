@@ -24,12 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ApiError, Draining, from_adapter_error
+from ..metrics import Metrics
 from ..state import ServerState, get_state
 from . import generate, openai_routes, ui
 from .auth import require_api_key
-from .limits import BodySizeLimitMiddleware
-from ..metrics import Metrics
 from .http_metrics import HttpMetricsMiddleware
+from .limits import BodySizeLimitMiddleware
 from .openai_errors import is_openai_path, openai_error_body
 from .schemas import describe_validation_error
 

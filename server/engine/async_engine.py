@@ -11,8 +11,9 @@ many crashes in a window (supervisor.RestartPolicy) it stays dead.
 
 State for other threads: `snapshot` (observer.EngineSnapshot), rebuilt by the engine thread
 after every loop iteration that changed something (commands applied, a step run) and after a
-reset. Readers (/metrics, GET /adapters, `num_running`/`num_waiting`) take it without a lock and
-never touch the scheduler, the KV allocator or the adapter tier themselves.
+reset. Readers (/metrics, GET /adapters, `num_running`) take it without a lock (`num_waiting`
+pairs it with the not-yet-drained submissions under `_lock`) and never touch the scheduler, the
+KV allocator or the adapter tier themselves.
 """
 
 from __future__ import annotations
