@@ -199,7 +199,7 @@ def serve(args) -> int:
 
     from ..adapters.base_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, BaseModelError, load_base_model, parse_dtype
     from .api.app import create_app
-    from .api.metrics import Metrics
+    from .metrics import Metrics
     from .engine.async_engine import AsyncEngine
     from .engine.config import EngineConfig
     from pathlib import Path
@@ -291,15 +291,13 @@ def _make_server_class():
             return await super().on_tick(counter)
 
         async def _drain(self) -> None:
-            from .api.app import _abort_all
-
             state = self.state
             deadline = time.monotonic() + state.settings.drain_timeout_s
             while state.inflight > 0 and time.monotonic() < deadline and not self.should_exit:
                 await asyncio.sleep(0.05)
             if state.inflight > 0 and state.engine.running:
                 log.warning("drain timeout: aborting in-flight requests", extra={"inflight": state.inflight})
-                await asyncio.to_thread(_abort_all, state.engine)
+                await asyncio.to_thread(state.engine.abort_all)
                 grace = time.monotonic() + 2.0
                 while state.inflight > 0 and time.monotonic() < grace:
                     await asyncio.sleep(0.05)

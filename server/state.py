@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 MiB = 1024 * 1024
 
@@ -36,7 +39,7 @@ class ServerState:
     model_name: str
     registry: Any = None  # adapter registry (`resolve(spec) -> handle`); None = base model only
     settings: ServerSettings = field(default_factory=ServerSettings)
-    metrics: Any = None  # peftserve.server.api.metrics.Metrics; create_app makes one when None
+    metrics: Metrics | None = None  # create_app makes one when None
     draining: bool = False  # set on SIGTERM: /ready -> 503, new requests -> 503 draining
     inflight: int = 0  # accepted generate requests whose response has not finished
 

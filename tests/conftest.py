@@ -69,7 +69,7 @@ class Server:
 
     def __init__(self, hf_model, tokenizer, config, settings=None, registry=None, start=True):
         from peftserve.server.api.app import create_app
-        from peftserve.server.api.metrics import Metrics
+        from peftserve.server.metrics import Metrics
         from peftserve.server.engine.async_engine import AsyncEngine
         from peftserve.server.engine.engine import LLMEngine
         from peftserve.server.state import ServerSettings, ServerState

@@ -656,7 +656,7 @@ async def test_metrics_endpoint(make_server):
 
 
 def test_metrics_per_app_registry_and_adapter_label_bound():
-    from peftserve.server.api.metrics import Metrics
+    from peftserve.server.metrics import Metrics
 
     class Handle:
         def __init__(self, name):
@@ -718,7 +718,7 @@ _SERVE_SCRIPT = textwrap.dedent("""
     from transformers import AutoTokenizer
     from peftserve.adapters.base_model import resolve_model_dir
     from peftserve.server.api.app import create_app
-    from peftserve.server.api.metrics import Metrics
+    from peftserve.server.metrics import Metrics
     from peftserve.server.cli import configure_logging, run_server
     from peftserve.server.engine.async_engine import AsyncEngine
     from peftserve.server.engine.config import EngineConfig

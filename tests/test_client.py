@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peftserve.clients import PeftServeClient, PeftServeError
 from peftserve.server.api import adapters as adapters_api
 from peftserve.server.api.app import create_app
-from peftserve.server.api.metrics import Metrics
+from peftserve.server.metrics import Metrics
 from peftserve.server.engine.async_engine import AsyncEngine
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.factory import build_serving

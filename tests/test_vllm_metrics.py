@@ -63,7 +63,7 @@ async def test_vllm_names_mirror_ours(adapter_server, lib):
 
 
 async def test_vllm_names_can_be_turned_off(make_server):
-    from peftserve.server.api.metrics import Metrics
+    from peftserve.server.metrics import Metrics
 
     server = make_server()
     assert server.metrics.vllm is not None  # on by default

@@ -38,8 +38,8 @@ def _registry(request: Request):
 
 def _info(request: Request, ver) -> dict:
     state = get_state(request)
-    slots = getattr(state, "slots", None)
-    resident = slots is not None and ver.key in slots.key_slot
+    # device residency as of the engine's last published snapshot (never the slot tables themselves)
+    resident = ver.key in state.engine.snapshot.device_versions
     return version_info(state.registry, ver, device_resident=resident)
 
 

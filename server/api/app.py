@@ -14,7 +14,6 @@ OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with the same s
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
@@ -25,11 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ApiError, Draining, from_adapter_error
+from ..metrics import Metrics
 from ..state import ServerState, get_state
 from . import generate, openai_routes, ui
 from .auth import require_api_key
+from .http_metrics import HttpMetricsMiddleware
 from .limits import BodySizeLimitMiddleware
-from .metrics import HttpMetricsMiddleware, Metrics
 from .openai_errors import is_openai_path, openai_error_body
 from .schemas import describe_validation_error
 
@@ -134,24 +134,9 @@ def docs_router(app: FastAPI) -> APIRouter:
     return router
 
 
-def _abort_all(engine, timeout: float = 2.0) -> None:
-    """Abort every request the engine holds (runs on the engine thread; waits until it ran)."""
-    done = threading.Event()
-
-    def run(e):
-        try:
-            for seq in list(e.scheduler.running) + list(e.scheduler.waiting):
-                e.abort(seq)
-        finally:
-            done.set()
-
-    engine.call(run)
-    done.wait(timeout)
-
-
 def stop_engine(state: ServerState) -> None:
     if state.engine.running:
-        _abort_all(state.engine)
+        state.engine.abort_all()
     state.engine.stop()
 
 

@@ -8,6 +8,12 @@ Supervision: if the loop dies anyway (an exception escaping `step()`), the reque
 get an `engine_restarted` error, the engine's per-request state is reset (same model, KV
 tensors and registry) and the loop runs again after a backoff, in the same thread; after too
 many crashes in a window (supervisor.RestartPolicy) it stays dead.
+
+State for other threads: `snapshot` (observer.EngineSnapshot), rebuilt by the engine thread
+after every loop iteration that changed something (commands applied, a step run) and after a
+reset. Readers (/metrics, GET /adapters, `num_running`) take it without a lock (`num_waiting`
+pairs it with the not-yet-drained submissions under `_lock`) and never touch the scheduler, the
+KV allocator or the adapter tier themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import weakref
 from collections.abc import AsyncIterator
 
 from .engine import LLMEngine
+from .observer import EngineSnapshot
 from .request import ErrorCode, FinishReason, SamplingParams, Sequence, SeqStatus, TokenEvent
 from .supervisor import EngineState, RestartPolicy, RestartTracker
 
@@ -47,11 +54,16 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._pending = 0  # submitted but not yet seen by the engine thread
+        self._pending = 0  # submitted but not yet counted by a published snapshot
+        self._drained = 0  # of those, added to the scheduler since the last snapshot (engine thread)
+        self._steps = 0  # steps that processed tokens (engine thread)
+        self._resets = 0
         self._live: set[Sequence] = set()  # not finished yet (engine thread + event loop)
         self._lock = threading.Lock()
         self.idle_wait_s = idle_wait_s
         self.dead_reason: str | None = None  # internal (logs, tests); clients get a generic message
+        # no engine thread yet: built here, then only ever by the engine thread (_publish)
+        self.snapshot: EngineSnapshot = engine.snapshot()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -78,11 +90,15 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.num_waiting + self._pending
+        """Queued requests: the published snapshot's plus submissions it does not count yet.
+        Never under the live count (a submission leaves `_pending` only in the snapshot that
+        counts it), so the queue-full check stays a hard bound."""
+        with self._lock:
+            return self.snapshot.waiting + self._pending
 
     @property
     def num_running(self) -> int:
-        return self.engine.num_running
+        return self.snapshot.running
 
     def call(self, fn) -> None:
         """Run `fn(engine)` on the engine thread between steps (registry swaps, merges...)."""
@@ -110,6 +126,21 @@ class AsyncEngine:
     def abort(self, seq: Sequence) -> None:
         self._commands.put(("abort", seq))
 
+    def abort_all(self, timeout: float = 2.0) -> None:
+        """Abort every request the engine holds (on the engine thread); wait until it ran, at
+        most `timeout` seconds. For shutdown: the streams end with `abort` events."""
+        done = threading.Event()
+
+        def run(engine: LLMEngine) -> None:
+            try:
+                for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                    engine.abort(seq)
+            finally:
+                done.set()
+
+        self.call(run)
+        done.wait(timeout)
+
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         """The supervisor: run the loop; when it dies, fail what it held, reset, back off, rerun."""
@@ -125,9 +156,21 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.engine.has_work())
+            changed = self._drain(block=not self.engine.has_work())
             if self.engine.has_work():
-                self.engine.step()
+                if self.engine.step():
+                    self._steps += 1
+                changed = True
+            if changed:
+                self._publish()
+
+    def _publish(self) -> None:
+        """Build the engine's snapshot and make it the one readers see (engine thread)."""
+        snap = self.engine.snapshot(steps=self._steps, resets=self._resets)
+        with self._lock:  # num_waiting reads snapshot + _pending as one pair
+            self._pending -= self._drained  # the adds drained since the last snapshot are in this one
+            self._drained = 0
+            self.snapshot = snap
 
     def _recover(self, detail: str) -> bool:
         """After a crash: True once the loop may run again, False when the engine stays dead."""
@@ -135,6 +178,8 @@ class AsyncEngine:
         self.state = EngineState.RESTARTING if delay is not None else EngineState.DEAD
         try:
             self.engine.reset()
+            self._resets += 1
+            self._publish()  # readers see the emptied engine, not the crashed step's state
         except BaseException as exc:  # cannot rebuild: stay dead
             log.exception("engine reset failed")
             detail, delay = f"{detail}; reset failed: {type(exc).__name__}", None
@@ -152,22 +197,22 @@ class AsyncEngine:
         log.warning("engine loop restarted", extra={"restarts": self.restarts, "backoff_s": delay})
         return True
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> bool:
+        """Apply every queued command; True when there was at least one."""
         try:
             cmd, arg = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             self._apply(cmd, arg)
             try:
                 cmd, arg = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _apply(self, cmd: str, arg) -> None:
         if cmd == "add":
-            with self._lock:
-                self._pending -= 1
+            self._drained += 1  # leaves _pending when the next snapshot counts it
             if arg.status is SeqStatus.FINISHED:  # failed while queued (engine restart)
                 return
             if arg.cancelled:

@@ -24,6 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCache, SlotAllocator
 from .logprobs import token_logprobs
 from .model import PackedCausalLM
+from .observer import EngineObserver, EngineSnapshot, adapter_names, device_residency
 from .penalties import apply_penalties
 from .request import ErrorCode, FinishReason, Sequence, SeqStatus, TokenEvent
 from .runner import ModelRunner
@@ -58,12 +59,6 @@ class NoAdapters:
 
     def reset(self):
         pass
-
-
-class EngineObserver(Protocol):
-    def on_step(self, batch_size: int, num_tokens: int, seconds: float) -> None: ...
-    def on_token(self, seq: Sequence, now: float) -> None: ...
-    def on_finish(self, seq: Sequence, now: float) -> None: ...
 
 
 def eos_ids(hf_model, tokenizer) -> set[int]:
@@ -155,6 +150,17 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    def snapshot(self, steps: int = 0, resets: int = 0) -> EngineSnapshot:
+        """The state other threads may read, as of now. Engine thread only (it walks the
+        queues and the adapter tier); `AsyncEngine` publishes the result (observer.py)."""
+        sched, kv = self.scheduler, self.cache.slots
+        return EngineSnapshot(
+            running=len(sched.running), waiting=len(sched.waiting),
+            kv_slots_free=kv.num_free, kv_slots_total=kv.num_slots,
+            running_adapters=adapter_names(sched.running), waiting_adapters=adapter_names(sched.waiting),
+            max_adapters_per_batch=self.config.max_adapters_per_batch,
+            steps=steps, resets=resets, **device_residency(self.adapters))
 
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> int:

@@ -98,7 +98,7 @@ def build_state(cfg: RayServeConfig):
 
     from ..api import adapters as adapters_api
     from ..api.app import create_app
-    from ..api.metrics import Metrics
+    from ..metrics import Metrics
     from ..cli import _version
     from ..engine.async_engine import AsyncEngine
     from ..engine.config import EngineConfig

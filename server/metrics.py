@@ -1,22 +1,26 @@
 """Prometheus metrics: one registry per app (never the global default), fed by the engine.
 
-`Metrics` is both the engine's `EngineObserver` (per-token / per-request / per-step callbacks on
-the engine thread; prometheus_client is thread-safe) and the owner of the HTTP-level counters.
-Gauges that describe the current state (queue depth, KV usage, health) are computed at scrape
-time by a collector, so they are never stale. Names follow vLLM's with the `peftserve_` prefix.
+`Metrics` is both the engine's `EngineObserver` (engine/observer.py: per-token / per-request /
+per-step / adapter-slot callbacks on the engine thread; prometheus_client is thread-safe) and the
+owner of the HTTP-level counters (fed by `api/http_metrics.py`'s middleware). Gauges that describe the
+current state (queue depth, KV usage, health) are computed at scrape time from the engine's
+published snapshot (`AsyncEngine.snapshot`), never from the engine thread's own structures. Names
+follow vLLM's with the `peftserve_` prefix. The `/metrics` route only renders the registry.
+
+No web framework here (the API layer imports this module, never the other way round); the
+adapter series live in metrics_adapters.py, vLLM's names for the same data in metrics_vllm.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .adapter_metrics import AdapterMetrics
-from .vllm_metrics import VllmMetrics
+from .metrics_adapters import AdapterMetrics
+from .metrics_vllm import VllmMetrics
 
 # `*_created` series double every counter/histogram and no dashboard reads them (process-wide switch)
 disable_created_metrics()
@@ -72,7 +76,8 @@ class _LabelLimiter:
 
 
 class _StateCollector:
-    """Scrape-time gauges read from the bound ServerState (zeros until bound)."""
+    """Scrape-time gauges of the bound ServerState (zeros until bound): the engine's published
+    snapshot, its lifecycle flags and the server's draining flag."""
 
     def __init__(self):
         self.state = None
@@ -90,9 +95,9 @@ class _StateCollector:
         healthy = draining = restarts = 0
         if state is not None:
             engine = state.engine
-            running, waiting = engine.num_running, engine.num_waiting
-            slots = engine.engine.cache.slots
-            kv = 1.0 - slots.num_free / slots.num_slots if slots.num_slots else 0.0
+            snap = engine.snapshot  # one consistent state, published by the engine thread
+            running, kv = snap.running, snap.kv_usage
+            waiting = engine.num_waiting  # the snapshot's queue + submissions not drained into it yet
             healthy = int(engine.running)
             draining = int(state.draining)
             restarts = int(getattr(engine, "restarts", 0))
@@ -109,7 +114,7 @@ class _StateCollector:
 
 
 class Metrics:
-    """Per-app metrics registry + EngineObserver implementation."""
+    """Per-app metrics registry + EngineObserver implementation (engine/observer.py)."""
 
     def __init__(self, *, base_model: str = "", dtype: str = "", version: str = "", max_adapter_labels: int = 64,
                  vllm_names: bool = True):
@@ -153,7 +158,7 @@ class Metrics:
         self._collector = _StateCollector()
         r.register(self._collector)
         self.adapters = AdapterMetrics(r)
-        # vLLM's names for the same data (vllm_metrics.py); None when --no-vllm-metric-names
+        # vLLM's names for the same data (metrics_vllm.py); None when --no-vllm-metric-names
         self.vllm = VllmMetrics(r, TTFT_BUCKETS, ITL_BUCKETS, REQUEST_LATENCY_BUCKETS) if vllm_names else None
 
     def bind(self, state) -> None:
@@ -164,13 +169,14 @@ class Metrics:
             names = tuple(getattr(state.settings, "served_model_names", ()) or ()) or (state.model_name,)
             self.vllm.bind(state, names[0])
 
-    # adapter events (device tier on the engine thread, uploads on the API)
+    # -- EngineObserver: adapter device tier (engine thread) ---------------------------------
     def on_adapter_load(self, adapter, seconds: float) -> None:
         self.adapters.on_adapter_load(adapter, seconds)
 
     def on_adapter_evict(self) -> None:
         self.adapters.on_adapter_evict()
 
+    # -- adapter uploads (API) -------------------------------------------------------------
     def adapter_upload(self, result: str, reason: str = "", nbytes: int = 0, seconds: float = 0.0) -> None:
         self.adapters.adapter_upload(result, reason, nbytes, seconds)
 
@@ -217,37 +223,3 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class HttpMetricsMiddleware:
-    """Pure ASGI middleware counting `peftserve_requests_total{endpoint,status}`.
-
-    `endpoint` is the matched route's path template (bounded cardinality); unmatched paths are
-    counted as "other". A client that went away before the response started counts as 499.
-    """
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = {"code": 0}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except BaseException as exc:
-            if not status["code"]:
-                status["code"] = 499 if isinstance(exc, asyncio.CancelledError) else 500
-            raise
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "other"
-            self.metrics.observe_http(endpoint, status["code"] or 499)

@@ -3,6 +3,9 @@
 `peftserve_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}` mirrors
 `vllm:lora_requests_info` (value = scrape timestamp), which LoRA-affinity routers such as the
 Kubernetes Gateway API Inference Extension read.
+
+Live state comes from the registry's own thread-safe accessors and from the engine's published
+snapshot (device residency, running/waiting adapters), never from the engine thread's structures.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ BYTES_BUCKETS = tuple(float(1 << k) for k in range(10, 31, 2))
 
 
 class AdapterMetrics:
+    """The adapter series: event counters (fed through `Metrics`) + a scrape-time collector."""
+
     def __init__(self, registry):
         r = registry
         self.loads = Counter("peftserve_adapter_loads", "Adapters loaded into a device slot.", ["kind"], registry=r)
@@ -50,6 +55,8 @@ class AdapterMetrics:
 
 
 class _AdapterCollector:
+    """Registered / resident / memory gauges from the bound ServerState (nothing until bound)."""
+
     def __init__(self, owner: AdapterMetrics):
         self.owner = owner
 
@@ -59,14 +66,15 @@ class _AdapterCollector:
     def collect(self):
         state = self.owner.state
         reg = getattr(state, "registry", None) if state is not None else None
-        slots = getattr(state, "slots", None) if state is not None else None
         if reg is None:
             return []
+        snap = state.engine.snapshot
+        device_tier = snap.adapter_slots_total is not None
         versions = reg.list()
         in_memory = sum(1 for v in versions if v.loaded is not None)
         g = GaugeMetricFamily("peftserve_adapters_registered", "Registered adapters.", value=len(versions))
         tiers = GaugeMetricFamily("peftserve_adapters_resident", "Adapters resident per tier.", labels=["tier"])
-        tiers.add_metric(["device"], slots.resident if slots else 0)
+        tiers.add_metric(["device"], snap.adapter_slots_resident if device_tier else 0)
         tiers.add_metric(["memory"], in_memory)  # the tier names GET /adapters uses: device, memory, disk
         tiers.add_metric(["disk"], len(versions))
         mem = GaugeMetricFamily("peftserve_adapter_memory_bytes",
@@ -84,22 +92,18 @@ class _AdapterCollector:
         for reason in ("hash_mismatch", "missing", "unreadable", "invalid"):
             errors.add_metric([reason], reg.store_errors.get(reason, 0))
         out = [g, tiers, mem, budget, hits, combos, errors]
-        if state is not None and slots is not None:
-            out.append(_lora_info(state, slots))
+        if device_tier:
+            out.append(_lora_info(snap))
         return out
 
 
-def _names(seqs) -> str:
-    try:
-        names = sorted({s.adapter.name for s in list(seqs) if s.adapter is not None})
-    except RuntimeError:  # the engine thread changed the queue mid-copy; next scrape is fine
-        names = []
-    return ",".join(names)
+def lora_info_labels(snap, max_lora: int) -> list[str]:
+    """vLLM's `lora_requests_info` label values: comma-joined sorted adapter names, max_lora."""
+    return [",".join(snap.running_adapters), ",".join(snap.waiting_adapters), str(max_lora)]
 
 
-def _lora_info(state, slots) -> GaugeMetricFamily:
-    sched = state.engine.engine.scheduler
+def _lora_info(snap) -> GaugeMetricFamily:
     info = GaugeMetricFamily("peftserve_lora_requests_info", "Running/waiting adapters (vLLM lora_requests_info).",
                              labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-    info.add_metric([_names(sched.running), _names(sched.waiting), str(slots.num_slots)], time.time())
+    info.add_metric(lora_info_labels(snap, snap.adapter_slots_total), time.time())
     return info

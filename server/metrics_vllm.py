@@ -7,7 +7,7 @@ scrape time; the newest sample wins); vLLM's Grafana dashboard reads the latency
 token counters below, all labelled `model_name` (the first `--served-model-name`).
 
 Same data as the `peftserve_*` series (fed by the same engine callbacks, read from the same
-scheduler at scrape time): only the names and the `model_name` label differ. Off with
+engine snapshot at scrape time): only the names and the `model_name` label differ. Off with
 `--no-vllm-metric-names`.
 """
 
@@ -18,12 +18,14 @@ import time
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from .adapter_metrics import _names
+from .metrics_adapters import lora_info_labels
 
 SUCCESS_REASONS = ("length", "stop", "eos")
 
 
 class VllmMetrics:
+    """vLLM-named histograms/counters (fed through `Metrics`) + gauges from the engine snapshot."""
+
     def __init__(self, registry, ttft_buckets, itl_buckets, latency_buckets):
         r = registry
         self.model_name = ""
@@ -84,6 +86,8 @@ def _reason(reason: str) -> str:
 
 
 class _Collector:
+    """vLLM's scrape-time gauges, from the bound state's engine snapshot (nothing until bound)."""
+
     def __init__(self, owner: VllmMetrics):
         self.owner = owner
 
@@ -95,22 +99,21 @@ class _Collector:
         if state is None:
             return []
         engine = state.engine
-        slots = engine.engine.cache.slots
-        kv = 1.0 - slots.num_free / slots.num_slots if slots.num_slots else 0.0
+        snap = engine.snapshot  # one consistent state, published by the engine thread
+        kv = snap.kv_usage
         out = []
         for name, doc, value in (
-                ("vllm:num_requests_running", "Requests running (own a KV slot).", engine.num_running),
+                ("vllm:num_requests_running", "Requests running (own a KV slot).", snap.running),
+                # the snapshot's queue + submissions not drained into it yet
                 ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
                 ("vllm:kv_cache_usage_perc", "KV-cache usage (0..1).", kv),
                 ("vllm:gpu_cache_usage_perc", "KV-cache usage (0..1), older vLLM name.", kv)):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([m], value)
             out.append(g)
-        sched = engine.engine.scheduler
-        adapter_slots = getattr(state, "slots", None)
-        max_lora = adapter_slots.num_slots if adapter_slots is not None else engine.engine.config.max_adapters_per_batch
+        max_lora = snap.adapter_slots_total if snap.adapter_slots_total is not None else snap.max_adapters_per_batch
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running/waiting adapters (value: scrape time).",
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
-        info.add_metric([_names(sched.running), _names(sched.waiting), str(max_lora)], time.time())
+        info.add_metric(lora_info_labels(snap, max_lora), time.time())
         out.append(info)
         return out

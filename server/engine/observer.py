@@ -1,0 +1,106 @@
+"""What the engine tells the rest of the server: events through an observer, state through a snapshot.
+
+Both channels point one way, out of the engine thread, so nothing outside it ever reads the
+structures the engine thread mutates (the scheduler's queues, the KV-slot allocator, the adapter
+device tier) — reading them from the event loop raced with the step (a `deque mutated during
+iteration` RuntimeError was caught and hidden in the scrape).
+
+- `EngineObserver`: per-event callbacks, called synchronously on the engine thread (a step ran,
+  a token was emitted, a request finished, an adapter was installed in / evicted from a device
+  slot). Implementations must be cheap and thread-safe towards their own readers;
+  `peftserve.server.metrics.Metrics` implements it with prometheus_client.
+- `EngineSnapshot`: the live state other threads may read (queue depths, KV-slot and adapter-slot
+  use), built by the engine thread (`LLMEngine.snapshot()`) and published by `AsyncEngine` after
+  every loop iteration that changed something and after a supervisor reset, by rebinding one
+  attribute. The snapshot is frozen and holds only immutable values, and rebinding an attribute
+  is atomic in CPython, so a reader takes `engine.snapshot` once and gets one consistent state,
+  without a lock and without ever blocking the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, runtime_checkable
+
+from .request import Sequence
+
+
+@runtime_checkable
+class EngineObserver(Protocol):
+    """Engine-thread event callbacks. An exception raised here fails at most the request it
+    concerns (engine.py), never the step; keep them cheap: they run inside the step."""
+
+    def on_step(self, batch_size: int, num_tokens: int, seconds: float) -> None:
+        """A step ran `batch_size` rows, `num_tokens` tokens in all, in `seconds` (forward to emit)."""
+
+    def on_token(self, seq: Sequence, now: float) -> None:
+        """`seq` emitted a token at `now` (time.monotonic); `seq.last_token_at` is still the previous one."""
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        """`seq` finished (`seq.finish_reason` is set); `now` is 0.0 when the supervisor failed it."""
+
+    def on_adapter_load(self, adapter, seconds: float) -> None:
+        """The device tier installed `adapter` (a registry version) in a slot, taking `seconds`."""
+
+    def on_adapter_evict(self) -> None:
+        """The device tier evicted an adapter from a slot."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's live state as of one moment on the engine thread (every field immutable).
+
+    Counts are of sequences (requests, or one `n` choice each); `waiting` is the scheduler's
+    queue only — `AsyncEngine.num_waiting` adds the submissions not drained into it yet.
+    """
+
+    running: int = 0  # sequences admitted to the batch (each owns a KV slot)
+    waiting: int = 0  # sequences queued in the scheduler, not admitted yet
+    kv_slots_free: int = 0  # KV-cache rows (one per running sequence) not in use
+    kv_slots_total: int = 0  # = max_batch_size
+    running_adapters: tuple[str, ...] = ()  # sorted distinct adapter names of the running sequences
+    waiting_adapters: tuple[str, ...] = ()  # same for the waiting ones
+    max_adapters_per_batch: int = 0  # EngineConfig.max_adapters_per_batch
+    # adapter device tier; None when the engine runs without one (base model only)
+    adapter_slots_total: int | None = None
+    device_versions: frozenset[str] = frozenset()  # version keys installed in a device slot
+    pinned_versions: frozenset[str] = frozenset()  # ... of which a running sequence uses these
+    steps: int = 0  # engine steps that processed tokens since the AsyncEngine was made
+    resets: int = 0  # supervisor resets of the engine's per-request state (crashed loops)
+
+    @property
+    def kv_slots_used(self) -> int:
+        return self.kv_slots_total - self.kv_slots_free
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV-cache slots in use, 0..1 (0 for an engine without slots)."""
+        return 1.0 - self.kv_slots_free / self.kv_slots_total if self.kv_slots_total else 0.0
+
+    @property
+    def adapter_slots_resident(self) -> int:
+        """Device slots holding an adapter (pinned or not)."""
+        return len(self.device_versions)
+
+
+def adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+    """Sorted distinct names of the adapters `seqs` use (base-model sequences add none)."""
+    names = {getattr(seq.adapter, "name", None) for seq in seqs if seq.adapter is not None}
+    return tuple(sorted(n for n in names if isinstance(n, str)))
+
+
+def device_residency(runtime) -> dict:
+    """The adapter device tier's state as snapshot fields (engine thread only).
+
+    Reads the tier's slot tables — `num_slots`, `slot_key` (slot -> version key) and `pins`
+    (slot -> running sequences using it), as `AdapterSlots` keeps them; a runtime without them
+    (`NoAdapters`: base model only) has no device tier.
+    """
+    num_slots = getattr(runtime, "num_slots", None)
+    slot_key = getattr(runtime, "slot_key", None)
+    if num_slots is None or slot_key is None:
+        return {}
+    pins = getattr(runtime, "pins", {})
+    return {"adapter_slots_total": int(num_slots),
+            "device_versions": frozenset(slot_key.values()),
+            "pinned_versions": frozenset(key for slot, key in slot_key.items() if pins.get(slot, 0) > 0)}
