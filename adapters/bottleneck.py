@@ -26,12 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftserve.adapters import errors
+from peftserve.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME
 from peftserve.adapters.bottleneck_ops import ACTIVATIONS, bottleneck_delta
 from peftserve.adapters.errors import AdapterError
 
 PEFT_TYPE = "BOTTLENECK"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 # Which sublayers each placement adapts, and whether the adapter reads the sublayer input.
 PLACEMENTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "houlsby": (("attn", "mlp"), False),

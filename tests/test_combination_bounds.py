@@ -19,6 +19,7 @@ import torch
 from peftserve.adapters.safetensors_io import read_safetensors
 from peftserve.server.registry import AdapterRegistry, RegistrySettings
 from peftserve.adapters.spec import BaseModelSpec
+from peftserve.server.errors import http_status
 from tests.test_adapters_api import (  # noqa: F401  (fixtures)
     P,
     adapter_server,
@@ -208,12 +209,12 @@ def test_combinations_held_by_requests_count_and_a_flood_is_429(wide_loras, tmp_
     keep.clear()
     reg2.resolve(combo(5, ["m0", "m1"]))
     # a combination larger than the whole budget can never fit: 422, not "retry later"
-    from peftserve.server.combine import InvalidCombination
+    from peftserve.adapters.errors import InvalidCombination
 
     reg3 = registry_with(spec, arts, tmp_path / "store3", max_cpu_bytes=held[0].nbytes - 1)
     with pytest.raises(InvalidCombination) as too_big:
         reg3.resolve(combo(0, ["m0", "m1"]))
-    assert too_big.value.status == 422
+    assert http_status(too_big.value) == 422  # the API edge's one error table
 
 
 def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
@@ -239,7 +240,7 @@ def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
     assert reg.resolve([{"name": "m0", "weight": 1.0}, {"name": "m1", "weight": 1.0}]).nbytes > 0
     with pytest.raises(AdapterError) as info:
         reg.resolve([{"name": "m0", "weight": 100.0}, {"name": "m1", "weight": 100.0}])
-    assert info.value.code == "adapter_numerically_unstable" and info.value.status == 422
+    assert info.value.code == "adapter_numerically_unstable" and http_status(info.value) == 422
     assert len(reg.combos) == 1 and reg.get("m0").requests == 1
 
 
