@@ -47,11 +47,9 @@ def smollm_tokenizer():
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**TINY_CONFIG, "vocab_size": vocab_size, **overrides})
-    return LlamaForCausalLM(cfg).to(torch.float32).eval().requires_grad_(False)
+    return tiny_llama(seed, **{**TINY_CONFIG, "vocab_size": vocab_size, **overrides}).requires_grad_(False)
 
 
 @pytest.fixture

@@ -50,13 +50,11 @@ def wide_loras(tmp_path_factory):
     """4 PEFT LoRAs (r16, all 7 linear kinds) on a 2-layer, hidden-512 Llama: a 4-member
     combination is 4.5 MB, so 100 unbounded combinations would hold ~450 MB."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_llama
 
     def base():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        return tiny_llama(0, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                           num_key_value_heads=8, vocab_size=128, max_position_embeddings=256)
-        return LlamaForCausalLM(cfg).eval()
 
     spec = BaseModelSpec.from_model(base())
     arts = []
