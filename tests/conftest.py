@@ -47,7 +47,10 @@ def smollm_tokenizer():
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    from tests.tiny import tiny_llama
+    try:
+        from tests.tiny import tiny_llama
+    except ImportError:  # conftest imported from tests/ on sys.path (subprocess scripts)
+        from tiny import tiny_llama
 
     return tiny_llama(seed, **{**TINY_CONFIG, "vocab_size": vocab_size, **overrides}).requires_grad_(False)
 
