@@ -22,12 +22,12 @@ from .config import (
     parse_adapter_config,
 )
 from .errors import (
-    ADAPTER_TOO_LARGE,
     BASE_MODEL_MISMATCH,
     INVALID_ARTIFACT,
-    INVALID_SAFETENSORS,
     UNSUPPORTED_ADAPTER,
     AdapterError,
+    AdapterTooLarge,
+    NeverLoadedFormat,
 )
 from .ia3 import load_ia3
 from .lora import load_lora
@@ -35,6 +35,7 @@ from .prompt_learning import load_prompt_learning
 from .safetensors_io import read_safetensors
 from .spec import BaseModelSpec
 
+# The two files of an adapter directory (PEFT's save_pretrained names): the one definition.
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Pickle-based weight files PEFT/torch may write. Their presence never leads to loading them.
@@ -108,7 +109,7 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
     limits = limits or AdapterLimits()
     weights_size = memoryview(weights_bytes).nbytes
     if weights_size > limits.max_bytes:  # cheapest check first
-        raise AdapterError(ADAPTER_TOO_LARGE, f"weights are {weights_size} bytes, limit is {limits.max_bytes}")
+        raise AdapterTooLarge(f"weights are {weights_size} bytes, limit is {limits.max_bytes}")
     cfg = parse_adapter_config(bytes(config_bytes), max_rank=limits.max_rank,
                                max_virtual_tokens=limits.max_virtual_tokens,
                                max_config_bytes=limits.max_config_bytes)
@@ -156,7 +157,7 @@ def read_inside(root: Path, name: str, max_bytes: int) -> bytes | None:
         if not stat.S_ISREG(st.st_mode):
             raise AdapterError(INVALID_ARTIFACT, f"{name} is not a regular file")
         if st.st_size > max_bytes:
-            raise AdapterError(ADAPTER_TOO_LARGE, f"{name} is {st.st_size} bytes, limit is {max_bytes}")
+            raise AdapterTooLarge(f"{name} is {st.st_size} bytes, limit is {max_bytes}")
         chunks, total = [], 0
         while total <= max_bytes:  # read at most max_bytes + 1: notice a file that grew after fstat
             chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
@@ -168,16 +169,15 @@ def read_inside(root: Path, name: str, max_bytes: int) -> bytes | None:
     finally:
         os.close(fd)
     if len(data) > max_bytes:
-        raise AdapterError(ADAPTER_TOO_LARGE, f"{name} exceeds {max_bytes} bytes")
+        raise AdapterTooLarge(f"{name} exceeds {max_bytes} bytes")
     return data
 
 
-def load_adapter_dir(path: str | os.PathLike, spec: BaseModelSpec, limits: AdapterLimits | None = None,
-                     *, strict_base: bool = False) -> LoadedAdapter:
-    """Load `adapter_config.json` + `adapter_model.safetensors` from a PEFT save_pretrained directory.
-
-    Pickle weights (`adapter_model.bin`, ...) are never opened: a directory holding only those is
-    refused with invalid_safetensors / 415.
+def read_adapter_dir(path: str | os.PathLike, limits: AdapterLimits | None = None) -> tuple[bytes, bytes]:
+    """(config bytes, weights bytes) of a PEFT save_pretrained directory: the one directory reader
+    (preload, the registry's `import_dir`, `load_adapter_dir`). Bounded reads of regular files
+    inside the directory only; pickle weights (`adapter_model.bin`, ...) are never opened: a
+    directory holding only those is refused with `NeverLoadedFormat` (invalid_safetensors, 415).
     """
     limits = limits or AdapterLimits()
     root = Path(os.path.realpath(path))
@@ -186,10 +186,17 @@ def load_adapter_dir(path: str | os.PathLike, spec: BaseModelSpec, limits: Adapt
     weights = read_inside(root, WEIGHTS_NAME, limits.max_bytes)
     if weights is None:
         if any(os.path.lexists(root / n) for n in _PICKLE_NAMES):
-            raise AdapterError(INVALID_SAFETENSORS, "only pickle weights (adapter_model.bin) found: pickle is "
-                               f"never loaded; provide {WEIGHTS_NAME}", status=415)
+            raise NeverLoadedFormat("only pickle weights (adapter_model.bin) found: pickle is "
+                                    f"never loaded; provide {WEIGHTS_NAME}")
         raise AdapterError(INVALID_ARTIFACT, f"{WEIGHTS_NAME} not found in adapter directory")
     config = read_inside(root, CONFIG_NAME, limits.max_config_bytes)
     if config is None:
         raise AdapterError(INVALID_ARTIFACT, f"{CONFIG_NAME} not found in adapter directory")
+    return config, weights
+
+
+def load_adapter_dir(path: str | os.PathLike, spec: BaseModelSpec, limits: AdapterLimits | None = None,
+                     *, strict_base: bool = False) -> LoadedAdapter:
+    """Read (`read_adapter_dir`) and validate (`load_adapter`) an adapter directory."""
+    config, weights = read_adapter_dir(path, limits)
     return load_adapter(config, weights, spec, limits, strict_base=strict_base)

@@ -105,3 +105,32 @@ def load_base_model(model: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dt
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     lm.to(device).eval().requires_grad_(False)
     return lm, tok, model_dir
+
+
+# -- a tiny random model for smoke runs (server/evaluation/compare_zh.py, benchmarks/scaleout.py, tests) --
+# A random 2-layer Llama (hidden 64) over the default tokenizer's vocabulary: every training
+# method runs in seconds on it, and saved with that tokenizer it is a `--model DIR` like any other.
+TINY_RANDOM_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def tiny_random_llama(vocab_size: int, seed: int = 0, **overrides):
+    """The tiny random Llama (eval mode, frozen), seeded: the same seed gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_RANDOM_LLAMA, "vocab_size": vocab_size, **overrides}))
+    return model.eval().requires_grad_(False)
+
+
+def save_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny random model + the default tokenizer as a local HF directory (`--model DIR`)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    model = tiny_random_llama(len(tok), seed)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

@@ -5,7 +5,8 @@ and this module is its reference implementation: config parsing, tensor validati
 PyTorch forward that wraps the `self_attn` / `mlp` submodules of a Llama-family HF model so that
 `model(...)` and `model.generate(...)` run with the adapter. Training uses the same wrappers.
 
-Math (h = hidden size, b = bottleneck size, s = scaling, A(z) = up(act(down(z)))):
+Math (h = hidden size, b = bottleneck size, s = scaling, A(z) = up(act(down(z)))); its one
+implementation is `bottleneck_ops.bottleneck_delta`, shared with the serving path:
   sequential (houlsby, pfeiffer): y = sublayer(x);  y' = y + s * A(y)   (before the residual add)
   parallel:                       y = sublayer(x);  y' = y + s * A(x)   (x = the normed sublayer input)
 houlsby adapts attention and MLP outputs; pfeiffer and parallel adapt the MLP only.
@@ -21,23 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftserve.adapters import errors
+from peftserve.adapters.artifact import CONFIG_NAME, WEIGHTS_NAME
+from peftserve.adapters.bottleneck_ops import ACTIVATIONS, bottleneck_delta
 from peftserve.adapters.errors import AdapterError
 
 PEFT_TYPE = "BOTTLENECK"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 # Which sublayers each placement adapts, and whether the adapter reads the sublayer input.
 PLACEMENTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "houlsby": (("attn", "mlp"), False),
     "pfeiffer": (("mlp",), False),
     "parallel": (("mlp",), True),
 }
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 _SUBMODULE = {"attn": "self_attn", "mlp": "mlp"}  # position -> attribute of a decoder layer
 _PREFIX = "base_model.model.model.layers"  # PEFT-style prefix, so names read like PEFT's
 _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
@@ -294,7 +293,8 @@ class BottleneckAdapter(nn.Module):
         self.non_linearity, self.scaling = non_linearity, float(scaling)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.scaling * self.up(ACTIVATIONS[self.non_linearity](self.down(z)))
+        return bottleneck_delta(z, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                self.non_linearity, self.scaling)
 
 
 class AdaptedSublayer(nn.Module):

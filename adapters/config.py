@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
     import sre_parse as _sre  # type: ignore[no-redef]
 
 from peftserve.adapters.strict_json import loads_strict
-from .errors import ADAPTER_TOO_LARGE, INVALID_CONFIG, UNSUPPORTED_ADAPTER, AdapterError
+from .errors import INVALID_CONFIG, UNSUPPORTED_ADAPTER, AdapterError, AdapterTooLarge
 
 MAX_CONFIG_BYTES = 64 * 1024
 DEFAULT_MAX_RANK = 256
@@ -444,8 +444,7 @@ def _parse_bottleneck(d: dict) -> Any:
 def load_config_json(config_bytes: bytes, *, max_config_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """Bytes -> JSON object, strictly (size cap, UTF-8, no duplicate keys, no NaN/Infinity)."""
     if len(config_bytes) > max_config_bytes:
-        raise AdapterError(ADAPTER_TOO_LARGE,
-                           f"adapter_config.json is {len(config_bytes)} bytes, limit is {max_config_bytes}")
+        raise AdapterTooLarge(f"adapter_config.json is {len(config_bytes)} bytes, limit is {max_config_bytes}")
     try:
         text = bytes(config_bytes).decode("utf-8-sig")  # tolerate a BOM, nothing else
         d = loads_strict(text, "adapter_config.json", _invalid)

@@ -21,11 +21,12 @@ import torch
 
 from peftserve.adapters.strict_json import loads_strict
 from .errors import (
-    ADAPTER_TOO_LARGE,
     INVALID_SAFETENSORS,
     NON_FINITE,
     UNSUPPORTED_DTYPE,
     AdapterError,
+    AdapterTooLarge,
+    NeverLoadedFormat,
 )
 
 # Adapter weights are always floating point; integer/bool/f64/f8 tensors have no business here.
@@ -61,8 +62,7 @@ def _bad(message: str) -> AdapterError:
 
 def _never_loaded(what: str) -> AdapterError:
     # 415: the bytes are a format we refuse on principle, not a broken safetensors file.
-    return AdapterError(INVALID_SAFETENSORS, f"{what} detected: pickle/zip is never loaded; "
-                        "upload adapter_model.safetensors", status=415)
+    return NeverLoadedFormat(f"{what} detected: pickle/zip is never loaded; upload adapter_model.safetensors")
 
 
 def _looks_like_pickle(head: bytes) -> bool:
@@ -185,7 +185,7 @@ def read_safetensors(
     mv = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
     size = mv.nbytes
     if size > max_bytes:
-        raise AdapterError(ADAPTER_TOO_LARGE, f"weights are {size} bytes, limit is {max_bytes}")
+        raise AdapterTooLarge(f"weights are {size} bytes, limit is {max_bytes}")
     head = bytes(mv[:8])
     if head.startswith(_ZIP_MAGIC):
         # A zip can never be a valid safetensors file (its magic read as u64 is > 67 MB of header).

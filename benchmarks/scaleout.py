@@ -142,7 +142,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from peftserve.adapters.training.testing import save_tiny_model_dir
+    from peftserve.adapters.base_model import save_tiny_model_dir
     from peftserve.server.ray_serve.app import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="peftserve-scaleout-"))

@@ -1,28 +1,33 @@
-"""Typed errors raised at the API edge, each with a stable machine-readable `code`.
+"""Typed errors raised at the API edge, and the one table that gives every error its HTTP answer.
 
 Every error the HTTP API returns has the body `{"error": {"code": ..., "message": ...}}`; the
-exception handlers in `server/api/app.py` render any `ApiError` (and `AdapterError` from the
-adapters package) that way. This module knows nothing about HTTP frameworks, so the registry,
-the engine glue and the CLI can raise these without importing FastAPI.
+exception handlers in `server/api/app.py` render any `ApiError`, and any `AdapterError` from the
+adapters package, that way. `HTTP_ERRORS` below is the only place an error class gets its HTTP
+status and machine-readable code; `http_error(exc)` reads it (most specific class first). This
+module knows nothing about HTTP frameworks, so the registry, the engine glue and the CLI can
+raise these without importing FastAPI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from peftserve.adapters.errors import AdapterError, AdapterTooLarge, InvalidCombination, NeverLoadedFormat
+
 
 class ApiError(Exception):
-    """An error with an HTTP status, a stable snake_case `code` and a human `message`."""
+    """An error with an HTTP status, a stable snake_case `code` and a human `message`.
 
-    code = "internal_error"
-    status = 500
+    A subclass gets its status and code from `HTTP_ERRORS`. A plain `ApiError(code, message,
+    status)` is for codes that are data rather than classes: the engine's failure codes
+    (`engine_failure`) and OpenAI parameter errors (`api/openai_errors.py`).
+    """
 
     def __init__(self, code: str | None = None, message: str = "", status: int | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
+        table_status, table_code = _lookup(type(self))
+        self.code = code if code is not None else table_code
+        self.status = status if status is not None else table_status
         self.message = message or self.code.replace("_", " ")
         self.headers = dict(headers) if headers else None
         super().__init__(f"[{self.code}] {self.message}")
@@ -35,24 +40,22 @@ class ApiError(Exception):
 
 
 class _Fixed(ApiError):
-    """An ApiError whose code and status are fixed by the class: `Cls(message, headers=None)`."""
+    """An ApiError whose code and status are fixed by its class: `Cls(message, headers=None)`."""
 
     def __init__(self, message: str = "", *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(None, message, None, headers)
 
 
 class InvalidRequest(_Fixed):
-    code, status = "invalid_request", 422
+    pass
 
 
 class ContextLengthExceeded(_Fixed):
-    code, status = "context_length_exceeded", 422
+    pass
 
 
 class AdapterNotFound(ApiError):
     """`AdapterNotFound("name")` -> 404 adapter_not_found ("adapter 'name' not found")."""
-
-    code, status = "adapter_not_found", 404
 
     def __init__(self, name: str = "", message: str | None = None) -> None:
         self.name = name
@@ -60,52 +63,40 @@ class AdapterNotFound(ApiError):
 
 
 class Unauthorized(_Fixed):
-    code, status = "unauthorized", 401
-
     def __init__(self, message: str = "missing bearer token") -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class Forbidden(_Fixed):
-    code, status = "forbidden", 403
+    pass
 
 
 class NotFound(_Fixed):
-    code, status = "not_found", 404
+    pass
 
 
-class MethodNotAllowed(_Fixed):
-    code, status = "method_not_allowed", 405
+class BadRequest(_Fixed):
+    pass
 
 
-class BodyTooLarge(_Fixed):
-    code, status = "body_too_large", 413
+class MissingFile(_Fixed):
+    """A required multipart file part is absent."""
 
 
 class UnsupportedMediaType(_Fixed):
-    code, status = "unsupported_media_type", 415
+    pass
 
 
 class QueueFull(_Fixed):
-    code, status = "queue_full", 429
-
     def __init__(self, message: str = "request queue is full, retry later", retry_after: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
-class GenerationFailed(_Fixed):
-    """The engine failed while generating (never used for bad client input)."""
-
-    code, status = "generation_failed", 500
-
-
 class EngineUnavailable(_Fixed):
-    code, status = "engine_unavailable", 503
+    pass
 
 
 class Draining(_Fixed):
-    code, status = "draining", 503
-
     def __init__(self, message: str = "server is shutting down") -> None:
         super().__init__(message, headers={"Connection": "close"})
 
@@ -113,12 +104,112 @@ class Draining(_Fixed):
 class RequestAborted(_Fixed):
     """The server aborted a request it had accepted (shutdown drain timeout)."""
 
-    code, status = "request_aborted", 503
+
+class EngineRestarting(_Fixed):
+    """The engine loop died and is being rebuilt (seconds): retry shortly."""
+
+    def __init__(self, message: str = "the engine is restarting, retry shortly") -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
-def from_adapter_error(exc) -> ApiError:
-    """Map `peftserve.adapters.errors.AdapterError` (code, message, status) to an ApiError."""
-    return ApiError(exc.code, exc.message, getattr(exc, "status", 422))
+# -- the adapter registry's errors --------------------------------------------------------------
+class AdaptersDisabled(_Fixed):
+    def __init__(self, message: str = "this server runs without an adapter registry") -> None:
+        super().__init__(message)
+
+
+class InvalidAdapterName(_Fixed):
+    def __init__(self, message: str = "adapter names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}") -> None:
+        super().__init__(message)
+
+
+class AdapterExistsError(_Fixed):
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} already exists (use replace=true for a new version)")
+
+
+class AdapterUnavailable(_Fixed):
+    """The adapter's stored files failed verification: a server-side fault, never the client's."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is unavailable: its stored files failed verification "
+                         "and were quarantined (upload it again)")
+
+
+class CombinationCapacity(_Fixed):
+    """Live combinations (cached or held by queued/running requests) fill their budget."""
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class AdapterStoreCorrupt(_Fixed):
+    """A version read from a store shared with other processes does not match its content hash."""
+
+
+class AdapterStoreBusy(_Fixed):
+    """A shared store's adapter kept changing while it was read."""
+
+
+class InsufficientStorage(_Fixed):
+    pass
+
+
+# -- the one error -> HTTP table -----------------------------------------------------------------
+# class -> (HTTP status, machine-readable code). A code of None means "the exception's own
+# `code`": an AdapterError names what was wrong with the artifact (adapters/errors.py codes).
+HTTP_ERRORS: dict[type[Exception], tuple[int, str | None]] = {
+    ApiError: (500, "internal_error"),
+    InvalidRequest: (422, "invalid_request"),
+    ContextLengthExceeded: (422, "context_length_exceeded"),
+    BadRequest: (400, "bad_request"),
+    MissingFile: (422, "missing_file"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
+    NotFound: (404, "not_found"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    QueueFull: (429, "queue_full"),
+    EngineUnavailable: (503, "engine_unavailable"),
+    Draining: (503, "draining"),
+    RequestAborted: (503, "request_aborted"),
+    EngineRestarting: (503, "engine_restarting"),
+    # the adapter registry
+    AdaptersDisabled: (404, "adapters_disabled"),
+    AdapterNotFound: (404, "adapter_not_found"),
+    InvalidAdapterName: (422, "invalid_adapter_name"),
+    AdapterExistsError: (409, "adapter_exists"),
+    CombinationCapacity: (429, "combination_capacity"),
+    AdapterUnavailable: (503, "adapter_unavailable"),
+    AdapterStoreCorrupt: (500, "adapter_store_corrupt"),
+    AdapterStoreBusy: (503, "adapter_store_busy"),
+    InsufficientStorage: (507, "insufficient_storage"),
+    # untrusted adapter artifacts (peftserve.adapters.errors): the code is the exception's own
+    AdapterError: (422, None),  # understood but semantically invalid
+    InvalidCombination: (422, None),  # invalid_adapter_combination
+    AdapterTooLarge: (413, None),  # adapter_too_large
+    NeverLoadedFormat: (415, None),  # invalid_safetensors: pickle / torch zip, refused unopened
+}
+
+
+def _lookup(cls: type) -> tuple[int, str | None]:
+    for klass in cls.__mro__:
+        if klass in HTTP_ERRORS:
+            return HTTP_ERRORS[klass]
+    return HTTP_ERRORS[ApiError]
+
+
+def http_error(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, code) of any error that reaches the API edge; 500 internal_error if unknown."""
+    if isinstance(exc, ApiError):  # set from the table at construction (or given, for data codes)
+        return exc.status, exc.code
+    if not isinstance(exc, AdapterError):
+        return HTTP_ERRORS[ApiError]
+    status, code = _lookup(type(exc))
+    return status, code if code is not None else exc.code
+
+
+def http_status(exc: BaseException) -> int:
+    return http_error(exc)[0]
 
 
 # -- failures reported by the engine (TokenEvent.code) -------------------------------------------
@@ -149,11 +240,3 @@ def engine_failure(code: str | None) -> ApiError:
     headers = {"Retry-After": "1"} if public in _RETRYABLE else None
     return ApiError(public, message, status, headers)
 
-
-class EngineRestarting(_Fixed):
-    """The engine loop died and is being rebuilt (seconds): retry shortly."""
-
-    code, status = "engine_restarting", 503
-
-    def __init__(self, message: str = "the engine is restarting, retry shortly") -> None:
-        super().__init__(message, headers={"Retry-After": "1"})

@@ -36,44 +36,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peftserve.adapters.admission import check_numerics
-from peftserve.adapters.artifact import AdapterLimits, LoadedAdapter, content_hash, load_adapter, read_inside
+from peftserve.adapters.artifact import CONFIG_NAME as CONFIG_FILE
+from peftserve.adapters.artifact import WEIGHTS_NAME as WEIGHTS_FILE
+from peftserve.adapters.artifact import (AdapterLimits, LoadedAdapter, content_hash, load_adapter, read_adapter_dir,
+                                         read_inside)
 from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.spec import BaseModelSpec
 
-from .combine import CombinationCache, InvalidCombination, check_items, combination_key
-from .errors import AdapterNotFound, ApiError
+from peftserve.adapters.combine import CombinationCache, check_items, combination_key
+from peftserve.adapters.errors import InvalidCombination
+
+from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
+                     AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-CONFIG_FILE, WEIGHTS_FILE, CURRENT_FILE = "adapter_config.json", "adapter_model.safetensors", "CURRENT"
+CURRENT_FILE = "CURRENT"
 SLOT_KINDS = {AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BOTTLENECK}
 PREFIX_KINDS = {AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING, AdapterKind.PREFIX_TUNING}
-
-
-class AdapterExistsError(ApiError):
-    def __init__(self, name: str):
-        super().__init__("adapter_exists", f"adapter {name!r} already exists (use replace=true for a new version)", 409)
-
-
-class AdapterUnavailable(ApiError):
-    """The adapter's stored files failed verification: a server-side fault, never the client's."""
-
-    code, status = "adapter_unavailable", 503
-
-    def __init__(self, name: str):
-        super().__init__(None, f"adapter {name!r} is unavailable: its stored files failed verification "
-                         "and were quarantined (upload it again)")
-
-
-class CombinationCapacity(ApiError):
-    """Live combinations (cached or held by queued/running requests) fill their budget."""
-
-    code, status = "combination_capacity", 429
-
-    def __init__(self, message: str):
-        super().__init__(None, message, headers={"Retry-After": "1"})
 
 
 class StoreError(Exception):
@@ -86,7 +68,7 @@ class StoreError(Exception):
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ApiError("invalid_adapter_name", "adapter names match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", 422)
+        raise InvalidAdapterName()
     return name
 
 
@@ -315,11 +297,10 @@ class AdapterRegistry:
         return loaded
 
     def import_dir(self, path: Path, name: str | None = None) -> AdapterVersion:
-        """Register an adapter directory (e.g. `--adapters DIR` preload). Refuses pickles."""
-        cfg, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not weights.is_file() or weights.is_symlink() or cfg.is_symlink():
-            raise AdapterError("invalid_adapter", f"{path}: needs {CONFIG_FILE} + {WEIGHTS_FILE} (pickles are never loaded)")
-        return self.add(name or path.name, cfg.read_bytes(), weights.read_bytes(), replace=True)
+        """Register an adapter directory (e.g. `--adapters DIR` preload) with the hardened reader
+        of the adapters package (bounded reads, no symlink out of the directory, never a pickle)."""
+        config, weights = read_adapter_dir(path, self.settings.limits)
+        return self.add(name or Path(path).name, config, weights, replace=True)
 
     # -- one store shared by several processes (server/ray_serve) -------------------------
     def refresh(self, name: str) -> AdapterVersion | None:
@@ -357,8 +338,7 @@ class AdapterRegistry:
                 continue
             ver = self._new_version(name, loaded)
             if ver.version != version:  # the version is the content hash: refuse to serve altered files
-                raise ApiError("adapter_store_corrupt",
-                               f"adapter {name!r}: content hash {ver.version} does not match version {version}", 500)
+                raise AdapterStoreCorrupt(f"adapter {name!r}: content hash {ver.version} does not match version {version}")
             self.stats["disk_loads"] += 1
             with self._lock:
                 if self._current.get(name) is not old:  # another thread refreshed first
@@ -370,7 +350,7 @@ class AdapterRegistry:
             log.info("adapter refreshed from the store", extra={"adapter": name, "version": version,
                                                                 "previous": old.version if old else None})
             return ver
-        raise ApiError("adapter_store_busy", f"adapter {name!r} kept changing while it was read; retry", 503)
+        raise AdapterStoreBusy(f"adapter {name!r} kept changing while it was read; retry")
 
     def store_names(self) -> list[str]:
         """Names the shared store holds now (directories with a `CURRENT`), whatever is loaded here."""
@@ -610,12 +590,12 @@ def summarize(loaded: LoadedAdapter) -> dict:
 
 
 def _combined_nbytes(members: list[AdapterVersion]) -> int:
-    """Bytes of the members' cat combination: every member's A and B, once (see combine.py)."""
+    """Bytes of the members' cat combination: every member's A and B, once (see adapters/combine.py)."""
     return sum(m.loaded.nbytes if m.loaded is not None else m.nbytes for m in members)
 
 
 def _item(obj, key: str):
     value = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
     if value is None:
-        raise ApiError("invalid_adapter_combination", f"each combination item needs {key!r}", 422)
+        raise InvalidCombination(f"each combination item needs {key!r}")
     return value

@@ -47,11 +47,12 @@ def smollm_tokenizer():
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    try:
+        from tests.tiny import tiny_llama
+    except ImportError:  # conftest imported from tests/ on sys.path (subprocess scripts)
+        from tiny import tiny_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**TINY_CONFIG, "vocab_size": vocab_size, **overrides})
-    return LlamaForCausalLM(cfg).to(torch.float32).eval().requires_grad_(False)
+    return tiny_llama(seed, **{**TINY_CONFIG, "vocab_size": vocab_size, **overrides}).requires_grad_(False)
 
 
 @pytest.fixture

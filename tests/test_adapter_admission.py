@@ -21,6 +21,7 @@ from peftserve.adapters.artifact import load_adapter
 from peftserve.adapters.bottleneck import BottleneckConfig, init_bottleneck
 from peftserve.adapters.errors import AdapterError
 from peftserve.adapters.safetensors_io import read_safetensors, write_safetensors
+from peftserve.server.errors import http_status
 from tests.test_adapter_artifacts import edit_weights, expect, make_peft, save, spec  # noqa: F401  (fixture)
 from tests.test_adapters_api import P, adapter_server, generate, lib, tokens, upload  # noqa: F401  (fixtures)
 from tests.test_api import assert_error
@@ -171,7 +172,7 @@ def test_zero_element_overflowing_shapes_are_invalid(shape):
     with pytest.raises(AdapterError) as info:
         read_safetensors(raw_file({"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}),
                          max_bytes=1 << 28)
-    assert info.value.code == "invalid_safetensors" and info.value.status == 422, info.value
+    assert info.value.code == "invalid_safetensors" and http_status(info.value) == 422, info.value
 
 
 @pytest.mark.parametrize("shape", [[0], [0, 576], [16, 0], [0, 0, 0]])

@@ -10,15 +10,12 @@ import torch.nn.functional as F
 
 from peftserve.adapters import bottleneck as bn
 from peftserve.adapters.errors import AdapterError
-from peftserve.adapters.training.testing import tiny_llama_config
+from tests.tiny import TINY_RANDOM_LLAMA, tiny_llama
 
 
 @pytest.fixture()
 def model():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size=128)).eval()
+    return tiny_llama(0, **{**TINY_RANDOM_LLAMA, "vocab_size": 128})
 
 
 @pytest.fixture()

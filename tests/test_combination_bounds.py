@@ -19,6 +19,7 @@ import torch
 from peftserve.adapters.safetensors_io import read_safetensors
 from peftserve.server.registry import AdapterRegistry, RegistrySettings
 from peftserve.adapters.spec import BaseModelSpec
+from peftserve.server.errors import http_status
 from tests.test_adapters_api import (  # noqa: F401  (fixtures)
     P,
     adapter_server,
@@ -49,13 +50,11 @@ def wide_loras(tmp_path_factory):
     """4 PEFT LoRAs (r16, all 7 linear kinds) on a 2-layer, hidden-512 Llama: a 4-member
     combination is 4.5 MB, so 100 unbounded combinations would hold ~450 MB."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_llama
 
     def base():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        return tiny_llama(0, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                           num_key_value_heads=8, vocab_size=128, max_position_embeddings=256)
-        return LlamaForCausalLM(cfg).eval()
 
     spec = BaseModelSpec.from_model(base())
     arts = []
@@ -208,12 +207,12 @@ def test_combinations_held_by_requests_count_and_a_flood_is_429(wide_loras, tmp_
     keep.clear()
     reg2.resolve(combo(5, ["m0", "m1"]))
     # a combination larger than the whole budget can never fit: 422, not "retry later"
-    from peftserve.server.combine import InvalidCombination
+    from peftserve.adapters.errors import InvalidCombination
 
     reg3 = registry_with(spec, arts, tmp_path / "store3", max_cpu_bytes=held[0].nbytes - 1)
     with pytest.raises(InvalidCombination) as too_big:
         reg3.resolve(combo(0, ["m0", "m1"]))
-    assert too_big.value.status == 422
+    assert http_status(too_big.value) == 422  # the API edge's one error table
 
 
 def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
@@ -239,7 +238,7 @@ def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
     assert reg.resolve([{"name": "m0", "weight": 1.0}, {"name": "m1", "weight": 1.0}]).nbytes > 0
     with pytest.raises(AdapterError) as info:
         reg.resolve([{"name": "m0", "weight": 100.0}, {"name": "m1", "weight": 100.0}])
-    assert info.value.code == "adapter_numerically_unstable" and info.value.status == 422
+    assert info.value.code == "adapter_numerically_unstable" and http_status(info.value) == 422
     assert len(reg.combos) == 1 and reg.get("m0").requests == 1
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.factory import build_serving
 from peftserve.server.engine.request import SamplingParams
 from tests.oracle import oracle
+from tests.tiny import tiny_causal_lm, tiny_gpt2
 from tests.test_lora_parity import StubTokenizer
 
 NEW = 8
@@ -19,17 +20,17 @@ COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention
 
 
 def qwen2():
-    return Qwen2ForCausalLM(Qwen2Config(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256,
-                                        use_sliding_window=False, **COMMON))
+    return tiny_causal_lm(Qwen2ForCausalLM, Qwen2Config, 0, intermediate_size=128, num_key_value_heads=2,
+                          max_position_embeddings=256, use_sliding_window=False, **COMMON)
 
 
 def mistral():
-    return MistralForCausalLM(MistralConfig(intermediate_size=128, num_key_value_heads=1, max_position_embeddings=256,
-                                            sliding_window=None, **COMMON))
+    return tiny_causal_lm(MistralForCausalLM, MistralConfig, 0, intermediate_size=128, num_key_value_heads=1,
+                          max_position_embeddings=256, sliding_window=None, **COMMON)
 
 
 def gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+    return tiny_gpt2(0, vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256)
 
 
 FAMILIES = {"qwen2": (qwen2, ["q_proj", "v_proj", "up_proj"]), "mistral": (mistral, ["k_proj", "o_proj", "down_proj"]),
@@ -37,8 +38,7 @@ FAMILIES = {"qwen2": (qwen2, ["q_proj", "v_proj", "up_proj"]), "mistral": (mistr
 
 
 def build(name):
-    torch.manual_seed(0)
-    return FAMILIES[name][0]().eval()
+    return FAMILIES[name][0]()  # seeded (0) by the tests.tiny factory
 
 
 def _prompts():

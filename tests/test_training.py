@@ -17,7 +17,7 @@ from peftserve.adapters.training import cli
 from peftserve.adapters.training.data import IGNORE_INDEX, DataError, encode, read_examples
 from peftserve.adapters.training.evaluate import eval_loss
 from peftserve.adapters.training.methods import METHODS, MethodOptions
-from peftserve.adapters.training.testing import default_tokenizer, save_tiny_model_dir, tiny_base
+from tests.tiny import default_tokenizer, save_tiny_model_dir, tiny_base
 from peftserve.adapters.training.trainer import TrainArgs, Trainer
 
 ROWS = [{"prompt": f"Is {w} a fruit?\nAnswer:", "completion": f" {a}"}

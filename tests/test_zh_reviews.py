@@ -17,7 +17,7 @@ import torch
 
 from peftserve.adapters.training.methods import FULL, TRAIN_METHODS
 from peftserve.adapters.training.tasks import zh_reviews as zh
-from peftserve.adapters.training.testing import default_tokenizer
+from tests.tiny import default_tokenizer
 
 
 def test_dedupe_drops_duplicates_and_texts_in_both_classes():
@@ -65,7 +65,7 @@ def test_corpus_with_other_bytes_is_refused(tmp_path):
 def test_full_finetuning_trains_every_weight_and_is_not_an_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from peftserve.adapters.training.testing import save_tiny_model_dir
+    from tests.tiny import save_tiny_model_dir
     from peftserve.adapters.training.trainer import TrainArgs, Trainer
     from peftserve.server.evaluation.serving_eval import ServingEvalError, ServingEvaluator
 

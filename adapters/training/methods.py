@@ -12,7 +12,7 @@ an adapter (no adapter_config.json); it would be served as its own base model (`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,10 +201,6 @@ def build_trainable(method: str, base: nn.Module, model_dir: str | Path, opts: M
     if method == "bottleneck":
         return BottleneckTrainable(base, model_dir, opts, seed)
     return PeftTrainable(method, base, model_dir, opts)
-
-
-def options_dict(opts: MethodOptions) -> dict:
-    return asdict(opts)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """`--upload URL`: POST a trained adapter to a running peftserve.
 
-One upload implementation: this is `peftserve.clients.PeftServeClient.upload_adapter` (retries on
-429/503 honouring Retry-After, typed errors carrying the server's code), wrapped so the trainer's
+One upload implementation: the output directory is checked with the one adapter-directory
+reader (`adapters.artifact.read_adapter_dir`, what preload uses), then sent by
+`peftserve.clients.PeftServeClient.upload_adapter` (retries on 429/503 honouring Retry-After,
+typed errors carrying the server's code), wrapped so the trainer's
 CLI gets one `UploadError` with a readable message.
 """
 
@@ -19,9 +21,15 @@ def upload_adapter(adapter_dir: str | Path, url: str, *, name: str | None = None
                    replace: bool = False, timeout: float = 120.0) -> str:
     """POST URL/adapters (multipart `name`, `adapter_config`, `adapter_model`) with the admin key
     (`--admin-key` or env PEFTSERVE_ADMIN_KEY) as a Bearer token."""
+    from peftserve.adapters.artifact import read_adapter_dir
+    from peftserve.adapters.errors import AdapterError
     from peftserve.clients import PeftServeClient, PeftServeError
 
     d = Path(adapter_dir)
+    try:  # the output check: the one directory reader (preload's), so nothing preload would refuse is sent
+        read_adapter_dir(d)
+    except AdapterError as exc:
+        raise UploadError(f"cannot read adapter files in {d}: [{exc.code}] {exc.message}") from None
     name = name or d.resolve().name
     key = admin_key or os.environ.get("PEFTSERVE_ADMIN_KEY")
     try:

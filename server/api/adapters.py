@@ -17,7 +17,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ApiError, UnsupportedMediaType
+from peftserve.adapters.errors import AdapterTooLarge
+
+from ..errors import (AdaptersDisabled, BadRequest, InsufficientStorage, InvalidRequest, MissingFile,
+                      UnsupportedMediaType)
 from ..registry import check_name, version_info
 from ..state import get_state
 from .auth import require_admin_key
@@ -32,7 +35,7 @@ _FALSE = {"", "0", "false", "no", "off"}
 def _registry(request: Request):
     reg = get_state(request).registry
     if reg is None:
-        raise ApiError("adapters_disabled", "this server runs without an adapter registry", 404)
+        raise AdaptersDisabled()
     return reg
 
 
@@ -52,20 +55,19 @@ def _refuse_ambiguous_parts(form) -> None:
     for field in _FIELDS:
         count = len(form.getlist(field))
         if count > 1:
-            raise ApiError("invalid_request", f"multipart field {field!r} appears {count} times; give it once", 422)
+            raise InvalidRequest(f"multipart field {field!r} appears {count} times; give it once")
     unknown = sorted(set(form.keys()) - set(_FIELDS))
     if unknown:
-        raise ApiError("bad_request", f"unexpected multipart part {unknown[0][:40]!r} "
-                       f"(expected {', '.join(_FIELDS)})", 400)
+        raise BadRequest(f"unexpected multipart part {unknown[0][:40]!r} (expected {', '.join(_FIELDS)})")
 
 
 async def _read_upload(form, field: str, limit: int) -> bytes:
     part = form.get(field)
     if part is None or isinstance(part, str):
-        raise ApiError("missing_file", f"multipart file field {field!r} is required", 422)
+        raise MissingFile(f"multipart file field {field!r} is required")
     data = await part.read(limit + 1)
     if len(data) > limit:
-        raise ApiError("adapter_too_large", f"{field} exceeds {limit} bytes", 413)
+        raise AdapterTooLarge(f"{field} exceeds {limit} bytes")
     return data
 
 
@@ -84,7 +86,7 @@ async def upload(request: Request):
             name = check_name(str(form.get("name") or ""))
             replace_raw = str(form.get("replace") or "").strip().lower()
             if replace_raw not in _TRUE | _FALSE:
-                raise ApiError("invalid_request", "replace must be true or false", 422)
+                raise InvalidRequest("replace must be true or false")
             limit = reg.settings.limits.max_bytes
             config_bytes = await _read_upload(form, "adapter_config", 1 << 20)
             weights_bytes = await _read_upload(form, "adapter_model", limit)
@@ -92,7 +94,7 @@ async def upload(request: Request):
             ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
         except OSError as exc:  # the registry already cleaned up: nothing was committed
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ApiError("insufficient_storage", "the adapter store is out of space", 507) from None
+                raise InsufficientStorage("the adapter store is out of space") from None
             raise
     except Exception as exc:
         if metrics is not None and hasattr(metrics, "adapter_upload"):

@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ApiError, Draining, from_adapter_error
+from peftserve.adapters.errors import AdapterError
+
+from ..errors import ApiError, Draining, http_error
 from ..metrics import Metrics
 from ..state import ServerState, get_state
 from . import generate, openai_routes, ui
@@ -54,15 +56,10 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.code, exc.message, exc.status, exc.headers, request, getattr(exc, "param", None))
 
-    try:
-        from peftserve.adapters.errors import AdapterError
-    except ImportError:  # pragma: no cover
-        AdapterError = None
-    if AdapterError is not None:
-        @app.exception_handler(AdapterError)
-        async def _adapter_error(request: Request, exc):
-            err = from_adapter_error(exc)
-            return error_response(err.code, err.message, err.status, request=request)
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(request: Request, exc: AdapterError):
+        status, code = http_error(exc)  # the one table (server/errors.py)
+        return error_response(code, exc.message, status, request=request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

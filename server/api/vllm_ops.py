@@ -24,7 +24,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ApiError, UnsupportedMediaType
+from peftserve.adapters.artifact import CONFIG_NAME as CONFIG_FILE
+from peftserve.adapters.artifact import WEIGHTS_NAME as WEIGHTS_FILE
+from peftserve.adapters.errors import AdapterTooLarge
+
+from ..errors import AdaptersDisabled, UnsupportedMediaType
 from ..state import get_state
 from .auth import require_admin_key
 from .generate import is_json_content_type
@@ -34,8 +38,6 @@ from .openai_schemas import load_json_object, screen
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_admin_key)])
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def confine(path: str, allowed: list[str]) -> Path:
@@ -66,7 +68,7 @@ def _read_nofollow(path: Path, limit: int) -> bytes:
             raise invalid("lora_path", f"lora_path: {path.name} is not a regular file", 400)
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ApiError("adapter_too_large", f"{path.name} exceeds {limit} bytes", 413)
+        raise AdapterTooLarge(f"{path.name} exceeds {limit} bytes")
     return data
 
 
@@ -90,7 +92,7 @@ async def _body(request: Request, served: set[str]) -> dict:
 def _registry(request: Request):
     reg = get_state(request).registry
     if reg is None:
-        raise ApiError("adapters_disabled", "this server runs without an adapter registry", 404)
+        raise AdaptersDisabled()
     return reg
 
 

@@ -90,7 +90,7 @@ def warm_tiny_model(out: Path, rows: list[dict], budget: Budget, seed: int = 0) 
     word, so every method would score 0 whatever it learned. After this warm-up the base answers
     with a label word, but at chance (the labels it saw carried no signal), so each method still
     has to learn the real mapping for the "beats chance" check to pass."""
-    from peftserve.adapters.training.testing import save_tiny_model_dir
+    from peftserve.adapters.base_model import save_tiny_model_dir
 
     raw = save_tiny_model_dir(out.parent / "tiny-random", seed=seed)
     rng = random.Random(seed)

@@ -19,21 +19,13 @@ from collections import OrderedDict
 
 import torch
 
-from peftserve.adapters.artifact import LoadedAdapter
-from peftserve.adapters.config import AdapterKind
-from peftserve.adapters.lora import LoraAdapterWeights, LoraModule
-
-from .errors import ApiError
+from .artifact import LoadedAdapter
+from .config import AdapterKind
+from .errors import InvalidCombination
+from .lora import LoraAdapterWeights, LoraModule
 
 MAX_COMBINED = 8
 MAX_ABS_WEIGHT = 100.0
-
-
-class InvalidCombination(ApiError):
-    code, status = "invalid_adapter_combination", 422
-
-    def __init__(self, message: str):
-        super().__init__(None, message)
 
 
 def check_items(items: list[tuple[str, float]]) -> None:
@@ -84,7 +76,7 @@ def combination_key(versions: list, weights: list[float]) -> tuple:
 
 class CombinationCache:
     """Live combinations, most recently used last. Bounds (count, bytes) are the registry's:
-    combinations live in its host-memory LRU next to adapters (server/registry.py), which calls
+    combinations live in its host-memory LRU next to adapters (the server's registry), which calls
     `discard` when it evicts one and `discard_member` when a member is replaced or deleted."""
 
     def __init__(self):
