@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # types only: no import cycle, no framework import at run time
+    from .engine.async_engine import AsyncEngine
+    from .registry import AdapterRegistry
+    from .runtime.runtime import DeviceRuntime
 
 MiB = 1024 * 1024
 
@@ -31,14 +36,21 @@ class ServerSettings:
 
 @dataclass
 class ServerState:
-    engine: Any  # peftserve.server.engine.async_engine.AsyncEngine
-    tokenizer: Any
+    engine: AsyncEngine
+    tokenizer: Any  # a Hugging Face tokenizer
     model_name: str
-    registry: Any = None  # adapter registry (`resolve(spec) -> handle`); None = base model only
+    registry: AdapterRegistry | None = None  # `resolve(spec) -> handle`; None = base model only
+    runtime: DeviceRuntime | None = None  # the adapter device tier (engine thread); None = base model only
     settings: ServerSettings = field(default_factory=ServerSettings)
     metrics: Any = None  # peftserve.server.api.metrics.Metrics; create_app makes one when None
     draining: bool = False  # set on SIGTERM: /ready -> 503, new requests -> 503 draining
     inflight: int = 0  # accepted generate requests whose response has not finished
+
+    @property
+    def slots(self) -> DeviceRuntime | None:
+        """The device tier under its former name (api/vllm_metrics.py and api/adapter_metrics.py
+        read `num_slots` and `resident`)."""
+        return self.runtime
 
     @property
     def vocab_size(self) -> int:

@@ -38,8 +38,7 @@ def _registry(request: Request):
 
 def _info(request: Request, ver) -> dict:
     state = get_state(request)
-    slots = getattr(state, "slots", None)
-    resident = slots is not None and ver.key in slots.key_slot
+    resident = state.runtime is not None and state.runtime.is_resident(ver.key)
     return version_info(state.registry, ver, device_resident=resident)
 
 
