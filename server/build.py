@@ -78,23 +78,30 @@ def build_engine(hf_model, tokenizer, config: EngineConfig, store: Path, model_n
 
 @dataclass
 class Server:
-    """What `build_server` returns: the state the routes read, the app, and the serving parts."""
+    """What `build_server` returns: the state the routes read, the app, and the serving parts
+    (`serving` is None for a base-model-only server)."""
 
     state: ServerState
     app: FastAPI
-    serving: Serving
+    serving: Serving | None
 
 
-def build_server(hf_model, tokenizer, config: EngineConfig, store: Path, *, model_name: str,
+def build_server(hf_model, tokenizer, config: EngineConfig, store: Path | None, *, model_name: str,
                  registry_settings: RegistrySettings | None = None, settings: ServerSettings | None = None,
                  metrics=None, routers=(), idle_wait_s: float = 0.05) -> Server:
     """Model -> runtime -> engine -> async engine -> registry -> ServerState -> app (not started).
 
+    `store=None` serves the base model only: no wrapped layers, no runtime, no registry.
     `metrics` (server/api/metrics.py `Metrics`) observes the engine and the runtime. Registry
     drops made before the engine thread starts (loading the store) wait in its command queue.
     """
     from .api.app import create_app  # the HTTP layer only here: the rest stays framework-free
 
+    if store is None:
+        async_engine = AsyncEngine(LLMEngine(hf_model, tokenizer, config, observer=metrics), idle_wait_s=idle_wait_s)
+        state = ServerState(async_engine, tokenizer, model_name, settings=settings or ServerSettings(),
+                            metrics=metrics)
+        return Server(state, create_app(state, routers=list(routers)), None)
     spec = BaseModelSpec.from_model(hf_model, model_name, max_model_len=config.max_model_len)
     runtime = build_runtime(hf_model, config, metrics)
     engine = LLMEngine(hf_model, tokenizer, config, adapters=runtime, observer=metrics)

@@ -137,18 +137,16 @@ def test_http_one_at_a_time_and_sixteen_in_flight(smol):
 
     import httpx
 
-    from peftserve.server.api.app import create_app
-    from peftserve.server.engine.async_engine import AsyncEngine
-    from peftserve.server.engine.engine import LLMEngine
-    from peftserve.server.state import ServerState
+    from peftserve.server.build import build_server
 
     _, tok = smol
     ref_model = _fresh(smol)
     ref_model.generation_config.eos_token_id = None
     refs = [generate_oracle(ref_model, _ids(tok, p), NEW) for p in HTTP_PROMPTS]
-    engine = AsyncEngine(LLMEngine(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128)))
+    server = build_server(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128), store=None,
+                          model_name="SmolLM2-135M-Instruct")
+    engine, app = server.state.engine, server.app
     engine.start()
-    app = create_app(ServerState(engine, tok, "SmolLM2-135M-Instruct"))
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
