@@ -3,7 +3,8 @@
 Every step: each running sequence in decode gets one token; running sequences still in
 prefill continue with a chunk; then waiting sequences are admitted first-come-first-served
 while a KV slot is free, the step's token budget lasts and the admission hook (the adapter
-runtime's `reserve`, pure bookkeeping) agrees. A prompt longer than the budget is prefilled in chunks over several steps.
+runtime's `reserve`, pure bookkeeping) agrees. A prompt longer than the budget is prefilled in
+chunks over several steps.
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ class _ReplicaMetrics:
 
 
 def build_state(cfg: RayServeConfig):
-    """(state, app, serving) exactly as `peftserve serve` wires them (server/cli.py), except that
-    the store is not scanned at start: N replicas would race to quarantine in a shared directory,
+    """(state, app, serving) from `build_server` (server/build.py), like `peftserve serve`, except
+    that the store is not scanned at start: N replicas would race to quarantine in a shared directory,
     and each replica loads only the adapters routed to it (on demand, bounded by K)."""
     from pathlib import Path
 

@@ -157,7 +157,8 @@ class BottleneckSlotWeights:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         from peftserve.adapters.bottleneck import ACTIVATIONS
 
-        return self.scaling * F.linear(ACTIVATIONS[self.act](F.linear(z, self.down_w, self.down_b)), self.up_w, self.up_b)
+        hidden = ACTIVATIONS[self.act](F.linear(z, self.down_w, self.down_b))  # [n, b]
+        return self.scaling * F.linear(hidden, self.up_w, self.up_b)  # [n, hidden]
 
 
 class BottleneckKind(WeightKind):
@@ -204,7 +205,8 @@ class PrefixTuningKind(PromptKind):
 
     def prefix(self, ver, runner):
         model = runner.model
-        kv = host_weights(ver).weights.kv.to(device=model.device, dtype=model.dtype)  # [layers, 2, kv_heads, n, head_dim]
+        kv = host_weights(ver).weights.kv  # [layers, 2, kv_heads, n, head_dim]
+        kv = kv.to(device=model.device, dtype=model.dtype)
         return KVPrefix([kv[i, 0].contiguous() for i in range(kv.shape[0])],
                         [kv[i, 1].contiguous() for i in range(kv.shape[0])])
 
