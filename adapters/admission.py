@@ -106,7 +106,7 @@ def _lora_sigma_max(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
 def check_lora(weights: Any, dtype: torch.dtype) -> None:
     modules = list(weights.modules.items())
     # No storage check: LoRA slots keep A and B in float32 whatever the base dtype
-    # (server/engine/adapter_weights.py); only the delta, added to the base output, meets S.
+    # (server/runtime/kinds.py); only the delta, added to the base output, meets S.
     named = [(f"{p}.lora_{w}", t) for p, m in modules for w, t in (("A", m.A), ("B", m.B))]
     fro = _norms([t for _, t in named])  # [2 * modules]: ||A||_F, ||B||_F interleaved
     for i, (path, m) in enumerate(modules):

@@ -22,7 +22,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 
 
@@ -83,7 +83,7 @@ def parity(cfg, device, tmp: Path, new=12) -> dict:
         pm.save_pretrained(tmp / name)
         ref = PeftModel.from_pretrained(make_model(cfg, torch.float32, device), tmp / name).eval()
         refs[name] = [hf_greedy(ref, p, new, device) for p in ps]
-    serving = build_serving(make_model(cfg, torch.float32, device), StubTokenizer(),
+    serving = build_engine(make_model(cfg, torch.float32, device), StubTokenizer(),
                             EngineConfig(max_batch_size=32, max_model_len=128, dtype=torch.float32, device=device),
                             store=tmp / "store")
     for name in ADAPTERS:
@@ -110,7 +110,7 @@ def make_loras(cfg, device, n, root: Path) -> list[Path]:
 
 
 def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store) -> float:
-    serving = build_serving(make_model(cfg, dtype, device), StubTokenizer(),
+    serving = build_engine(make_model(cfg, dtype, device), StubTokenizer(),
                             EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
                                          max_adapters_per_batch=max(1, n_adapters), dtype=dtype, device=device),
                             store=store)

@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 from common import (environment, hf_baseline, hf_generate, load_model, make_peft_adapter, parser, pct, random_prompt,
                     setup, table, token_pool, write_json)
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 
 KINDS = {
@@ -115,7 +115,7 @@ def main():
     cfg = EngineConfig(max_batch_size=args.requests, max_model_len=args.prompt_len + args.new_tokens +
                        args.virtual_tokens + 8, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_adapters_per_batch=max(8, args.per_kind), dtype=dtype)
-    serving = build_serving(model, tok, cfg, store=root / "store")
+    serving = build_engine(model, tok, cfg, store=root / "store")
     for name, (_, path) in adapters.items():
         serving.registry.import_dir(path, name)
     warm = list(adapters)  # one request per adapter: prefixes computed, LoRAs installed
@@ -158,9 +158,9 @@ def main():
           f"{mixed['ttft_mean_ms'] / base['ttft_mean_ms']:.2f}x (target <= 1.05x)"
           + (f"; ours mixed vs PEFT one-at-a-time: {mixed['tok_s'] / results['peft_mixed']['tok_s']:.2f}x throughput"
              if "peft_mixed" in results else "")
-          + f"\nslots: {serving.slots.stats}")
+          + f"\nslots: {serving.runtime.stats}")
     results |= {"env": environment(args), "by_kind_ttft_p50_ms": by_kind, "all_runs": runs,
-                "slots": dict(serving.slots.stats)}
+                "slots": dict(serving.runtime.stats)}
     write_json(args.out, results)
 
 

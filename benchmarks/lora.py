@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from common import (Server, environment, hf_baseline, hf_generate, load_model, make_peft_adapter, parser, pct,
                     perturbed_copy, random_prompt, setup, table, token_pool, write_json, zipf_choices)
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -75,7 +75,7 @@ def serving_for(args, dtype, store: Path, slots: int):
     model, tok = load_model(args, dtype)
     cfg = EngineConfig(max_batch_size=args.requests, max_model_len=args.prompt_len + args.new_tokens + 8,
                        max_num_batched_tokens=512, max_adapters_per_batch=slots, dtype=dtype)
-    return build_serving(model, tok, cfg, store=store)
+    return build_engine(model, tok, cfg, store=store)
 
 
 def timed_generate(serving, prompts, names, new_tokens) -> float:
@@ -151,9 +151,9 @@ def part_many(args, serving, src, prompts):
     table(f"2. many adapters: r8 q,v LoRAs, {args.requests} requests, --max-adapters-per-batch "
           f"{args.max_adapters_per_batch}", ["case", "first run tok/s", "best tok/s", "vs few (>= 0.8)"], rows)
     print(f"\nregistered {args.registered} adapters in {reg_s:.1f} s ({1e3 * reg_s / args.registered:.1f} ms each: "
-          f"validate + fsync'd store); registry stats {serving.registry.stats}; slots {serving.slots.stats}")
+          f"validate + fsync'd store); registry stats {serving.registry.stats}; slots {serving.runtime.stats}")
     return {"register_s": reg_s, "distinct": distinct, "seconds": runs, "registry": dict(serving.registry.stats),
-            "slots": dict(serving.slots.stats), "ratio": min(runs["few"]) / min(runs["zipf"])}
+            "slots": dict(serving.runtime.stats), "ratio": min(runs["few"]) / min(runs["zipf"])}
 
 
 def part_waiting(args, dtype, loras, prompts, root, ref_tok_s):
@@ -165,9 +165,9 @@ def part_waiting(args, dtype, loras, prompts, root, ref_tok_s):
     tok_s = args.requests * args.new_tokens / secs
     table(f"3. waiting: {len(names)} distinct LoRAs, {args.small_slots} device slots",
           ["case", "tok/s", "seconds", "slot loads", "evictions", "all finished"],
-          [[f"{args.small_slots} slots", tok_s, secs, serving.slots.stats["loads"], serving.slots.stats["evictions"],
+          [[f"{args.small_slots} slots", tok_s, secs, serving.runtime.stats["loads"], serving.runtime.stats["evictions"],
             "yes"], [f"{args.max_adapters_per_batch} slots (from 1.)", ref_tok_s, float("nan"), "", "", "yes"]])
-    return {"seconds": secs, "tok_s": tok_s, "slots": dict(serving.slots.stats)}
+    return {"seconds": secs, "tok_s": tok_s, "slots": dict(serving.runtime.stats)}
 
 
 def upload_inprocess(args, serving, src, prompt):

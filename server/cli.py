@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import importlib.util
 import json
 import logging
 import os
@@ -168,27 +167,28 @@ def parse_lora_modules(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _open_registry(serving, args) -> None:
+def _open_registry(registry, args) -> None:
     """Load the adapter store (survives restarts), then preload `--adapters DIR` if given."""
     from pathlib import Path
 
+    from ..adapters.artifact import CONFIG_NAME
     from ..adapters.errors import AdapterError
     from .errors import ApiError
 
-    loaded = serving.registry.load_store()
-    log.info("adapter store opened", extra={"store": str(serving.registry.store), "adapters": len(loaded)})
+    loaded = registry.load_store()
+    log.info("adapter store opened", extra={"store": str(registry.store), "adapters": len(loaded)})
     for name, path in parse_lora_modules(args.lora_modules or []):
         try:
-            ver = serving.registry.import_dir(Path(path), name)
+            ver = registry.import_dir(Path(path), name)
             log.info("adapter preloaded", extra={"adapter": name, "kind": ver.kind.value, "version": ver.version})
         except (AdapterError, ApiError, OSError) as exc:
             log.error("adapter not preloaded", extra={"path": str(path), "adapter": name, "error": str(exc)})
     if args.adapters:
         for sub in sorted(Path(args.adapters).iterdir()):
-            if not (sub / "adapter_config.json").is_file():
+            if not (sub / CONFIG_NAME).is_file():
                 continue
             try:
-                ver = serving.registry.import_dir(sub)
+                ver = registry.import_dir(sub)
                 log.info("adapter preloaded", extra={"adapter": ver.name, "kind": ver.kind.value, "version": ver.version})
             except (AdapterError, ApiError, OSError) as exc:  # one bad adapter never blocks the start
                 log.error("adapter not preloaded", extra={"path": str(sub), "error": str(exc)})
@@ -198,19 +198,17 @@ def serve(args) -> int:
     import torch
 
     from ..adapters.base_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, BaseModelError, load_base_model, parse_dtype
-    from .api.app import create_app
     from .metrics import Metrics
-    from .engine.async_engine import AsyncEngine
     from .engine.config import EngineConfig
     from pathlib import Path
 
     from ..adapters.base_model import cache_dir
     from .api import adapters as adapters_api
     from .api import vllm_ops
-    from .engine.factory import build_serving
+    from .build import build_server
     from .engine.model import UnsupportedModelError
     from .registry import RegistrySettings
-    from .state import ServerSettings, ServerState
+    from .state import ServerSettings
 
     configure_logging(args.log_level)
     if args.threads:
@@ -246,17 +244,14 @@ def serve(args) -> int:
         reg_settings = RegistrySettings(store=store, max_cpu_adapters=args.max_cpu_adapters,
                                         max_cpu_bytes=args.max_cpu_bytes, max_combinations=args.max_combinations,
                                         strict_base=args.strict_base)
-        serving = build_serving(hf_model, tokenizer, config, store=store, model_name=model_name,
-                                registry_settings=reg_settings, observer=metrics)
-        _open_registry(serving, args)
+        server = build_server(hf_model, tokenizer, config, store=store, model_name=model_name,
+                              registry_settings=reg_settings, settings=settings, metrics=metrics,
+                              routers=[adapters_api.router, vllm_ops.router])
+        _open_registry(server.serving.registry, args)  # drops queue until the engine thread starts
     except (BaseModelError, UnsupportedModelError, ValueError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    engine = AsyncEngine(serving.engine)
-    serving.registry.attach(engine)
-    state = ServerState(engine, tokenizer, model_name, registry=serving.registry, settings=settings, metrics=metrics)
-    state.slots = serving.slots
-    app = create_app(state, routers=[adapters_api.router, vllm_ops.router])
+    state, app = server.state, server.app
     if not settings.api_key:
         log.warning("no API key configured: /generate is open to anyone who can reach %s:%s", args.host, args.port)
     return run_server(app, state, host=args.host, port=args.port, log_level=args.log_level)

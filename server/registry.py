@@ -2,7 +2,7 @@
 
 disk store (`--adapter-store`, survives restarts; every write is temp-dir + atomic rename)
   -> host memory (validated weights, LRU under a count and byte budget; evicted ones reload
-     from disk on demand) -> device slots (server/engine/adapter_slots.py, engine thread).
+     from disk on demand) -> device slots (the `DeviceTier`: server/runtime/, engine thread).
 
 A version is the adapter's content hash. Requests hold the `AdapterVersion` object they
 resolved, so a replace or delete never changes what a running request computes: device slots
@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from peftserve.adapters.admission import check_numerics
 from peftserve.adapters.artifact import CONFIG_NAME as CONFIG_FILE
@@ -49,13 +50,27 @@ from peftserve.adapters.errors import InvalidCombination
 
 from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
                      AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
+from .runtime.kinds import KINDS
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CURRENT_FILE = "CURRENT"
-SLOT_KINDS = {AdapterKind.LORA, AdapterKind.IA3, AdapterKind.BOTTLENECK}
-PREFIX_KINDS = {AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING, AdapterKind.PREFIX_TUNING}
+
+
+class DeviceTier(Protocol):
+    """Where the registry reports versions that must leave the device (replaced, deleted,
+    quarantined, released). Only the key travels: a queued drop never holds a version's weights
+    (a dropped combination would otherwise count as live against max_combinations)."""
+
+    def drop(self, key: str) -> None: ...
+
+
+class NoDevice:
+    """A registry without a device tier (host-side tools and tests)."""
+
+    def drop(self, key: str) -> None:
+        pass
 
 
 class StoreError(Exception):
@@ -96,16 +111,9 @@ class AdapterVersion:
         return self.version
 
     @property
-    def uses_slot(self) -> bool:
-        return self.kind in SLOT_KINDS
-
-    @property
-    def uses_prefix(self) -> bool:
-        return self.kind in PREFIX_KINDS
-
-    @property
     def num_virtual_tokens(self) -> int:
-        return int(self.summary.get("num_virtual_tokens", 0)) if self.uses_prefix else 0
+        """KV prefix length of a prompt adapter (its summary says so); 0 for weight adapters."""
+        return int(self.summary.get("num_virtual_tokens", 0))
 
 
 @dataclass
@@ -119,7 +127,7 @@ class RegistrySettings:
 
 
 class AdapterRegistry:
-    def __init__(self, spec: BaseModelSpec, settings: RegistrySettings, on_drop=None):
+    def __init__(self, spec: BaseModelSpec, settings: RegistrySettings, device: DeviceTier | None = None):
         self.spec = spec
         self.settings = settings
         self.store = Path(settings.store)
@@ -127,7 +135,7 @@ class AdapterRegistry:
         self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident (LRU first)
         self._quarantined: dict[str, AdapterVersion] = {}  # name -> version whose files failed at runtime
         self._lock = threading.RLock()
-        self._on_drop = on_drop or (lambda version: None)  # tell the device tier
+        self.device = device or NoDevice()  # told (by version key) what must leave the device
         self.stats = {"memory_evictions": 0, "disk_loads": 0, "combination_evictions": 0}
         self.store_errors: dict[str, int] = {}  # reason -> count (peftserve_adapter_store_errors_total)
         self.combos = CombinationCache()
@@ -369,17 +377,8 @@ class AdapterRegistry:
             ver.loaded = None  # running requests keep their own reference to the weights
         self._on_drop(ver)
 
-    def attach(self, async_engine) -> None:
-        """Once an AsyncEngine runs, device-tier drops must happen on its thread."""
-        drop = self._on_drop
-
-        def on_engine_thread(ver: AdapterVersion) -> None:
-            # The queued command carries a weightless copy: until the engine thread runs it, the
-            # original (a combination's weights) would count as live against max_combinations.
-            stub = replace(ver, loaded=None)
-            async_engine.call(lambda engine: drop(stub))
-
-        self._on_drop = on_engine_thread
+    def _on_drop(self, ver: AdapterVersion) -> None:
+        self.device.drop(ver.key)  # the key only: see DeviceTier
 
     # -- internals ------------------------------------------------------------------------
     def _combined_version(self, loaded: LoadedAdapter, parts: list[AdapterVersion]) -> AdapterVersion:
@@ -575,18 +574,8 @@ def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: boo
 
 
 def summarize(loaded: LoadedAdapter) -> dict:
-    """What GET /adapters shows of an adapter besides name/version/size."""
-    w, kind = loaded.weights, loaded.kind
-    if kind is AdapterKind.LORA:
-        ranks = sorted({m.rank for m in w.modules.values()})
-        targets = sorted({p.rsplit(".", 1)[-1] for p in w.modules})
-        return {"rank": max(ranks), "ranks": ranks, "target_modules": targets, "num_modules": len(w.modules)}
-    if kind is AdapterKind.IA3:
-        return {"target_modules": sorted({p.rsplit(".", 1)[-1] for p in w.modules}), "num_modules": len(w.modules)}
-    if kind is AdapterKind.BOTTLENECK:
-        cfg = loaded.config
-        return {"placement": cfg.placement, "num_layers": len(w.layers)}
-    return {"num_virtual_tokens": int(w.num_virtual_tokens)}
+    """What GET /adapters shows of an adapter besides name/version/size (per kind: KINDS)."""
+    return KINDS[loaded.kind].summary(loaded)
 
 
 def _combined_nbytes(members: list[AdapterVersion]) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: no import cycle, no framework import at run time
+    from .engine.async_engine import AsyncEngine
     from .metrics import Metrics
+    from .registry import AdapterRegistry
 
 MiB = 1024 * 1024
 
@@ -34,10 +36,10 @@ class ServerSettings:
 
 @dataclass
 class ServerState:
-    engine: Any  # peftserve.server.engine.async_engine.AsyncEngine
-    tokenizer: Any
+    engine: AsyncEngine
+    tokenizer: Any  # a Hugging Face tokenizer
     model_name: str
-    registry: Any = None  # adapter registry (`resolve(spec) -> handle`); None = base model only
+    registry: AdapterRegistry | None = None  # `resolve(spec) -> handle`; None = base model only
     settings: ServerSettings = field(default_factory=ServerSettings)
     metrics: Metrics | None = None  # create_app makes one when None
     draining: bool = False  # set on SIGTERM: /ready -> 503, new requests -> 503 draining

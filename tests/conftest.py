@@ -69,19 +69,16 @@ class Server:
     """An engine + app around a tiny model (what `make_server` returns)."""
 
     def __init__(self, hf_model, tokenizer, config, settings=None, registry=None, start=True):
-        from peftserve.server.api.app import create_app
+        from peftserve.server.build import build_server
         from peftserve.server.metrics import Metrics
-        from peftserve.server.engine.async_engine import AsyncEngine
-        from peftserve.server.engine.engine import LLMEngine
-        from peftserve.server.state import ServerSettings, ServerState
 
         self.metrics = Metrics(base_model="tiny", dtype="float32", version="test")
-        self.llm = LLMEngine(hf_model, tokenizer, config, observer=self.metrics)
-        self.engine = AsyncEngine(self.llm, idle_wait_s=0.01)
-        settings = settings or ServerSettings()
-        self.state = ServerState(self.engine, tokenizer, "tiny", registry=registry, settings=settings,
-                                 metrics=self.metrics)
-        self.app = create_app(self.state)
+        built = build_server(hf_model, tokenizer, config, store=None, model_name="tiny", settings=settings,
+                             metrics=self.metrics, idle_wait_s=0.01)  # the base model only
+        self.state, self.app = built.state, built.app
+        self.engine = self.state.engine
+        self.llm = self.engine.engine
+        self.state.registry = registry  # a stand-in registry (tests of the HTTP layer), or None
         if start:
             self.engine.start()
 

@@ -1,7 +1,7 @@
 """Adapter management API (`POST/GET/DELETE /adapters`) end to end, with PEFT as the oracle.
 
-Each server here is the real `serve` wiring (`build_serving` -> registry over a store dir ->
-`AsyncEngine` -> `registry.attach` -> `create_app(..., routers=[adapters.router])`) around a tiny
+Each server here is the real `serve` wiring (server/build.py `build_server`: registry over a store dir,
+`AsyncEngine`, `create_app(..., routers=[adapters.router])`) around a tiny
 seeded Llama with the default model's tokenizer. Every refused request is checked for its status
 AND `error.code`, and for leaving the registry (`GET /adapters`) and the store dir (recursive
 listing + sha256 of every file) exactly as they were, with nothing left in `store/.staging`.
@@ -187,29 +187,23 @@ class AdapterServer:
     def __init__(self, hf_model, tokenizer, store: Path, settings: ServerSettings | None = None,
                  registry_settings=None, **engine_kw):
         from peftserve.server.api import adapters as adapters_api
-        from peftserve.server.api.app import create_app
+        from peftserve.server.build import build_server
         from peftserve.server.metrics import Metrics
-        from peftserve.server.engine.async_engine import AsyncEngine
         from peftserve.server.engine.config import EngineConfig
-        from peftserve.server.engine.factory import build_serving
         from peftserve.server.registry import RegistrySettings
-        from peftserve.server.state import ServerState
 
         cfg = EngineConfig(**{"max_batch_size": 8, "max_model_len": 256, "max_num_batched_tokens": 128,
                               "max_adapters_per_batch": 4, **engine_kw})
         self.store = Path(store)
         self.metrics = Metrics(base_model="tiny", dtype="float32", version="test")
         rs = RegistrySettings(store=self.store, **(registry_settings or {}))
-        self.serving = build_serving(hf_model, tokenizer, cfg, store=self.store, registry_settings=rs,
-                                     observer=self.metrics)
-        self.registry, self.slots, self.llm = self.serving.registry, self.serving.slots, self.serving.engine
+        server = build_server(hf_model, tokenizer, cfg, store=self.store, model_name="tiny", registry_settings=rs,
+                              settings=settings or ServerSettings(), metrics=self.metrics,
+                              routers=[adapters_api.router], idle_wait_s=0.01)
+        self.serving, self.state, self.app = server.serving, server.state, server.app
+        self.registry, self.runtime, self.llm = self.serving.registry, self.serving.runtime, self.serving.engine
         self.loaded = self.registry.load_store()
-        self.engine = AsyncEngine(self.llm, idle_wait_s=0.01)
-        self.registry.attach(self.engine)
-        self.state = ServerState(self.engine, tokenizer, "tiny", registry=self.registry,
-                                 settings=settings or ServerSettings(), metrics=self.metrics)
-        self.state.slots = self.slots
-        self.app = create_app(self.state, routers=[adapters_api.router])
+        self.engine = self.state.engine
         self.engine.start()
 
     def client(self, **kw) -> httpx.AsyncClient:

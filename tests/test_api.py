@@ -717,23 +717,21 @@ _SERVE_SCRIPT = textwrap.dedent("""
     from conftest import build_tiny_model
     from transformers import AutoTokenizer
     from peftserve.adapters.base_model import resolve_model_dir
-    from peftserve.server.api.app import create_app
+    from peftserve.server.build import build_server
     from peftserve.server.metrics import Metrics
     from peftserve.server.cli import configure_logging, run_server
-    from peftserve.server.engine.async_engine import AsyncEngine
     from peftserve.server.engine.config import EngineConfig
-    from peftserve.server.engine.engine import LLMEngine
-    from peftserve.server.state import ServerSettings, ServerState
+    from peftserve.server.state import ServerSettings
 
     configure_logging("info")
     tok = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
     metrics = Metrics(base_model="tiny")
-    llm = LLMEngine(build_tiny_model(len(tok)), tok, EngineConfig(max_batch_size=4, max_model_len=1024),
-                    observer=metrics)
+    server = build_server(build_tiny_model(len(tok)), tok, EngineConfig(max_batch_size=4, max_model_len=1024),
+                          store=None, model_name="tiny", settings=ServerSettings(drain_timeout_s=20), metrics=metrics)
+    llm = server.state.engine.engine
     step = llm.step
     llm.step = lambda: (time.sleep(0.015), step())[1]  # slow enough to be caught mid-flight
-    state = ServerState(AsyncEngine(llm), tok, "tiny", settings=ServerSettings(drain_timeout_s=20), metrics=metrics)
-    sys.exit(run_server(create_app(state), state, port={port}, log_level="info"))
+    sys.exit(run_server(server.app, server.state, port={port}, log_level="info"))
 """)
 
 

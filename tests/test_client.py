@@ -10,27 +10,22 @@ from peft import LoraConfig, get_peft_model
 
 from peftserve.clients import PeftServeClient, PeftServeError
 from peftserve.server.api import adapters as adapters_api
-from peftserve.server.api.app import create_app
 from peftserve.server.metrics import Metrics
-from peftserve.server.engine.async_engine import AsyncEngine
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
-from peftserve.server.state import ServerSettings, ServerState
+from peftserve.server.build import build_server
+from peftserve.server.state import ServerSettings
 
 
 @pytest.fixture
 def served(tiny_model, smollm_tokenizer, live_server, tmp_path):
-    serving = build_serving(tiny_model(0), smollm_tokenizer, EngineConfig(max_batch_size=4, max_model_len=128,
-                                                                          max_num_batched_tokens=64),
-                            store=tmp_path / "store")
-    engine = AsyncEngine(serving.engine, idle_wait_s=0.01)
-    serving.registry.attach(engine)
-    state = ServerState(engine, smollm_tokenizer, "tiny", registry=serving.registry,
-                        settings=ServerSettings(admin_key="admin"), metrics=Metrics())
-    state.slots = serving.slots
+    built = build_server(tiny_model(0), smollm_tokenizer, EngineConfig(max_batch_size=4, max_model_len=128,
+                                                                        max_num_batched_tokens=64),
+                         store=tmp_path / "store", model_name="tiny", settings=ServerSettings(admin_key="admin"),
+                         metrics=Metrics(), routers=[adapters_api.router], idle_wait_s=0.01)
+    engine = built.state.engine
     engine.start()
-    server = live_server(create_app(state, routers=[adapters_api.router]))
-    yield server, serving
+    server = live_server(built.app)
+    yield server, built.serving
     engine.stop()
 
 

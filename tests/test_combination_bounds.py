@@ -120,8 +120,13 @@ def test_combination_count_cap_without_byte_pressure(wide_loras, tmp_path):
 
 def test_deleting_or_replacing_a_member_frees_its_combinations(wide_loras, tmp_path):
     spec, arts = wide_loras
-    dropped = []
-    reg = AdapterRegistry(spec, RegistrySettings(store=tmp_path / "store"), on_drop=lambda v: dropped.append(v))
+    dropped = []  # version keys the device tier is told to drop
+
+    class Device:
+        def drop(self, key):
+            dropped.append(key)
+
+    reg = AdapterRegistry(spec, RegistrySettings(store=tmp_path / "store"), device=Device())
     for i, (config, weights) in enumerate(arts):
         reg.add(f"m{i}", config, weights)
     members_bytes = reg.resident_bytes()
@@ -131,7 +136,7 @@ def test_deleting_or_replacing_a_member_frees_its_combinations(wide_loras, tmp_p
     reg.delete("m0")
     assert len(reg.combos) == 1
     assert reg.resident_bytes() == members_bytes - reg_bytes(arts[0]) + without_m0.nbytes
-    assert {v.version for v in with_m0} <= {v.version for v in dropped}  # device tier told too
+    assert {v.key for v in with_m0} <= set(dropped)  # device tier told too
     # replace: a new version of m2 drops the combination built from the old one
     config, weights = arts[2]
     scaled = {k: v * 2 for k, v in read_safetensors(weights, max_bytes=1 << 30).items()}
@@ -139,7 +144,7 @@ def test_deleting_or_replacing_a_member_frees_its_combinations(wide_loras, tmp_p
 
     reg.add("m2", config, write_safetensors(scaled), replace=True)
     assert len(reg.combos) == 0
-    assert without_m0.version in {v.version for v in dropped}
+    assert without_m0.key in dropped
 
 
 def reg_bytes(art) -> int:
@@ -243,14 +248,15 @@ def test_a_combination_that_must_overflow_is_422(wide_loras, tmp_path):
 
 
 def test_a_queued_device_drop_does_not_keep_combinations_live(wide_loras, tmp_path):
-    """Once attached to an engine, the registry tells the device tier about dropped versions
-    through the engine's command queue. A command not yet run must not hold the dropped
+    """Once an engine thread runs, the registry tells the device tier about dropped versions
+    through the engine's command queue (server/build.py `EngineThreadDevice`). A command not yet run must not hold the dropped
     combination (and its weights): it would count as live against --max-combinations and a
     new combination right after a delete would get a spurious 429 (a CI flake, seen once)."""
     import gc
 
     spec, arts = wide_loras
-    reg = registry_with(spec, arts, tmp_path / "store", max_combinations=2)
+    from peftserve.server.build import EngineThreadDevice
+
     drops = []
 
     class StalledEngine:  # the engine thread has not reached the queued commands yet
@@ -259,9 +265,13 @@ def test_a_queued_device_drop_does_not_keep_combinations_live(wide_loras, tmp_pa
         def call(self, fn):
             self.commands.append(fn)
 
+    class Recorder:  # the runtime's side of the device tier
+        def drop(self, key):
+            drops.append(key)
+
     stalled = StalledEngine()
-    reg._on_drop = lambda ver: drops.append(ver.key)
-    reg.attach(stalled)
+    reg = registry_with(spec, arts, tmp_path / "store", max_combinations=2)
+    reg.device = EngineThreadDevice(stalled, Recorder())
     made = [reg.resolve(combo(k, ["m0", "m1"])).version for k in range(2)]
     reg.delete("m0")
     assert len(reg.combos) == 0 and stalled.commands

@@ -15,7 +15,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 
 from peftserve.adapters.base_model import load_base_model
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 from tests.oracle import generate_oracle, oracle
 
@@ -89,7 +89,7 @@ def refs(smol, tmp_path_factory):
 
 def test_base_answers_like_a_real_model(smol, tmp_path):
     model, tok = smol
-    serving = build_serving(_fresh(smol), tok, EngineConfig(max_batch_size=4, max_model_len=256),
+    serving = build_engine(_fresh(smol), tok, EngineConfig(max_batch_size=4, max_model_len=256),
                             store=tmp_path / "store")
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -101,7 +101,7 @@ def test_base_answers_like_a_real_model(smol, tmp_path):
 def test_every_kind_alone_and_mixed(smol, refs, tmp_path):
     _, tok = smol
     cfg = EngineConfig(max_batch_size=32, max_model_len=128, max_num_batched_tokens=128)
-    serving = build_serving(_fresh(smol), tok, cfg, store=tmp_path / "store")
+    serving = build_engine(_fresh(smol), tok, cfg, store=tmp_path / "store")
     for name, (d, _) in refs.items():
         if name is not None:
             serving.registry.import_dir(d, name)
@@ -137,18 +137,16 @@ def test_http_one_at_a_time_and_sixteen_in_flight(smol):
 
     import httpx
 
-    from peftserve.server.api.app import create_app
-    from peftserve.server.engine.async_engine import AsyncEngine
-    from peftserve.server.engine.engine import LLMEngine
-    from peftserve.server.state import ServerState
+    from peftserve.server.build import build_server
 
     _, tok = smol
     ref_model = _fresh(smol)
     ref_model.generation_config.eos_token_id = None
     refs = [generate_oracle(ref_model, _ids(tok, p), NEW) for p in HTTP_PROMPTS]
-    engine = AsyncEngine(LLMEngine(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128)))
+    server = build_server(_fresh(smol), tok, EngineConfig(max_batch_size=16, max_model_len=128), store=None,
+                          model_name="SmolLM2-135M-Instruct")
+    engine, app = server.state.engine, server.app
     engine.start()
-    app = create_app(ServerState(engine, tok, "SmolLM2-135M-Instruct"))
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
@@ -172,7 +170,7 @@ def test_bfloat16_engine_uses_a_float32_cache_and_still_answers(smol, tmp_path):
     """CPU bf16 serving keeps K/V in float32 (fast decode attention); output stays right."""
     _, tok = smol
     model = _fresh(smol).to(torch.bfloat16)
-    serving = build_serving(model, tok, EngineConfig(max_batch_size=4, max_model_len=256, dtype=torch.bfloat16),
+    serving = build_engine(model, tok, EngineConfig(max_batch_size=4, max_model_len=256, dtype=torch.bfloat16),
                             store=tmp_path / "store")
     assert serving.engine.cache.k[0].dtype == torch.float32
     msgs = [{"role": "user", "content": "What is the capital of France?"}]

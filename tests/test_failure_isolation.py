@@ -170,9 +170,9 @@ def test_adapter_prefix_write_failure_fails_only_its_row():
         def reserve(self, seq, running):
             return True
 
-        def on_admit(self, seq, cache):
-            if seq.prompt_ids == POISON:
-                raise RuntimeError("injected prefix copy failure")
+        def activate(self, admitted, runner):  # the KV prefix copy of POISON's row fails
+            return [(seq, RuntimeError("injected prefix copy failure")) for seq in admitted
+                    if seq.prompt_ids == POISON]
 
     engine = make_engine(adapters=PrefixFails())
     check_poisoned(run(engine, PROMPTS + [POISON], params_mix() + [GREEDY]), ref, ErrorCode.ADAPTER_UNAVAILABLE)
@@ -182,9 +182,10 @@ def test_adapter_prefix_write_failure_fails_only_its_row():
 def test_adapter_admission_failure_is_adapter_unavailable():
     class AdmissionFails(NoAdapters):
         def reserve(self, seq, running):
-            if seq.prompt_ids == POISON:
-                raise MemoryError("injected device OOM")
             return True
+
+        def activate(self, admitted, runner):  # installing POISON's adapter runs out of memory
+            return [(seq, MemoryError("injected device OOM")) for seq in admitted if seq.prompt_ids == POISON]
 
     ref = reference(params_mix())
     check_poisoned(run(make_engine(adapters=AdmissionFails()), PROMPTS + [POISON], params_mix() + [GREEDY]), ref,
@@ -381,24 +382,24 @@ def test_supervisor_refuses_work_while_restarting_and_gives_up_after_repeated_cr
 def test_engine_reset_with_adapters_leaves_a_consistent_device_tier(tmp_path):
     """After a crash mid-generation with a merged LoRA and pinned slots, reset() restores the
     base weights, empties the slots and the pins, and every adapter serves correctly again."""
-    from peftserve.server.engine.merge import MergePolicy
+    from peftserve.server.runtime.merge import MergePolicy
     from tests.test_engine_faults import _serving
 
     serving = _serving(tmp_path)
-    engine, slots = serving.engine, serving.slots
+    engine, runtime = serving.engine, serving.runtime
     a, b = serving.registry.resolve("a"), serving.registry.resolve("b")
     prompts, params = [[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_new_tokens=5, ignore_eos=True)
     ref = [s.output_ids for s in engine.generate(prompts * 3, params, adapters=[a, a, b, b, None, None])]
-    merger = slots.layers.merger
+    merger = runtime.merger
     merger.policy, merger.min_steps = MergePolicy.SINGLE_ADAPTER, 1
     seqs = [Sequence(p, SamplingParams(max_new_tokens=30, ignore_eos=True), lambda e: None, adapter=a) for p in prompts]
     for s in seqs:
         engine.add(s)
     for _ in range(3):
         engine.step()
-    assert merger.merged_slot != 0 and slots.pins  # a LoRA is folded into the base weights
+    assert merger.merged_slot != 0 and runtime.slots.pins  # a LoRA is folded into the base weights
     engine.reset()
-    assert merger.merged_slot == 0 and not slots.pins and slots.resident == 0
+    assert merger.merged_slot == 0 and not runtime.slots.pins and runtime.resident == 0
     assert engine.cache.slots.num_free == 8
     merger.policy = MergePolicy.NEVER
     again = [s.output_ids for s in engine.generate(prompts * 3, params, adapters=[a, a, b, b, None, None])]
@@ -406,29 +407,41 @@ def test_engine_reset_with_adapters_leaves_a_consistent_device_tier(tmp_path):
 
 
 def test_prefix_failure_gives_back_the_slot_pin_and_half_installs_are_cleared():
-    from peftserve.server.engine.adapter_layers import AdapterLayers
-    from peftserve.server.engine.adapter_slots import AdapterSlots
+    from peftserve.server.runtime.kinds import WeightKind
+    from peftserve.server.runtime.layers import AdapterLayers
+    from peftserve.server.runtime.runtime import DeviceRuntime
 
     class Handle:
-        uses_slot, uses_prefix, key = True, True, "v1"
+        kind, key = "fake", "v1"
+
+    class PrefixFails(WeightKind):  # a slot kind with a prefix, whose prefix cannot be computed
+        uses_prefix = True
+
+        def to_device(self, ver, dtype, device):
+            return {}
+
+        def prefix(self, ver, runner):
+            raise MemoryError("injected")
+
+    class HalfInstall(PrefixFails):
+        uses_prefix = False
+
+        def install(self, lay, slot, weights):
+            next(iter(lay.linears.values())).put(self, slot, object())  # one module written, then failure
+            raise RuntimeError("injected install failure")
 
     layers = AdapterLayers(tiny_llama(0))
-
-    def prefix(ver):
-        raise MemoryError("injected")
-
-    slots = AdapterSlots(layers, 2, compute_prefix=prefix, device_weights=lambda ver: lambda lay, slot: None)
+    cpu = torch.device("cpu")
+    runtime = DeviceRuntime(layers, 2, torch.float32, cpu, kinds={"fake": PrefixFails()})
     seq = Sequence([1], GREEDY, lambda e: None, adapter=Handle())
-    with pytest.raises(MemoryError):
-        slots.reserve(seq, [])
-    assert all(n == 0 for n in slots.pins.values())  # the slot can be evicted again
+    assert runtime.reserve(seq, [])
+    [(failed, exc)] = runtime.activate([seq], runner=None)
+    assert failed is seq and isinstance(exc, MemoryError)
+    assert all(n == 0 for n in runtime.slots.pins.values())  # the slot can be evicted again
 
-    def half_install(lay, slot):
-        next(iter(lay.linears.values())).ia3[slot] = object()  # one module written, then failure
-        raise RuntimeError("injected install failure")
-
-    slots = AdapterSlots(layers, 2, compute_prefix=prefix, device_weights=lambda ver: half_install)
-    Handle.uses_prefix = False
-    with pytest.raises(RuntimeError):
-        slots.reserve(Sequence([1], GREEDY, lambda e: None, adapter=Handle()), [])
-    assert all(not lin.ia3 for lin in layers.linears.values()) and slots.resident == 0
+    runtime = DeviceRuntime(layers, 2, torch.float32, cpu, kinds={"fake": HalfInstall()})
+    seq = Sequence([1], GREEDY, lambda e: None, adapter=Handle())
+    assert runtime.reserve(seq, [])
+    [(failed, exc)] = runtime.activate([seq], runner=None)
+    assert failed is seq and isinstance(exc, RuntimeError)
+    assert all(not lin.entries for lin in layers.linears.values()) and runtime.resident == 0

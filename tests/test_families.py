@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, 
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 from tests.oracle import oracle
 from tests.tiny import tiny_causal_lm, tiny_gpt2
@@ -75,7 +75,7 @@ def test_family_base_lora_and_soft_prompt(family, tmp_path):
         ref.generation_config.eos_token_id = None
         refs[name] = [oracle(ref, p, NEW) for p in _prompts()]  # no-cache forward loop for soft prompts
         assert refs[name] != refs[None], f"{name} had no effect"
-    serving = build_serving(build(family), StubTokenizer(), EngineConfig(max_batch_size=16, max_model_len=64),
+    serving = build_engine(build(family), StubTokenizer(), EngineConfig(max_batch_size=16, max_model_len=64),
                             store=tmp_path / "store")
     for name in adapters:
         serving.registry.import_dir(tmp_path / name, name)

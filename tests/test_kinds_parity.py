@@ -16,7 +16,7 @@ from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEn
 
 from peftserve.adapters.bottleneck import BottleneckConfig, attach_bottleneck, init_bottleneck, read_bottleneck, save_bottleneck
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 from tests.oracle import generate_oracle, oracle
 from tests.test_lora_parity import StubTokenizer
@@ -107,7 +107,7 @@ def _accepts_random_up() -> bool:
 
 def _serving(tmp_path, artifacts, slots=8):
     cfg = EngineConfig(max_batch_size=48, max_model_len=96, max_num_batched_tokens=64, max_adapters_per_batch=slots)
-    serving = build_serving(base(), StubTokenizer(), cfg, store=tmp_path / "store")
+    serving = build_engine(base(), StubTokenizer(), cfg, store=tmp_path / "store")
     for name, (d, _) in artifacts.items():
         if name is not None:
             serving.registry.import_dir(d, name)
@@ -144,7 +144,7 @@ def test_every_kind_in_one_mixed_batch(tmp_path, artifacts):
     for job, out in zip(jobs, outs):
         assert out == artifacts[job[0]][1][job[1]], job
     # soft prompts / prefixes were computed once per adapter version and then shared
-    assert serving.slots.stats["prefix_computes"] == 5
+    assert serving.runtime.stats["prefix_computes"] == 5
 
 
 def test_prompt_tuning_text_init_matches_peft(tmp_path):
@@ -158,7 +158,7 @@ def test_prompt_tuning_text_init_matches_peft(tmp_path):
     get_peft_model(big(), cfg).save_pretrained(tmp_path / "text")
     ref = PeftModel.from_pretrained(big(), tmp_path / "text").eval()
     ref.generation_config.eos_token_id = None
-    serving = build_serving(big(), StubTokenizer(), EngineConfig(max_batch_size=4, max_model_len=64),
+    serving = build_engine(big(), StubTokenizer(), EngineConfig(max_batch_size=4, max_model_len=64),
                             store=tmp_path / "store")
     serving.registry.import_dir(tmp_path / "text", "text")
     for p in _prompts():

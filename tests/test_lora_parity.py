@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_segmented_, lora_delta_reference
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
 from tests.tiny import tiny_llama
 
@@ -78,7 +78,7 @@ def reference(lora_dirs):
 
 def _serving(tmp_path, lora_dirs, slots=8, batch=32):
     cfg = EngineConfig(max_batch_size=batch, max_model_len=128, max_num_batched_tokens=64, max_adapters_per_batch=slots)
-    serving = build_serving(tiny_llama(0), StubTokenizer(), cfg, store=tmp_path / "store")
+    serving = build_engine(tiny_llama(0), StubTokenizer(), cfg, store=tmp_path / "store")
     for name, d in lora_dirs.items():
         serving.registry.import_dir(d, name)
     return serving
@@ -115,8 +115,8 @@ def test_more_adapters_than_slots_wait_and_still_match(tmp_path, lora_dirs, refe
     outs = _run(serving, jobs)
     for job, out in zip(jobs, outs):
         assert out == reference[job], job
-    assert serving.slots.stats["evictions"] > 0
-    assert serving.slots.resident <= 2
+    assert serving.runtime.stats["evictions"] > 0
+    assert serving.runtime.resident <= 2
 
 
 def test_segmented_op_matches_reference():
@@ -155,14 +155,13 @@ def test_adaptive_merge_equals_unmerged_path(tmp_path, lora_dirs, reference):
 
     serving = _serving(tmp_path, lora_dirs)
     cfg = replace(serving.engine.config, merge_policy="single-adapter", merge_min_steps=1)
-    merged = build_serving(tiny_llama(0), StubTokenizer(), cfg, store=tmp_path / "store2")
+    merged = build_engine(tiny_llama(0), StubTokenizer(), cfg, store=tmp_path / "store2")
     for name, d in lora_dirs.items():
         merged.registry.import_dir(d, name)
-    layers = merged.slots.layers
     # single-adapter batches get merged ...
     for i in range(len(_prompts())):
         assert _run(merged, [("r2-all", i)])[0] == reference["r2-all", i]
-    assert layers.merger.cycles > 0
+    assert merged.runtime.merger.cycles > 0
     # ... and a mixed batch afterwards unmerges exactly
     jobs = [("r2-all", 0), (None, 1), ("r8-mlp", 2)]
     for job, out in zip(jobs, _run(merged, jobs)):
@@ -173,20 +172,21 @@ def test_merge_unmerge_cycles_do_not_drift(tmp_path, lora_dirs):
     from peftserve.server.engine.step_state import AdapterBatch
 
     serving = _serving(tmp_path, lora_dirs)
-    layers = serving.slots.layers
-    layers.merger.policy = type(layers.merger.policy)("single-adapter")
-    layers.merger.min_steps = 1
+    runtime = serving.runtime
+    layers = runtime.layers
+    runtime.merger.policy = type(runtime.merger.policy)("single-adapter")
+    runtime.merger.min_steps = 1
     serving.engine.generate([_prompts()[0]], SamplingParams(max_new_tokens=1), adapters=[serving.registry.resolve("r2-all")])
-    slot = serving.slots.key_slot[serving.registry.resolve("r2-all").key]
+    slot = runtime.slots.key_slot[serving.registry.resolve("r2-all").key]
     single = AdapterBatch.build([slot], [3], torch.device("cpu"))
     mixed = AdapterBatch.build([0, slot], [1, 2], torch.device("cpu"))
-    layers.set_batch(mixed)  # the generate above left it merged: start from the base weights
+    runtime.prepare(mixed)  # the generate above left it merged: start from the base weights
     before = {p: lin.base.weight.clone() for p, lin in layers.linears.items()}
     for _ in range(1000):
-        layers.set_batch(single)
-        assert layers.merger.merged_slot == slot
-        layers.set_batch(mixed)
-        assert layers.merger.merged_slot == 0
+        runtime.prepare(single)
+        assert runtime.merger.merged_slot == slot
+        runtime.prepare(mixed)
+        assert runtime.merger.merged_slot == 0
     for p, lin in layers.linears.items():
         assert torch.equal(lin.base.weight, before[p]), p
 

@@ -22,8 +22,13 @@ def pair(tmp_path, smollm_tokenizer):
 
     spec = BaseModelSpec.from_model(build_tiny_model(len(smollm_tokenizer), 0), "tiny")
     dropped: dict[str, list[str]] = {"a": [], "b": []}
+
+    class Device:  # the registry's device tier: records the dropped version keys (= versions)
+        def __init__(self, keys: list[str]):
+            self.drop = keys.append
+
     make = lambda key: AdapterRegistry(spec, RegistrySettings(store=tmp_path / "store"),  # noqa: E731
-                                       on_drop=lambda ver: dropped[key].append(ver.version))
+                                       device=Device(dropped[key]))
     return make("a"), make("b"), dropped
 
 

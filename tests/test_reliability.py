@@ -388,10 +388,10 @@ async def test_device_slot_lru_thrash_matches_peft(adapter_server, lib):
         outs = await asyncio.gather(*(tokens(client, P[i], key) for key, i in jobs))
         for (key, i), out in zip(jobs, outs):
             assert out == lib.ref(key, P[i]), (key, i)
-    assert server.slots.stats["evictions"] > 0
-    assert server.slots.resident <= 2
+    assert server.runtime.stats["evictions"] > 0
+    assert server.runtime.resident <= 2
     assert server.idle()
-    assert all(n == 0 for n in server.slots.pins.values())
+    assert all(n == 0 for n in server.runtime.slots.pins.values())
 
 
 async def test_host_memory_lru_smaller_than_concurrent_adapters(adapter_server, lib):
@@ -453,7 +453,7 @@ async def test_failure_inside_one_engine_step_fails_only_the_poisoned_row(adapte
         outs = await asyncio.gather(*(tokens(client, p, a) for p in P for a in ("qv", None)))
         assert outs == [lib.ref(a, p) for p in P for a in ("qv", None)]
     assert server.idle()
-    assert all(n == 0 for n in server.slots.pins.values())  # the failed rows released their adapter slot
+    assert all(n == 0 for n in server.runtime.slots.pins.values())  # the failed rows released their adapter slot
 
 
 @pytest.mark.parametrize("fail_at,existing", [(1, False), (2, False), (3, False), (3, True)],

@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from peftserve.adapters.bottleneck import BottleneckConfig, attach_bottleneck, init_bottleneck, read_bottleneck, \
     save_bottleneck
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.factory import build_serving
+from peftserve.server.build import build_engine
 from peftserve.server.engine.logprobs import token_logprobs
 from peftserve.server.engine.penalties import apply_penalties
 from peftserve.server.engine.request import SamplingParams
@@ -66,7 +66,7 @@ def _no_eos(model):
 
 def serving_for(tmp_path, refs):
     cfg = EngineConfig(max_batch_size=64, max_model_len=96, max_num_batched_tokens=64, max_adapters_per_batch=8)
-    serving = build_serving(base(), StubTokenizer(), cfg, store=tmp_path / "store")
+    serving = build_engine(base(), StubTokenizer(), cfg, store=tmp_path / "store")
     for name, (d, _) in refs.items():
         if name is not None:
             serving.registry.import_dir(d, name)

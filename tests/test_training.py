@@ -98,7 +98,7 @@ def test_prompt_learning_adapter_is_alive_in_peft_trainer_and_server(method, tok
 
     from peftserve.adapters.training.evaluate import greedy_no_cache
     from peftserve.server.engine.config import EngineConfig
-    from peftserve.server.engine.factory import build_serving
+    from peftserve.server.build import build_engine
     from peftserve.server.engine.request import SamplingParams
     from tests.oracle import forward_oracle
 
@@ -117,7 +117,7 @@ def test_prompt_learning_adapter_is_alive_in_peft_trainer_and_server(method, tok
     assert ref != base or method == "p-tuning", "the tiny model's argmax is too flat for a token-level check"
     assert greedy_no_cache(peft_model, prompts, max_new_tokens=4, eos_id=None, pad_id=tok.eos_token_id,
                            device="cpu") == ref  # the trainer's exact-match decoding, batched + padded
-    serving = build_serving(_fresh(tok_dir)[0], tok, EngineConfig(max_batch_size=4, max_model_len=128),
+    serving = build_engine(_fresh(tok_dir)[0], tok, EngineConfig(max_batch_size=4, max_model_len=128),
                             store=tmp_path / "store")
     serving.registry.import_dir(tmp_path / "out", "trained")
     handle = serving.registry.resolve("trained")

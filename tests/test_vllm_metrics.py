@@ -49,7 +49,7 @@ async def test_vllm_names_mirror_ours(adapter_server, lib):
         assert value(fams, name, **m) == 0
     info = fams["vllm:lora_requests_info"].samples[0]
     assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
-    assert info.labels["max_lora"] == str(server.slots.num_slots) and info.value > 1e9  # a timestamp
+    assert info.labels["max_lora"] == str(server.runtime.num_slots) and info.value > 1e9  # a timestamp
     # hygiene: the merge cache counts up (a counter), one tier vocabulary, no *_created series, and no
     # empty label values (except vLLM's own lora_requests_info, which routers parse as vLLM writes it)
     assert fams["peftserve_adapter_merge_cache_hits"].type == "counter"

@@ -145,10 +145,7 @@ def test_report_predictions_match_the_http_server(quick_run, method, tmp_path):
 
     from peftserve.adapters.base_model import load_base_model
     from peftserve.server.api import adapters as adapters_api
-    from peftserve.server.api.app import create_app
-    from peftserve.server.engine.async_engine import AsyncEngine
-    from peftserve.server.engine.factory import build_serving
-    from peftserve.server.state import ServerSettings, ServerState
+    from peftserve.server.build import build_server
     from peftserve.server.evaluation.serving_eval import engine_config
 
     _, out = quick_run
@@ -158,12 +155,10 @@ def test_report_predictions_match_the_http_server(quick_run, method, tmp_path):
     preds = json.loads((run_dir / "eval-test.json").read_text())["predictions"][:6]
     rows = {r["id"]: r for r in map(json.loads, (out / "data" / "test.jsonl").read_text().splitlines())}
     hf_model, tok, _ = load_base_model(out / "tiny-model")
-    serving = build_serving(hf_model, tok, engine_config(), store=tmp_path / "store")
-    serving.registry.import_dir(run_dir, "served")
-    engine = AsyncEngine(serving.engine, idle_wait_s=0.01)
-    serving.registry.attach(engine)
-    state = ServerState(engine, tok, "tiny", registry=serving.registry, settings=ServerSettings())
-    app = create_app(state, routers=[adapters_api.router])
+    built = build_server(hf_model, tok, engine_config(), store=tmp_path / "store", model_name="tiny",
+                         routers=[adapters_api.router], idle_wait_s=0.01)
+    built.serving.registry.import_dir(run_dir, "served")
+    engine, app = built.state.engine, built.app
     engine.start()
 
     async def ask():

@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from peftserve.adapters.errors import AdapterError
 
 from ..errors import ApiError, Draining, http_error
-from ..metrics import Metrics
 from ..state import ServerState, get_state
 from . import generate, openai_routes, ui
 from .auth import require_api_key
@@ -139,11 +138,8 @@ def stop_engine(state: ServerState) -> None:
 
 def create_app(state: ServerState, routers: Iterable[APIRouter] = ()) -> FastAPI:
     settings = state.settings
-    if state.metrics is None:
-        state.metrics = Metrics(base_model=state.model_name, dtype=settings.dtype, version=settings.version)
-        engine = getattr(state.engine, "engine", None)
-        if engine is not None and getattr(engine, "observer", None) is None:
-            engine.observer = state.metrics  # read by the engine thread at every step
+    if state.metrics is None:  # server/build.py makes them and hands them to the engine as its observer
+        raise ValueError("create_app needs state.metrics (build the server with server/build.py)")
     state.metrics.bind(state)
 
     @asynccontextmanager

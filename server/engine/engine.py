@@ -1,10 +1,10 @@
-"""The engine step: scheduler -> runner -> model -> sampler -> per-request events.
+"""The engine step: scheduler -> adapter runtime -> runner -> model -> sampler -> per-request events.
 
 `LLMEngine` is synchronous and single-threaded (only the engine thread touches it);
 `server/engine/async_engine.py` runs it in a thread and bridges to asyncio.
 
-Failure isolation: everything in a step that concerns one request — its adapter admission and
-KV prefix, its forward rows, its logits (NaN/inf), its sampling, detokenisation and stop
+Failure isolation: everything in a step that concerns one request — its adapter activation
+(weights install, KV prefix), its forward rows, its logits (NaN/inf), its sampling, detokenisation and stop
 checks — fails that request alone (FinishReason.ERROR with an `ErrorCode`), never the step for
 its batch-mates. What still escapes `step()` is a bug in shared state; the supervisor in
 async_engine.py then resets the engine (`reset()`) and fails the requests it held.
@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Protocol
 
 import torch
 
+from .adapter_runtime import AdapterRuntime, NoAdapters
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCache, SlotAllocator
@@ -32,33 +32,6 @@ from .sampler import SampleFailure, nonfinite_rows, sample
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-
-class AdapterRuntime(Protocol):
-    """What the engine needs from the adapter registry (base-only: `NoAdapters`)."""
-
-    layers: object | None  # shared adapter-layer context handed to the runner
-
-    def reserve(self, seq: Sequence, running: list[Sequence]) -> bool: ...
-    def on_admit(self, seq: Sequence, cache: KVCache) -> None: ...
-    def release(self, seq: Sequence) -> None: ...
-    def reset(self) -> None: ...  # forget every pin/slot (after the engine loop died)
-
-
-class NoAdapters:
-    layers = None
-
-    def reserve(self, seq, running):
-        return seq.adapter is None
-
-    def on_admit(self, seq, cache):
-        pass
-
-    def release(self, seq):
-        pass
-
-    def reset(self):
-        pass
 
 
 def eos_ids(hf_model, tokenizer) -> set[int]:
@@ -87,7 +60,7 @@ class LLMEngine:
         self.cache = KVCache(m.num_layers, config.max_batch_size, m.kv_heads, config.max_model_len, m.head_dim,
                              cache_dtype(m.dtype, m.device), m.device)
         self.adapters = adapters or NoAdapters()
-        self.runner = ModelRunner(m, self.cache, self.adapters.layers)
+        self.runner = ModelRunner(m, self.cache, self.adapters)
         self.scheduler = Scheduler(config, self.adapters.reserve)
         self.observer = observer
         self.eos = eos_ids(hf_model, tokenizer)
@@ -160,7 +133,7 @@ class LLMEngine:
             kv_slots_free=kv.num_free, kv_slots_total=kv.num_slots,
             running_adapters=adapter_names(sched.running), waiting_adapters=adapter_names(sched.waiting),
             max_adapters_per_batch=self.config.max_adapters_per_batch,
-            steps=steps, resets=resets, **device_residency(self.adapters))
+            steps=steps, resets=resets, **device_residency(self.adapters.residency()))
 
     # -- one iteration --------------------------------------------------------------------
     def step(self) -> int:
@@ -168,17 +141,7 @@ class LLMEngine:
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.ABORT)
         plan, admitted = self.scheduler.schedule(self.cache.slots.num_free)
-        for seq, exc in self.scheduler.rejected:  # its adapter could not be installed / prefixed
-            self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter admission failed: {exc!r}")
-        self.scheduler.rejected.clear()
-        now = time.monotonic()
-        for seq in admitted:
-            seq.kv_slot = self.cache.slots.alloc()
-            seq.first_scheduled = now
-            try:
-                self.adapters.on_admit(seq, self.cache)
-            except Exception as exc:
-                self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter prefix could not be written: {exc!r}")
+        self._activate(admitted)
         plan = [(seq, n) for seq, n in plan if seq.status is SeqStatus.RUNNING]
         if not plan:
             return 0
@@ -199,6 +162,20 @@ class LLMEngine:
         if self.observer:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
         return sum(n for _, n in plan)
+
+    def _activate(self, admitted: list[Sequence]) -> None:
+        """Give each admitted sequence its KV row, then let the adapter runtime install weights
+        and write KV prefixes; a sequence whose activation fails is failed alone."""
+        now = time.monotonic()
+        for seq in admitted:
+            seq.kv_slot = self.cache.slots.alloc()
+            seq.first_scheduled = now
+        try:
+            failures = self.adapters.activate(admitted, self.runner)
+        except Exception as exc:  # a bug in the runtime: fail the adapter rows, keep the base ones
+            failures = [(seq, exc) for seq in admitted if seq.adapter is not None]
+        for seq, exc in failures:
+            self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter activation failed: {exc!r}")
 
     def _sample_and_emit(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
         """logits: [R, V], one row per sampling sequence. Rows with NaN/inf are failed, not

@@ -89,18 +89,18 @@ def adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if isinstance(n, str)))
 
 
-def device_residency(runtime) -> dict:
-    """The adapter device tier's state as snapshot fields (engine thread only).
+@dataclass(frozen=True)
+class DeviceResidency:
+    """The adapter device tier's slots as of one moment (engine thread builds it)."""
 
-    Reads the tier's slot tables — `num_slots`, `slot_key` (slot -> version key) and `pins`
-    (slot -> running sequences using it), as `AdapterSlots` keeps them; a runtime without them
-    (`NoAdapters`: base model only) has no device tier.
-    """
-    num_slots = getattr(runtime, "num_slots", None)
-    slot_key = getattr(runtime, "slot_key", None)
-    if num_slots is None or slot_key is None:
+    slots_total: int  # device slots for weight adapters (slot 0 = none is not counted)
+    versions: frozenset[str]  # version keys installed in a slot
+    pinned: frozenset[str]  # ... of which a running sequence uses these
+
+
+def device_residency(residency: DeviceResidency | None) -> dict:
+    """EngineSnapshot fields for the runtime's `residency()` (None: base model only, no tier)."""
+    if residency is None:
         return {}
-    pins = getattr(runtime, "pins", {})
-    return {"adapter_slots_total": int(num_slots),
-            "device_versions": frozenset(slot_key.values()),
-            "pinned_versions": frozenset(key for slot, key in slot_key.items() if pins.get(slot, 0) > 0)}
+    return {"adapter_slots_total": residency.slots_total, "device_versions": residency.versions,
+            "pinned_versions": residency.pinned}

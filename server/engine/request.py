@@ -110,9 +110,6 @@ class Sequence:
     kv_slot: int = -1  # row of the KV cache this sequence owns while running
     adapter_slot: int = 0  # per-token adapter slot index (0 = base) for weight adapters
     kv_prefix_len: int = 0  # virtual tokens (soft prompt / prefix) in front of the prompt
-    # RoPE position of cache position p is p + rope_offset (soft prompts: 0, the virtual tokens
-    # take positions 0..n-1; an adapter kind with other semantics sets its own offset)
-    rope_offset: int = 0
     num_computed: int = 0  # real tokens whose K/V are already in the cache
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import decode_mask
+from .adapter_runtime import AdapterRuntime, NoAdapters
 from .kv_cache import KVCache
 from .model import PackedCausalLM
 from .request import Sequence
@@ -12,18 +13,17 @@ from .step_state import AdapterBatch, StepState
 
 
 class ModelRunner:
-    def __init__(self, model: PackedCausalLM, cache: KVCache, adapter_layers=None):
+    def __init__(self, model: PackedCausalLM, cache: KVCache, adapters: AdapterRuntime | None = None):
         self.model = model
         self.cache = cache
-        # Adapter-aware layers (LoRA, (IA)3, bottleneck) read the step's AdapterBatch from this
-        # shared context; None when the model has no wrapped layers.
-        self.adapter_layers = adapter_layers
+        # Before every forward the runtime gets the step's AdapterBatch (merge decision, then
+        # the wrapped layers read it); NoAdapters when the model has no wrapped layers.
+        self.adapters = adapters or NoAdapters()
 
     def build_step(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepState, list[int]]:
         """-> (input_ids [T], rope positions [T], StepState, token index of each sampling row)."""
         dev = self.model.device
         ids: list[int] = []
-        rope_pos: list[int] = []
         cache_pos: list[int] = []
         token_slots: list[int] = []
         kv_slots, q_lens, ctx_lens, prefix_lens, adapter_slots = [], [], [], [], []
@@ -35,7 +35,6 @@ class ModelRunner:
             ids.extend(new)
             first = seq.kv_prefix_len + seq.num_computed
             cache_pos.extend(range(first, first + n))
-            rope_pos.extend(range(seq.rope_offset + first, seq.rope_offset + first + n))
             token_slots.extend([seq.kv_slot] * n)
             kv_slots.append(seq.kv_slot)
             q_lens.append(n)
@@ -63,7 +62,7 @@ class ModelRunner:
             step.decode_mask = decode_mask(dec_slots, [ctx_lens[r] for r in decode_rows], max(dec_slots) + 1,
                                            max(ctx_lens[r] for r in decode_rows), self.cache.k[0].dtype, dev)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(rope_pos, dtype=torch.long, device=dev)
+        positions = step.cache_pos  # RoPE position = cache position (virtual tokens take 0..n-1)
         return input_ids, positions, step, sample_tokens
 
     @torch.inference_mode()
@@ -82,8 +81,7 @@ class ModelRunner:
             step.decode_tokens = torch.zeros(1, dtype=torch.long, device=dev)
             step.decode_slots = torch.tensor([slot], device=dev)
             step.decode_mask = decode_mask([slot], [1], slot + 1, 1, self.cache.k[0].dtype, dev)
-        if self.adapter_layers is not None:
-            self.adapter_layers.set_batch(step.adapters)
+        self.adapters.prepare(step.adapters)
         self.model(embeds.to(self.model.dtype), torch.arange(n, device=dev), step, self.cache)
         ks = [k[slot, :, :n].clone() for k in self.cache.k]
         vs = [v[slot, :, :n].clone() for v in self.cache.v]
@@ -93,8 +91,7 @@ class ModelRunner:
     def execute(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Run one step; returns float32 logits [R, vocab] for the rows that sample, in plan order."""
         input_ids, positions, step, sample_tokens = self.build_step(plan)
-        if self.adapter_layers is not None:
-            self.adapter_layers.set_batch(step.adapters)
+        self.adapters.prepare(step.adapters)
         embeds = self.model.embed(input_ids)  # [T, hidden]
         hidden = self.model(embeds, positions, step, self.cache)  # [T, hidden]
         if not sample_tokens:

@@ -2,8 +2,9 @@
 
 Every step: each running sequence in decode gets one token; running sequences still in
 prefill continue with a chunk; then waiting sequences are admitted first-come-first-served
-while a KV slot is free, the step's token budget lasts and the admission hook (adapter slots)
-agrees. A prompt longer than the budget is prefilled in chunks over several steps.
+while a KV slot is free, the step's token budget lasts and the admission hook (the adapter
+runtime's `reserve`, pure bookkeeping) agrees. A prompt longer than the budget is prefilled in
+chunks over several steps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.can_admit = can_admit or (lambda seq, running: True)
-        self.rejected: list[tuple[Sequence, Exception]] = []  # admission hook raised: fail these
         self.max_overtaken_steps = 16
 
     def add(self, seq: Sequence) -> None:
@@ -57,12 +57,7 @@ class Scheduler:
         blocked: list[Sequence] = []  # wait for an adapter slot; keep their queue order
         while self.waiting and budget > 0 and free_slots > len(admitted):
             seq = self.waiting.popleft()
-            try:
-                ok = self.can_admit(seq, self.running + admitted)
-            except Exception as exc:  # e.g. out of memory installing its adapter: fail it alone
-                self.rejected.append((seq, exc))
-                continue
-            if not ok:
+            if not self.can_admit(seq, self.running + admitted):
                 seq.blocked_steps += 1
                 blocked.append(seq)
                 # Requests whose adapter is already resident (or base) may overtake a request

@@ -3,8 +3,8 @@
 One continuous-batching step packs the new tokens of all scheduled sequences into one flat
 `[T]` token axis (prefill chunks and decode tokens alike). Everything a layer needs to treat
 each token correctly travels in this one object, passed explicitly through the model's forward
-kwargs to the attention function and set on the adapter-aware linear layers by the runner
-before the forward (no module globals, no hooks).
+kwargs to the attention function and handed to the adapter-aware layers by the adapter
+runtime's `prepare`, which the runner calls before the forward (no module globals, no hooks).
 """
 
 from __future__ import annotations

@@ -66,14 +66,14 @@ class ServingEvaluator:
     def __init__(self, model: str | Path, *, max_model_len: int = 256, max_batch_size: int = 32,
                  store: Path | None = None):
         from peftserve.adapters.base_model import load_base_model
-        from peftserve.server.engine.factory import build_serving
+        from peftserve.server.build import build_engine
 
         hf_model, self.tokenizer, self.model_dir = load_base_model(model)
         self._tmp = None
         if store is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="peftserve-eval-store-")
             store = Path(self._tmp.name)
-        self.serving = build_serving(hf_model, self.tokenizer, engine_config(max_model_len, max_batch_size),
+        self.serving = build_engine(hf_model, self.tokenizer, engine_config(max_model_len, max_batch_size),
                                      store=Path(store))
 
     def add_adapter(self, path: Path, name: str) -> None:

@@ -87,8 +87,8 @@ class _ReplicaMetrics:
 
 
 def build_state(cfg: RayServeConfig):
-    """(state, app, serving) exactly as `peftserve serve` wires them (server/cli.py), except that
-    the store is not scanned at start: N replicas would race to quarantine in a shared directory,
+    """(state, app, serving) from `build_server` (server/build.py), like `peftserve serve`, except
+    that the store is not scanned at start: N replicas would race to quarantine in a shared directory,
     and each replica loads only the adapters routed to it (on demand, bounded by K)."""
     from pathlib import Path
 
@@ -97,14 +97,12 @@ def build_state(cfg: RayServeConfig):
     from peftserve.adapters.base_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, load_base_model, parse_dtype
 
     from ..api import adapters as adapters_api
-    from ..api.app import create_app
+    from ..build import build_server
     from ..metrics import Metrics
     from ..cli import _version
-    from ..engine.async_engine import AsyncEngine
     from ..engine.config import EngineConfig
-    from ..engine.factory import build_serving
     from ..registry import RegistrySettings
-    from ..state import ServerSettings, ServerState
+    from ..state import ServerSettings
 
     torch.set_num_threads(cfg.threads or max(1, int(cfg.num_cpus_per_replica)))
     device = torch.device(cfg.device)
@@ -126,14 +124,10 @@ def build_state(cfg: RayServeConfig):
     reg_settings = RegistrySettings(store=store, max_cpu_adapters=max(cfg.max_cpu_adapters, cfg.max_resident_adapters),
                                     max_cpu_bytes=cfg.max_cpu_bytes, max_combinations=cfg.max_combinations,
                                     strict_base=cfg.strict_base)
-    serving = build_serving(hf_model, tokenizer, config, store=store, model_name=model_name,
-                            registry_settings=reg_settings, observer=metrics)
-    engine = AsyncEngine(serving.engine)
-    serving.registry.attach(engine)
-    state = ServerState(engine, tokenizer, model_name, registry=serving.registry, settings=settings, metrics=metrics)
-    state.slots = serving.slots
-    app = create_app(state, routers=[adapters_api.router])
-    return state, app, serving
+    server = build_server(hf_model, tokenizer, config, store=store, model_name=model_name,
+                          registry_settings=reg_settings, settings=settings, metrics=metrics,
+                          routers=[adapters_api.router])
+    return server.state, server.app, server.serving
 
 
 class EngineReplica:

@@ -5,6 +5,8 @@ lone request does not trigger a merge it cannot amortise), W' = W + scale * B @ 
 into the base linear weights and the per-token LoRA path is skipped: zero adapter overhead.
 The moment another adapter or a base row shows up, the original weights are copied back from
 the saved copy — an exact restore, no subtraction, so no drift however many cycles.
+
+The runtime calls this explicitly before each forward (`AdapterRuntime.prepare`), never a setter.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class MergePolicy(str, enum.Enum):
 
 
 class Merger:
+    """Which LoRA slot is folded into the base weights (`merged_slot`, 0 = none) and how to undo it."""
+
     def __init__(self, policy: MergePolicy = MergePolicy.NEVER, min_steps: int = 4):
         self.policy = MergePolicy(policy)
         self.min_steps = min_steps
@@ -29,13 +33,13 @@ class Merger:
         self._saved: dict[object, torch.Tensor] = {}  # AdapterLinear -> original weight
         self.cycles = 0
 
-    def decide(self, batch, lora_only: set[int]) -> int:
-        """Slot to have merged for this step (0 = none)."""
+    def decide(self, batch, mergeable: set[int]) -> int:
+        """Slot to have merged for this step (0 = none). `mergeable`: slots holding a LoRA."""
         if self.policy is MergePolicy.NEVER or batch is None:
             return 0
         segs = batch.segments
         total = int(batch.token_slots.shape[0])
-        single = len(segs) == 1 and segs[0][1] == 0 and segs[0][2] == total and segs[0][0] in lora_only
+        single = len(segs) == 1 and segs[0][1] == 0 and segs[0][2] == total and segs[0][0] in mergeable
         slot = segs[0][0] if single else 0
         self._streak = self._streak + 1 if slot and slot == self._streak_slot else (1 if slot else 0)
         self._streak_slot = slot
@@ -44,11 +48,9 @@ class Merger:
         return 0
 
     @torch.no_grad()
-    def merge(self, linears, slot: int) -> None:
-        for lin in linears:
-            w = lin.lora.get(slot)
-            if w is None:
-                continue
+    def merge(self, entries, slot: int) -> None:
+        """W += scale * B @ A for every (AdapterLinear, LoraSlotWeights) of `slot` in `entries`."""
+        for lin, w in entries:
             weight = lin.base.weight
             self._saved[lin] = weight.detach().clone()
             delta = (w.B.float() @ w.A.float()) * w.scale  # [out, in], computed in fp32

@@ -1,0 +1,189 @@
+"""One handler per adapter kind, in one table (`KINDS`): everything the serving runtime does
+differently for LoRA, (IA)3, bottleneck, prompt tuning, P-tuning and prefix tuning.
+
+Two families:
+
+- weight kinds (`WeightKind`: LoRA, (IA)3, bottleneck) live in a device slot of the wrapped
+  layers. `to_device(ver, dtype, device)` copies the validated host weights to the serving
+  device once per install; `install(layers, slot, weights)` puts them in a slot's entries of the
+  wrapped modules; `apply(module, x, out, batch, per_slot)` is the layer-side math, run by every
+  wrapped module for the tokens of the slots holding this kind.
+- prompt kinds (`PromptKind`: prompt tuning, P-tuning, prefix tuning) hold no slot: `prefix(ver,
+  runner)` builds the per-layer KV prefix, computed once per version and copied into each
+  sequence's KV row at activation (server/runtime/slots.py).
+
+`summary(loaded)` is what GET /adapters shows of an adapter of the kind.
+
+Adding a kind = one handler class here (or in its own module) + one row in `KINDS`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from peftserve.adapters.bottleneck_ops import BottleneckSlotWeights, bottleneck_add_segmented_
+from peftserve.adapters.config import AdapterKind
+from peftserve.adapters.ia3_ops import IA3SlotWeights, ia3_apply_segmented_
+from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_grouped_
+
+from ..engine.step_state import AdapterBatch
+from .slots import KVPrefix
+
+if TYPE_CHECKING:
+    from peftserve.adapters.artifact import LoadedAdapter
+
+    from ..engine.runner import ModelRunner
+    from .layers import AdapterLayers
+
+# What `to_device` returns and `install` consumes: per wrapped site (a linear's module path, or a
+# (layer, position) sublayer key) the kind's weights for that site, on the serving device.
+DeviceWeights = dict[Any, Any]
+
+
+class KindHandler:
+    """Base of every handler. `uses_slot` / `uses_prefix` say which runtime path a kind takes."""
+
+    uses_slot: ClassVar[bool] = False
+    uses_prefix: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False  # may be folded into the base weights (server/runtime/merge.py)
+
+    def summary(self, loaded: LoadedAdapter) -> dict:
+        raise NotImplementedError
+
+
+class WeightKind(KindHandler):
+    uses_slot = True
+    site: ClassVar[str] = "linear"  # "linear": AdapterLinear entries; "sublayer": AdapterSublayer entries
+
+    def to_device(self, ver, dtype: torch.dtype, device: torch.device) -> DeviceWeights:
+        raise NotImplementedError
+
+    def install(self, layers: AdapterLayers, slot: int, weights: DeviceWeights) -> None:
+        """Put one slot's entries into the wrapped modules (the caller clears the slot on failure)."""
+        sites = layers.linears if self.site == "linear" else layers.sublayers
+        for key, w in weights.items():
+            sites[key].put(self, slot, w)
+
+    def apply(self, module, x: torch.Tensor, out: torch.Tensor, batch: AdapterBatch, per_slot: dict) -> None:
+        """In place on `out` for this kind's slots; `per_slot`: slot -> this module's entry."""
+        raise NotImplementedError
+
+
+class PromptKind(KindHandler):
+    uses_prefix = True
+
+    def prefix(self, ver, runner: ModelRunner) -> KVPrefix:
+        raise NotImplementedError
+
+    def summary(self, loaded: LoadedAdapter) -> dict:
+        return {"num_virtual_tokens": int(loaded.weights.num_virtual_tokens)}
+
+
+def host_weights(ver):
+    """The validated host-memory weights of a version (the request's handle holds them)."""
+    if ver.loaded is None:
+        raise RuntimeError(f"adapter {ver.name} version {ver.version} not resident in host memory")
+    return ver.loaded
+
+
+def _targets(modules) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p in modules})
+
+
+# -- LoRA ----------------------------------------------------------------------------------------
+class LoraKind(WeightKind):
+    """out += scale * B @ A @ x per token, through adapters/lora_ops.py (grouped by rank)."""
+
+    mergeable = True
+
+    def to_device(self, ver, dtype, device):
+        # float32 whatever the base dtype (see adapters/lora_ops.py: PEFT semantics, CPU speed)
+        modules = host_weights(ver).weights.modules
+        return {p: LoraSlotWeights(m.A.to(device), m.B.to(device), float(m.scale)) for p, m in modules.items()}
+
+    def apply(self, module, x, out, batch, per_slot):
+        # module.derived[self]: stacked weights per slot tuple, emptied whenever the slots change
+        lora_add_grouped_(out, x, batch.segments, per_slot, module.derived.setdefault(self, {}), batch.plans)
+
+    def summary(self, loaded):
+        modules = loaded.weights.modules
+        ranks = sorted({m.rank for m in modules.values()})
+        return {"rank": max(ranks), "ranks": ranks, "target_modules": _targets(modules), "num_modules": len(modules)}
+
+
+# -- (IA)3 ---------------------------------------------------------------------------------------
+class IA3Kind(WeightKind):
+    """PEFT's (IA)3: a learned vector rescales a module's input (feed-forward) or output."""
+
+    def to_device(self, ver, dtype, device):
+        modules = host_weights(ver).weights.modules
+        return {p: IA3SlotWeights(m.vector.to(device=device, dtype=dtype).contiguous(), bool(m.scales_input))
+                for p, m in modules.items()}
+
+    def apply(self, module, x, out, batch, per_slot):
+        ia3_apply_segmented_(out, x, module.base, batch.segments, per_slot)  # adapters/ia3_ops.py
+
+    def summary(self, loaded):
+        modules = loaded.weights.modules
+        return {"target_modules": _targets(modules), "num_modules": len(modules)}
+
+
+# -- bottleneck ----------------------------------------------------------------------------------
+class BottleneckKind(WeightKind):
+    """Houlsby/Pfeiffer adapters after a decoder sublayer: y += scaling * up(act(down(z)))."""
+
+    site = "sublayer"
+
+    def to_device(self, ver, dtype, device):
+        loaded = host_weights(ver)
+        cfg = loaded.config
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        return {(layer, pos): BottleneckSlotWeights(to(t.down_weight), to(t.down_bias), to(t.up_weight),
+                                                    to(t.up_bias), cfg.non_linearity, float(cfg.scaling), cfg.parallel)
+                for layer, by_pos in loaded.weights.layers.items() for pos, t in by_pos.items()}
+
+    def apply(self, module, x, out, batch, per_slot):
+        """x: the sublayer's input [1, T, hidden]; out: its output (a private copy) [1, T, hidden]."""
+        bottleneck_add_segmented_(out[0], x[0], batch.segments, per_slot)  # adapters/bottleneck_ops.py
+
+    def summary(self, loaded):
+        return {"placement": loaded.config.placement, "num_layers": len(loaded.weights.layers)}
+
+
+# -- prompt kinds --------------------------------------------------------------------------------
+class SoftPromptKind(PromptKind):
+    """Prompt tuning and P-tuning: virtual-token embeddings run through the model once."""
+
+    def prefix(self, ver, runner):
+        model = runner.model
+        embeds = host_weights(ver).weights.embeddings  # [n, hidden]
+        ks, vs = runner.compute_prefix(embeds.to(device=model.device, dtype=model.dtype))
+        return KVPrefix(ks, vs)
+
+
+class PrefixTuningKind(PromptKind):
+    """Prefix tuning: K/V used as given (PEFT passes them as past_key_values, un-rotated)."""
+
+    def prefix(self, ver, runner):
+        model = runner.model
+        kv = host_weights(ver).weights.kv  # [layers, 2, kv_heads, n, head_dim]
+        kv = kv.to(device=model.device, dtype=model.dtype)
+        return KVPrefix([kv[i, 0].contiguous() for i in range(kv.shape[0])],
+                        [kv[i, 1].contiguous() for i in range(kv.shape[0])])
+
+
+_SOFT_PROMPT = SoftPromptKind()
+
+KINDS: dict[AdapterKind, KindHandler] = {
+    AdapterKind.LORA: LoraKind(),
+    AdapterKind.IA3: IA3Kind(),
+    AdapterKind.BOTTLENECK: BottleneckKind(),
+    AdapterKind.PROMPT_TUNING: _SOFT_PROMPT,
+    AdapterKind.P_TUNING: _SOFT_PROMPT,
+    AdapterKind.PREFIX_TUNING: PrefixTuningKind(),
+}

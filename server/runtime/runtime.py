@@ -1,0 +1,278 @@
+"""The device tier: how a request's adapter reaches the frozen base model. Implements the
+engine's `AdapterRuntime` (server/engine/adapter_runtime.py) and the registry's `DeviceTier`;
+runs on the engine thread only.
+
+Per request, in step order:
+
+1. `reserve(seq, running)` — scheduler, pure bookkeeping: picks and pins a device slot for a
+   weight adapter (or says "wait" when every slot is pinned by other adapters). No weight copy,
+   no forward, cannot fail a request.
+2. `activate(admitted, runner)` — engine, once per step for the newly admitted sequences:
+   installs the weights of newly assigned slots (`kind.to_device` + `kind.install`), computes or
+   fetches prompt adapters' KV prefixes (`kind.prefix`) and writes them into the sequences' KV
+   rows. Returns the sequences that failed, with their exception (already released here); the
+   engine fails those rows alone.
+3. `prepare(batch)` — runner, before every forward: the adaptive merge decision
+   (server/runtime/merge.py), then the step's AdapterBatch goes to the wrapped layers.
+4. `release(seq)` — engine, when a request finishes: unpins; a version dropped meanwhile
+   leaves the device once its last request is done.
+
+`drop(key)` (registry: a version was replaced or deleted) and `reset()` (supervisor, after the
+engine loop died) complete the interface. Everything per kind goes through `KINDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from peftserve.adapters.config import AdapterKind
+
+from ..engine.observer import DeviceResidency
+from ..engine.request import Sequence
+from ..engine.step_state import AdapterBatch
+from .kinds import KINDS, KindHandler
+from .layers import AdapterLayers
+from .merge import MergePolicy, Merger
+from .slots import DeviceSlots, KVPrefix, PrefixCache
+
+if TYPE_CHECKING:
+    from ..engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hold:
+    """What one running sequence pins: a device slot (0 = none) and a KV prefix key (or None)."""
+
+    slot: int = 0
+    prefix_key: str | None = None
+
+
+class DeviceRuntime:
+    def __init__(self, layers: AdapterLayers, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 merge_policy: MergePolicy = MergePolicy.NEVER, merge_min_steps: int = 4,
+                 max_prefix_bytes: int = 512 << 20, observer=None,
+                 kinds: Mapping[AdapterKind, KindHandler] = KINDS):
+        """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None."""
+        self.layers = layers
+        self.kinds = dict(kinds)
+        self.dtype, self.device = dtype, device  # where and how weight adapters are installed
+        self.slots = DeviceSlots(num_slots)
+        self.prefixes = PrefixCache(max_prefix_bytes)
+        self.merger = Merger(merge_policy, merge_min_steps)
+        self.mergeable: set[int] = set()  # slots holding a kind the merger may fold in (LoRA)
+        self._pending: dict[int, object] = {}  # slot -> version reserved there, installed by activate
+        self._held: dict[int, Hold] = {}  # seq_id -> its pins
+        self._dropped: set[str] = set()  # deleted/replaced versions still pinned by running requests
+        self.observer = observer
+        self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0}
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.num_slots
+
+    @property
+    def resident(self) -> int:
+        """Versions holding a device slot."""
+        return len(self.slots.slot_key)
+
+    def is_resident(self, key: str) -> bool:
+        return key in self.slots.key_slot
+
+    def residency(self) -> DeviceResidency:
+        """For the engine snapshot (engine thread): installed and pinned versions."""
+        keys = self.slots.slot_key
+        return DeviceResidency(self.num_slots, frozenset(keys.values()),
+                               frozenset(k for slot, k in keys.items() if self.slots.busy(slot)))
+
+    # -- 1. reserve (scheduler) -----------------------------------------------------------
+    def reserve(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """Pin what `seq` needs beyond a KV row; False = wait (every slot pinned by others)."""
+        adapter = seq.adapter
+        if adapter is None:
+            return True
+        slot = 0
+        if self.kinds[adapter.kind].uses_slot:
+            slot = self._reserve_slot(adapter)
+            if slot is None:
+                return False
+        seq.adapter_slot = slot
+        self._held[seq.seq_id] = Hold(slot)
+        return True
+
+    def _reserve_slot(self, ver) -> int | None:
+        slot = self.slots.key_slot.get(ver.key)
+        if slot is not None:
+            self.stats["hits"] += 1
+        else:
+            slot, evicted = self.slots.free_slot()
+            if slot is None:
+                return None  # all slots pinned by running requests of other adapters: wait
+            if evicted is not None:
+                self._count_eviction()
+            self.slots.assign(slot, ver.key)
+            self._pending[slot] = ver
+        self.slots.pin(slot)
+        return slot
+
+    # -- 2. activate (engine, newly admitted sequences) -----------------------------------
+    def activate(self, admitted: list[Sequence], runner: ModelRunner) -> list[tuple[Sequence, Exception]]:
+        """Install new slots, attach KV prefixes; -> [(failed sequence, why)], already released."""
+        broken = self._install_pending()
+        failures = []
+        for seq in admitted:
+            hold = self._held.get(seq.seq_id)
+            if hold is None:
+                continue  # base request
+            exc = broken.get(hold.slot)
+            if exc is None:
+                try:
+                    self._attach_prefix(seq, hold, runner)
+                except Exception as e:  # e.g. out of memory computing the prefix: this row only
+                    exc = e
+            if exc is not None:
+                if hold.slot in broken:
+                    hold.slot = 0  # the broken slot was already given back as a whole
+                self.release(seq)
+                failures.append((seq, exc))
+        return failures
+
+    def _install_pending(self) -> dict[int, Exception]:
+        """Install every slot reserved this step; -> {slot: why} for those that failed (emptied
+        and unassigned, so the adapter's next request tries again)."""
+        broken: dict[int, Exception] = {}
+        pending, self._pending = self._pending, {}
+        for slot, ver in pending.items():
+            try:
+                self._install(slot, ver)
+            except BaseException as exc:  # a half-installed slot must not leak modules into its next owner
+                self.layers.clear(slot)
+                self.mergeable.discard(slot)
+                self.slots.unassign(slot)
+                if not isinstance(exc, Exception):
+                    raise
+                broken[slot] = exc
+        return broken
+
+    def _install(self, slot: int, ver) -> None:
+        kind = self.kinds[ver.kind]
+        t0 = time.perf_counter()
+        if self.merger.merged_slot == slot:  # the slot's previous owner is folded into the base
+            self.merger.unmerge()
+        self.layers.clear(slot)  # the previous owner's entries (taken over at reserve)
+        self.mergeable.discard(slot)
+        kind.install(self.layers, slot, kind.to_device(ver, self.dtype, self.device))
+        if kind.mergeable:
+            self.mergeable.add(slot)
+        self.stats["loads"] += 1
+        if self.observer:
+            self.observer.on_adapter_load(ver, time.perf_counter() - t0)
+
+    def _attach_prefix(self, seq: Sequence, hold: Hold, runner: ModelRunner) -> None:
+        """Prompt kinds: the version's KV prefix (computed once, then cached) into seq's KV row."""
+        ver = seq.adapter
+        kind = self.kinds[ver.kind]
+        if not kind.uses_prefix:
+            return
+        prefix = self._prefix(ver, kind, runner)
+        self.prefixes.pin(ver.key)
+        hold.prefix_key = ver.key
+        seq.kv_prefix_len = prefix.length
+        runner.cache.write_prefix(seq.kv_slot, prefix.k, prefix.v)
+
+    def _prefix(self, ver, kind: KindHandler, runner: ModelRunner) -> KVPrefix:
+        prefix = self.prefixes.get(ver.key)
+        if prefix is None:
+            prefix = kind.prefix(ver, runner)
+            self.stats["prefix_computes"] += 1
+            self.prefixes.put(ver.key, prefix)
+        self.prefixes.trim()
+        return prefix
+
+    # -- 3. prepare (runner, before every forward) ----------------------------------------
+    def prepare(self, batch: AdapterBatch) -> None:
+        """Merge or unmerge a LoRA for this step, then hand the batch to the wrapped layers."""
+        target = self.merger.decide(batch, self.mergeable)
+        if target != self.merger.merged_slot:
+            self.merger.unmerge()
+            if target:
+                self.merger.merge(self._mergeable_entries(target), target)
+        # While merged, the LoRA lives in the base weights: the wrappers must not add it again.
+        self.layers.set_batch(AdapterBatch(batch.token_slots, []) if target else batch)
+
+    def _mergeable_entries(self, slot: int) -> list[tuple[object, object]]:
+        """[(AdapterLinear, its entry for `slot`)] of the mergeable kind in that slot."""
+        pairs = []
+        for lin in self.layers.linears.values():
+            for kind, per_slot in lin.entries.items():
+                if kind.mergeable and slot in per_slot:
+                    pairs.append((lin, per_slot[slot]))
+        return pairs
+
+    # -- 4. release, drop, reset ----------------------------------------------------------
+    def release(self, seq: Sequence) -> None:
+        hold = self._held.pop(seq.seq_id, None)
+        if hold is None:
+            return
+        if hold.slot and self.slots.unpin(hold.slot):
+            key = self.slots.slot_key[hold.slot]
+            if key in self._dropped:
+                self.drop(key)
+        if hold.prefix_key is not None:
+            self.prefixes.unpin(hold.prefix_key)
+            if hold.prefix_key in self._dropped:
+                self.drop(hold.prefix_key)
+            self.prefixes.trim()
+
+    def drop(self, key: str) -> None:
+        """Forget an adapter version (deleted/replaced) once nothing running uses it."""
+        slot = self.slots.key_slot.get(key)
+        slot_busy = slot is not None and self.slots.busy(slot)
+        prefix_busy = self.prefixes.busy(key)
+        if slot is not None and not slot_busy:
+            self._evict(slot)
+        if not prefix_busy:
+            self.prefixes.discard(key)
+        if slot_busy or prefix_busy:
+            self._dropped.add(key)  # free it when its last running request finishes
+        else:
+            self._dropped.discard(key)
+
+    def _evict(self, slot: int) -> None:
+        self.slots.unassign(slot)
+        if self.merger.merged_slot == slot:
+            self.merger.unmerge()
+        self.layers.clear(slot)
+        self.mergeable.discard(slot)
+        self._count_eviction()
+
+    def _count_eviction(self) -> None:
+        self.stats["evictions"] += 1
+        if self.observer:
+            self.observer.on_adapter_evict()
+
+    def reset(self) -> None:
+        """Forget every pin and empty every slot (the engine supervisor, after the loop died).
+
+        The loop can die anywhere — between a reserve and its activation, half-way through an
+        install or a merge — so nothing per-sequence is trusted: merged weights are restored,
+        every device slot is cleared (adapters reinstall on their next request) and shared
+        prefixes stay cached (immutable per version) unless their version was dropped meanwhile.
+        """
+        self.merger.unmerge()
+        for slot in range(1, self.num_slots + 1):
+            self.layers.clear(slot)
+        self.slots.reset()
+        self.mergeable.clear()
+        self._pending.clear()
+        self._held.clear()
+        self.prefixes.pins.clear()
+        for key in self._dropped:
+            self.prefixes.discard(key)
+        self._dropped.clear()

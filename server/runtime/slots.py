@@ -1,0 +1,128 @@
+"""Bookkeeping of the device tier: which adapter version holds which device slot, and the shared
+KV prefixes of prompt adapters. Pure bookkeeping: nothing here copies weights or runs the model
+(server/runtime/runtime.py does, in `activate`).
+
+- Weight adapters (LoRA, (IA)3, bottleneck) live in one of `num_slots` device slots (slot 0 =
+  none). A slot is pinned while any running sequence uses it; unpinned slots are evicted LRU.
+  When every slot is pinned by other adapters, a new adapter's request waits (never fails).
+- Prompt adapters become a per-layer KV prefix computed once per adapter *version* (content
+  hash, never the name) and copied into each sequence's cache row at activation: after the
+  first request, a soft-prompt or prefix row costs no extra prefill.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVPrefix:
+    """Per-layer K/V of a prompt adapter's virtual tokens, at cache positions 0..n-1."""
+
+    k: list[torch.Tensor]  # per layer [kv_heads, n, head_dim]
+    v: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class DeviceSlots:
+    """slot <-> version key, pins and the LRU order of unpinned resident slots."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.slot_key: dict[int, str] = {}  # slot -> adapter version key
+        self.key_slot: dict[str, int] = {}
+        self.pins: dict[int, int] = {}  # slot -> running sequences using it
+        self.lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots, oldest first
+
+    def free_slot(self) -> tuple[int | None, str | None]:
+        """-> (a slot to assign, the key it held before or None); (None, None) when every slot
+        is pinned. Taking an occupied slot only unassigns it: its owner's entries stay in the
+        layers until the new owner is installed over them."""
+        for slot in range(1, self.num_slots + 1):
+            if slot not in self.slot_key:
+                return slot, None
+        if not self.lru:
+            return None, None
+        slot, _ = self.lru.popitem(last=False)  # least recently used unpinned slot
+        return slot, self.unassign(slot)
+
+    def assign(self, slot: int, key: str) -> None:
+        self.slot_key[slot], self.key_slot[key] = key, slot
+
+    def unassign(self, slot: int) -> str:
+        key = self.slot_key.pop(slot)
+        del self.key_slot[key]
+        self.pins.pop(slot, None)
+        self.lru.pop(slot, None)
+        return key
+
+    def pin(self, slot: int) -> None:
+        self.lru.pop(slot, None)
+        self.pins[slot] = self.pins.get(slot, 0) + 1
+
+    def unpin(self, slot: int) -> bool:
+        """-> True when no running sequence uses the slot any more (it joins the LRU)."""
+        self.pins[slot] -= 1
+        if self.pins[slot]:
+            return False
+        self.lru[slot] = None
+        return True
+
+    def busy(self, slot: int) -> bool:
+        return self.pins.get(slot, 0) > 0
+
+    def reset(self) -> None:
+        self.slot_key.clear()
+        self.key_slot.clear()
+        self.pins.clear()
+        self.lru.clear()
+
+
+class PrefixCache:
+    """KV prefixes per version key, LRU under a byte budget; pinned ones are never trimmed."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.prefixes: OrderedDict[str, KVPrefix] = OrderedDict()
+        self.pins: dict[str, int] = {}
+
+    def get(self, key: str) -> KVPrefix | None:
+        prefix = self.prefixes.get(key)
+        if prefix is not None:
+            self.prefixes.move_to_end(key)
+        return prefix
+
+    def put(self, key: str, prefix: KVPrefix) -> None:
+        self.prefixes[key] = prefix
+        self.prefixes.move_to_end(key)
+
+    def pin(self, key: str) -> None:
+        self.pins[key] = self.pins.get(key, 0) + 1
+
+    def unpin(self, key: str) -> None:
+        self.pins[key] -= 1
+
+    def busy(self, key: str) -> bool:
+        return self.pins.get(key, 0) > 0
+
+    def discard(self, key: str) -> None:
+        self.prefixes.pop(key, None)
+
+    def trim(self) -> None:
+        """Evict unpinned prefixes, least recently used first, until the budget holds."""
+        total = sum(p.nbytes for p in self.prefixes.values())
+        for key in list(self.prefixes):
+            if total <= self.max_bytes:
+                break
+            if not self.busy(key):
+                total -= self.prefixes.pop(key).nbytes
