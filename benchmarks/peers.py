@@ -27,7 +27,7 @@ on each run; `--no-write` skips that). If no package index can be reached (or `-
 the vLLM column says so and our side still runs.
 
     .venv/bin/python benchmarks/peers.py            # full run (tens of minutes on 2 cores)
-    .venv/bin/python benchmarks/peers.py --quick    # smoke run: 16 requests x 16 new tokens
+    .venv/bin/python benchmarks/peers.py --quick    # smoke run: 32 requests x 16 new tokens
 """
 
 from __future__ import annotations
@@ -359,8 +359,8 @@ def render(res: dict, args, base_n: int, adapter_n: int) -> str:
     if not (v and "base" in v):
         lines += [f"vLLM-CPU: {res.get('vllm_note', 'skipped')}", ""]
     lines.append(f"Memory-traffic floor of the {n_ad}-LoRA case (one decode step reads the base weights once and "
-                 f"every adapter in the batch once): base {base_n / 1e6:.1f} M params, adapters {adapter_n / 1e6:.1f} "
-                 "M params.")
+                 f"every adapter in the batch once): base {base_n / 1e6:.1f} M params, the "
+                 f"{min(n_ad, args.concurrency)} adapters in a batch {adapter_n / 1e6:.1f} M params.")
     lines.append("")
     lines.append("| server | weights | adapters | floor (LoRA / base tok/s) | measured | fraction of floor |")
     lines.append("|---|---|---|---|---|---|")
@@ -389,7 +389,7 @@ def write_doc(section: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke sizes: 16 requests x 16 new tokens, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="smoke sizes: 32 requests x 16 new tokens, 1 repeat")
     p.add_argument("--concurrency", type=int, default=64, help="requests sent at once (= vLLM --max-num-seqs)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -412,14 +412,15 @@ def main(argv=None) -> int:
     args.command_line = "benchmarks/peers.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                  " " + shlex.join(sys.argv[1:] if argv is None else argv))
     if args.quick:
-        args.concurrency, args.new_tokens, args.repeats, args.warmup_tokens = 16, 16, 1, 4
+        args.concurrency, args.new_tokens, args.repeats, args.warmup_tokens = 32, 16, 1, 4
 
     res: dict = {"load_avg_start": os.getloadavg()[0]}
     mp = model_dir()
     work = cache_dir() / "peers"
     work.mkdir(parents=True, exist_ok=True)
     loras = make_loras(mp, work / f"loras-seed{args.seed}", args.adapters, args.seed)
-    base_n, adapter_n = base_params(mp), adapter_params([p for _, p in loras])
+    used = loras[:min(len(loras), args.concurrency)]  # request i -> LoRA i mod len: the ones a batch reads
+    base_n, adapter_n = base_params(mp), adapter_params([p for _, p in used])
     ps = prompts(args.concurrency, args.prompt_tokens, args.seed)
     log(f"model {mp} ({base_n / 1e6:.1f} M params); {len(loras)} LoRAs ({adapter_n / 1e6:.1f} M params)")
 
