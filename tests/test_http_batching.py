@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from peftserve.server.api.generate import _sse, _sse_token, _tokenizer_lock, tokenize_inline
+from peftserve.server.api.generate import _sse, _sse_token, _tokenizer_lock, tokenize_inline, tokenize_texts_inline
 from peftserve.server.engine.async_engine import RequestStream, _Mailbox
 from peftserve.server.engine.request import FinishReason, TokenEvent
 
@@ -232,3 +232,6 @@ def test_inline_tokenisation_only_for_short_prompts_with_a_free_tokenizer(smollm
     assert tokenize_inline(smollm_tokenizer, SimpleNamespace(prompt=None, messages=[])) is None
     with _tokenizer_lock:  # a worker thread is tokenising: never wait on the loop
         assert tokenize_inline(smollm_tokenizer, req) is None
+    assert tokenize_texts_inline(smollm_tokenizer, ["a b", "c"]) == [list(smollm_tokenizer(t).input_ids)
+                                                                     for t in ("a b", "c")]
+    assert tokenize_texts_inline(smollm_tokenizer, ["x" * 3000, "y" * 3000]) is None  # the total is bounded

@@ -337,12 +337,20 @@ def tokenize_inline(tokenizer, req, limit_chars: int = 4096):
     thread hand-overs of a worker thread) when the tokenizer is free; -> None otherwise (chat
     templates, long prompts, tokenizer busy in a worker): the caller uses the thread pool."""
     prompt = getattr(req, "prompt", None)
-    if not isinstance(prompt, str) or len(prompt) > limit_chars:
+    if not isinstance(prompt, str):
+        return None
+    ids = tokenize_texts_inline(tokenizer, [prompt], limit_chars)
+    return None if ids is None else ids[0]
+
+
+def tokenize_texts_inline(tokenizer, texts: list[str], limit_chars: int = 4096):
+    """tokenize_inline for a list of prompts (their total length is what is bounded)."""
+    if sum(len(t) for t in texts) > limit_chars:
         return None
     if not _tokenizer_lock.acquire(blocking=False):
         return None
     try:
-        return list(tokenizer(prompt).input_ids)
+        return [list(tokenizer(t).input_ids) for t in texts]
     finally:
         _tokenizer_lock.release()
 

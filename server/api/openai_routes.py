@@ -34,7 +34,7 @@ from ..state import ServerState, get_state
 from .auth import require_api_key
 from ..engine.sampling_params import SamplingParamError
 from .generate import (CLIENT_CLOSED, _failure, _ids_from, _json_str, _sse, _tokenizer_lock, _wait_disconnect,
-                       is_json_content_type, stream_until_disconnect, unavailable)
+                       is_json_content_type, stream_until_disconnect, tokenize_texts_inline, unavailable)
 from .openai_errors import ParamError, invalid, model_not_found
 from .openai_schemas import ChatRequest, CompletionRequest, SamplingFields, parse_chat, parse_completion
 
@@ -551,7 +551,12 @@ async def completions(request: Request) -> Response:
             if bad is not None:
                 raise invalid("prompt", f"prompt: token id {bad} out of range [0, {vocab})")
     handle, model = await resolve_adapter(state, req)
-    ids = await run_in_threadpool(_tokenize_prompts, state.tokenizer, texts) if texts else [list(p) for p in raw]
+    if texts:  # short prompts on the loop when the tokenizer is free, else in a worker thread
+        ids = tokenize_texts_inline(state.tokenizer, texts)
+        if ids is None:
+            ids = await run_in_threadpool(_tokenize_prompts, state.tokenizer, texts)
+    else:
+        ids = [list(p) for p in raw]
     prefix = int(getattr(handle, "num_virtual_tokens", 0) or 0)
     jobs, choices = [], []
     for i, p in enumerate(ids):
