@@ -36,6 +36,18 @@ from peers import Proc, free_port  # noqa: E402  (the same server-subprocess hel
 BIN = Path(sys.executable).parent
 
 
+def self_cpu() -> float:
+    """CPU seconds of this process so far (all threads: engine, event loop, client)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of another process so far (/proc/PID/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
@@ -90,10 +102,11 @@ def run_inprocess(args, ps) -> list[dict]:
                 texts.append(ev.text)
             return n, "".join(texts)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), self_cpu()
         res = await asyncio.gather(*(one(p) for p in ps))
-        wall = time.perf_counter() - t0
-        return {"tokens": sum(n for n, _ in res), "seconds": wall, "texts": [t for _, t in res]}
+        wall, cpu = time.perf_counter() - t0, self_cpu() - c0
+        return {"tokens": sum(n for n, _ in res), "seconds": wall, "texts": [t for _, t in res],
+                "server_cpu_s": cpu, "client_cpu_s": 0.0}
 
     try:
         asyncio.run(batch(args.warmup_tokens))
@@ -105,7 +118,7 @@ def run_inprocess(args, ps) -> list[dict]:
 
 
 # -- through HTTP -------------------------------------------------------------------------------------
-async def http_batch(url: str, route: str, ps, new: int) -> dict:
+async def http_batch(url: str, route: str, ps, new: int, pid: int | None = None) -> dict:
     """N requests at once; streaming routes count `data:` token events, the final text is kept."""
     stream = route != "completions"
     path = "/generate" if route == "generate-stream" else "/v1/completions"
@@ -141,7 +154,7 @@ async def http_batch(url: str, route: str, ps, new: int) -> dict:
         import aiohttp
     except ImportError:
         aiohttp = None
-    t0 = time.perf_counter()
+    t0, c0, s0 = time.perf_counter(), self_cpu(), proc_cpu(pid) if pid else 0.0
     if aiohttp is not None:
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
@@ -164,8 +177,10 @@ async def http_batch(url: str, route: str, ps, new: int) -> dict:
                 return parse(r.content)
 
             res = await asyncio.gather(*(one(p) for p in ps))
-    wall = time.perf_counter() - t0
-    return {"tokens": sum(n for n, _ in res), "seconds": wall, "texts": [t for _, t in res]}
+    wall, client = time.perf_counter() - t0, self_cpu() - c0
+    server = proc_cpu(pid) - s0 if pid else float("nan")
+    return {"tokens": sum(n for n, _ in res), "seconds": wall, "texts": [t for _, t in res],
+            "server_cpu_s": server, "client_cpu_s": client}
 
 
 def run_http(args, ps, routes) -> dict:
@@ -178,7 +193,8 @@ def run_http(args, ps, routes) -> dict:
     with Proc("peftserve", cmd, port, "/ready", timeout_s=300) as srv:
         for route in routes:
             asyncio.run(http_batch(srv.url, route, ps, args.warmup_tokens))
-            out[route] = [asyncio.run(http_batch(srv.url, route, ps, args.new_tokens)) for _ in range(args.repeats)]
+            out[route] = [asyncio.run(http_batch(srv.url, route, ps, args.new_tokens, srv.proc.pid))
+                          for _ in range(args.repeats)]
     return out
 
 
@@ -216,12 +232,18 @@ def main(argv=None) -> int:
 
     base = best(inproc)
     rows = [("in-process AsyncEngine", inproc)] + [(f"HTTP {r}", http[r]) for r in args.routes]
-    print(f"\n| path | tok/s (best of {args.repeats}) | runs | vs in-process |\n|---|---|---|---|")
+    def cpu_ms(runs, key):  # CPU per generated token: far less sensitive to other load than tok/s
+        return min(1e3 * r[key] / r["tokens"] for r in runs)
+
+    base_cpu = cpu_ms(inproc, "server_cpu_s")
+    print(f"\n| path | tok/s (best of {args.repeats}) | runs | vs in-process | server CPU ms/token | vs in-process "
+          f"| client CPU ms/token |\n|---|---|---|---|---|---|---|")
     for name, runs in rows:
         bad = [r["tokens"] for r in runs if r["tokens"] != expected]
         note = f" WRONG token count {bad}" if bad else ""
         print(f"| {name} | {best(runs):.1f} | {', '.join('%.1f' % (r['tokens'] / r['seconds']) for r in runs)} | "
-              f"{best(runs) / base:.2f}x{note} |")
+              f"{best(runs) / base:.2f}x{note} | {cpu_ms(runs, 'server_cpu_s'):.2f} | "
+              f"{base_cpu / cpu_ms(runs, 'server_cpu_s'):.2f}x | {cpu_ms(runs, 'client_cpu_s'):.2f} |")
     # bf16 results may differ slightly with the batch composition (arrival timing changes how
     # prefill chunks are cut), so this is reported, not asserted
     agree = [sum(a == b for a, b in zip(r["texts"], inproc[0]["texts"])) for _, runs in rows[1:] for r in runs]
