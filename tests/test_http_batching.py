@@ -147,7 +147,7 @@ def test_openai_text_chunk_template_is_byte_identical(kind, usage):
         req = parse_chat(json.dumps({"model": "m\"é", "messages": [{"role": "user", "content": "x"}], **body}).encode())
     else:
         req = parse_completion(json.dumps({"model": "m\"é", "prompt": "x", **body}).encode())
-    job = Job(SimpleNamespace(tokenizer=None), kind, "m\"é/日本", req, [], [], None)
+    job = Job(SimpleNamespace(tokenizer=None), kind, "m\"é/日本 %s %d %%", req, [], [], None)
     resp = OpenAIStreamResponse(job)
     for i, text in enumerate(TEXTS[1:]):
         c = ({"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None} if kind == "chat"

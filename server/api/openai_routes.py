@@ -376,6 +376,7 @@ class OpenAIStreamResponse(Response):
             head = '{"id":%s,"object":%s,"created":%d,"model":%s,"choices":[' % (
                 _json_str(job.id), _json_str("chat.completion.chunk" if job.kind == "chat" else "text_completion"),
                 job.created, _json_str(job.model))
+            head = head.replace("%", "%%")  # ids and names are data, not format directives
             tail = '],"system_fingerprint":null' + (',"usage":null' if job.req.include_usage else "") + "}"
             body = '{"index":%d,"delta":{"content":%s},' if job.kind == "chat" else '{"index":%d,"text":%s,'
             self._frame = "data: " + head + body + '"logprobs":null,"finish_reason":null}' + tail + "\n\n"
