@@ -100,7 +100,7 @@ class CombinationCache:
         self.misses += 1
         t0 = time.perf_counter()
         ver = make_version(combine_lora(versions, weights), versions)
-        ver.summary["merge_seconds"] = round(time.perf_counter() - t0, 6)
+        ver.summary["combine_seconds"] = round(time.perf_counter() - t0, 6)
         return ver
 
     def put(self, key: tuple, ver) -> object:
