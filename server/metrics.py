@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics_adapters import AdapterMetrics
 from .metrics_vllm import VllmMetrics
+from .engine.request import AdapterHandle
 
 # `*_created` series double every counter/histogram and no dashboard reads them (process-wide switch)
 disable_created_metrics()
@@ -40,17 +41,11 @@ OTHER_LABEL = "other"
 SUCCESS_REASONS = ("length", "stop", "eos")
 
 
-def adapter_name(handle) -> str | None:
-    """Best-effort display name of a resolved adapter handle (None for the base model)."""
-    if handle is None:
-        return None
-    if isinstance(handle, str):
-        return handle
-    for attr in ("name", "label"):
-        value = getattr(handle, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return None
+def adapter_name(handle: AdapterHandle | None) -> str | None:
+    """The adapter's display name (None for the base model, or a handle without a usable name:
+    metrics never fail a request, it is counted as "other")."""
+    name = getattr(handle, "name", None)
+    return name if isinstance(name, str) and name else None
 
 
 class _LabelLimiter:

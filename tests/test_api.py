@@ -394,6 +394,10 @@ async def test_adapter_without_registry_is_404(make_server):
 
 
 async def test_registry_resolve_and_handle_passed_to_engine(make_server):
+    from types import SimpleNamespace
+
+    handle = SimpleNamespace(name="mine", key="0" * 64)  # an AdapterHandle (engine/request.py)
+
     class Registry:
         def __init__(self):
             self.specs = []
@@ -402,7 +406,7 @@ async def test_registry_resolve_and_handle_passed_to_engine(make_server):
             self.specs.append(spec)
             if spec == "missing":
                 raise AdapterNotFound("missing")
-            return "HANDLE"
+            return handle
 
     registry = Registry()
     server = make_server(registry=registry)
@@ -422,7 +426,7 @@ async def test_registry_resolve_and_handle_passed_to_engine(make_server):
         resp = await post(client, prompt="x", adapter=mix, max_new_tokens=2)
         assert resp.status_code == 200 and resp.json()["adapter"] == mix
     assert registry.specs == ["missing", "mine", mix]
-    assert submitted == ["HANDLE", "HANDLE"]
+    assert submitted == [handle, handle]
 
 
 async def test_adapter_error_from_registry_is_rendered(make_server):

@@ -85,8 +85,7 @@ class EngineSnapshot:
 
 def adapter_names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
     """Sorted distinct names of the adapters `seqs` use (base-model sequences add none)."""
-    names = {getattr(seq.adapter, "name", None) for seq in seqs if seq.adapter is not None}
-    return tuple(sorted(n for n in names if isinstance(n, str)))
+    return tuple(sorted({seq.adapter.name for seq in seqs if seq.adapter is not None}))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -96,6 +96,15 @@ class TokenEvent:
 _ids = itertools.count(1)
 
 
+class AdapterHandle(Protocol):
+    """What a sequence carries of its adapter: the registry's `AdapterVersion` (a stored
+    version or a combination). The engine reads only these; the runtime reads the rest through
+    its kinds table (server/runtime/kinds.py)."""
+
+    name: str  # shown in metrics and logs
+    key: str  # content hash of the version: its identity in the device tier
+
+
 @dataclass(eq=False)
 class Sequence:
     """Engine-side state of one request. Touched only by the engine thread."""
@@ -103,7 +112,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     on_event: Callable[[TokenEvent], None]
-    adapter: object | None = None  # resolved adapter handle (registry), None = base
+    adapter: AdapterHandle | None = None  # resolved by the registry; None = base model
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
