@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,7 +120,11 @@ class AdapterVersion:
 class RegistrySettings:
     store: Path
     limits: AdapterLimits = field(default_factory=AdapterLimits)
-    max_cpu_adapters: int = 64  # stored adapters resident in host memory
+    # Host memory is bounded by bytes: `max_cpu_bytes` (adapters + combinations) is the budget that
+    # binds; the count cap only guards against pathological numbers of tiny adapters. (1,000 r16
+    # q,k,v,o LoRAs of the default model are 7.4 GB in float32; 2 GiB holds ~290 of them, or all
+    # 1,000 r8 q,v ones at 1.8 MB each.)
+    max_cpu_adapters: int = 100_000  # stored adapters resident in host memory
     max_cpu_bytes: int = 2 << 30  # adapters + combinations resident in host memory
     max_combinations: int = 16  # live weighted combinations (each also counts in max_cpu_bytes)
     strict_base: bool = False  # refuse (422 base_model_mismatch) adapters trained on another base model
@@ -135,6 +139,7 @@ class AdapterRegistry:
         self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident (LRU first)
         self._quarantined: dict[str, AdapterVersion] = {}  # name -> version whose files failed at runtime
         self._lock = threading.RLock()
+        self._loading: dict[str, Future] = {}  # version -> its in-flight load from disk (one per version)
         self.device = device or NoDevice()  # told (by version key) what must leave the device
         self.stats = {"memory_evictions": 0, "disk_loads": 0, "combination_evictions": 0}
         self.store_errors: dict[str, int] = {}  # reason -> count (peftserve_adapter_store_errors_total)
@@ -164,22 +169,74 @@ class AdapterRegistry:
     def _acquire(self, name) -> tuple[AdapterVersion, AdapterVersion]:
         """-> (the registry's version, the request's own handle to it). The handle holds the
         weights itself: the host-memory LRU may evict the registry's copy (`loaded = None`) while
-        the request still waits for a device slot, and a replaced version's files are gone."""
-        with self._lock:
-            ver = self._current.get(name) if isinstance(name, str) else None
-            if ver is None:
-                if isinstance(name, str) and name in self._quarantined:
-                    raise AdapterUnavailable(name)
-                raise AdapterNotFound(str(name)[:80])
-            try:
-                self._ensure_loaded(ver)
-            except StoreError as exc:
-                dropped = self._quarantine_version(ver, exc)
+        the request still waits for a device slot, and a replaced version's files are gone.
+
+        A version evicted to disk is read back *outside* the registry lock (read, hash, validate:
+        milliseconds to tens of them), one load per version: concurrent requests for the same
+        cold version wait on that load's future, requests for resident versions (and loads of
+        other versions) go on meanwhile. The calling thread is a request's own worker (the API
+        resolves in a thread pool), never the engine thread, so the load starts as soon as the
+        request arrives, before it is queued."""
+        while True:
+            with self._lock:
+                ver = self._current.get(name) if isinstance(name, str) else None
+                if ver is None:
+                    if isinstance(name, str) and name in self._quarantined:
+                        raise AdapterUnavailable(name)
+                    raise AdapterNotFound(str(name)[:80])
+                if ver.loaded is not None:
+                    self._remember(ver)
+                    return ver, replace(ver)
+                load = self._loading.get(ver.version)
+                owner = load is None
+                if owner:
+                    load = self._loading[ver.version] = Future()
+            if owner:
+                loaded = self._load_cold(ver, load)
             else:
-                return ver, replace(ver)
-        for gone in dropped:  # outside the lock: the device tier runs on the engine thread
-            self._on_drop(gone)
-        raise AdapterUnavailable(ver.name)
+                try:
+                    loaded = load.result()
+                except StoreError:
+                    loaded = None
+            if loaded is _RETRY:  # replaced or deleted while its files were read: resolve again
+                continue
+            if loaded is None:
+                raise AdapterUnavailable(ver.name)
+            return ver, replace(ver, loaded=loaded)
+
+    def _load_cold(self, ver: AdapterVersion, load: Future):
+        """Load `ver` from the store (caller owns `load`, the version's in-flight future; no lock
+        held). -> its weights; None when the store failed (quarantined); _RETRY when the name moved
+        on meanwhile (replace/delete): its files may be gone, and that is no store fault."""
+        dropped: list[AdapterVersion] = []
+        try:
+            loaded = self._load_version(ver.name, ver.version)
+        except StoreError as exc:
+            with self._lock:
+                self._loading.pop(ver.version, None)
+                if self._current.get(ver.name) is ver:
+                    dropped = self._quarantine_version(ver, exc)
+                    result = None
+                else:
+                    result = _RETRY
+            load.set_exception(exc)
+            for gone in dropped:  # outside the lock: the device tier runs on the engine thread
+                self._on_drop(gone)
+            return result
+        except BaseException as exc:  # never leave waiters hanging on a future nobody resolves
+            with self._lock:
+                self._loading.pop(ver.version, None)
+            load.set_exception(exc)
+            raise
+        with self._lock:
+            self._loading.pop(ver.version, None)
+            self.stats["disk_loads"] += 1
+            if self._current.get(ver.name) is ver:
+                if ver.loaded is None:
+                    ver.loaded = loaded
+                self._remember(ver)
+        load.set_result(loaded)
+        return loaded
 
     def _combination(self, members: list[AdapterVersion], weights: list[float]) -> AdapterVersion:
         """The cached combination of these member versions and weights, made (outside the lock)
@@ -486,12 +543,6 @@ class AdapterRegistry:
             self._memory.pop(ver.version, None)
         return stale
 
-    def _ensure_loaded(self, ver: AdapterVersion) -> None:
-        if ver.loaded is None:
-            ver.loaded = self._load_version(ver.name, ver.version)
-            self.stats["disk_loads"] += 1
-        self._remember(ver)
-
     def _load_version(self, name: str, version: str) -> LoadedAdapter:
         """Read and verify one stored version. Raises StoreError (never AdapterError/OSError):
         whatever is wrong with a file the server wrote itself is the store's fault."""
@@ -543,6 +594,8 @@ class AdapterRegistry:
         log.error("corrupt adapter quarantined", extra={"adapter": entry.name, "error": str(exc), "moved_to": str(dest),
                                                         "reason": getattr(exc, "reason", "invalid")})
 
+
+_RETRY = object()  # _load_cold: the name moved on while its old version was read
 
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
 

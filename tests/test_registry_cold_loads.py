@@ -1,0 +1,178 @@
+"""Host tier (issue 13, many adapters): loads from disk happen outside the registry lock, one per
+version; the tier is bounded by bytes (LRU); an upload's validated weights serve its first request.
+
+A slow store is simulated by wrapping the registry's bounded reader (`read_inside`) with a gate:
+reads of the gated version directory block until the test opens it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import peftserve.server.registry as registry_mod
+from tests.conftest import build_tiny_model
+from tests.test_adapters_api import lib, scaled_variant  # noqa: F401  (lib: session fixture)
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def make_registry(tmp_path, smollm_tokenizer):
+    from peftserve.adapters.spec import BaseModelSpec
+    from peftserve.server.registry import AdapterRegistry, RegistrySettings
+
+    spec = BaseModelSpec.from_model(build_tiny_model(len(smollm_tokenizer), 0), "tiny")
+
+    def make(**settings):
+        return AdapterRegistry(spec, RegistrySettings(store=tmp_path / "store", **settings))
+    return make
+
+
+class SlowStore:
+    """Gate on reads of one version directory; counts the reads that reach it."""
+
+    def __init__(self, monkeypatch, version: str):
+        self.version, self.entered, self.open = version, threading.Event(), threading.Event()
+        self.reads = 0
+        real = registry_mod.read_inside
+
+        def read_inside(root, name, max_bytes):
+            if root.name == self.version:
+                self.reads += 1
+                self.entered.set()
+                assert self.open.wait(TIMEOUT), "test never opened the gate"
+            return real(root, name, max_bytes)
+        monkeypatch.setattr(registry_mod, "read_inside", read_inside)
+
+
+def in_thread(fn, *args):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            out["error"] = exc
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_cold_load_does_not_block_resident_adapter(make_registry, lib, monkeypatch):
+    reg = make_registry()
+    art = lib.get("qv")
+    reg.add("hot", art.config, art.weights)
+    cold = reg.add("cold", art.config, scaled_variant(art, 2.0))
+    reg.release("cold")  # weights back to disk only, as after a host-tier eviction
+    slow = SlowStore(monkeypatch, cold.version)
+    t, out = in_thread(reg.resolve, "cold")
+    assert slow.entered.wait(TIMEOUT)  # the cold load is now stuck reading the store
+    # Resident adapters resolve while it is stuck (before: the load held the registry lock).
+    t2, out2 = in_thread(reg.resolve, "hot")
+    t2.join(5)
+    assert not t2.is_alive(), "a resident adapter's resolve waited for another adapter's disk load"
+    assert out2["value"].loaded is not None and t.is_alive()
+    # ... and so do listing and uploading.
+    assert [v.name for v in reg.list()] == ["cold", "hot"]
+    t3, out3 = in_thread(reg.add, "new", art.config, scaled_variant(art, 3.0))
+    t3.join(TIMEOUT)
+    assert not t3.is_alive() and "error" not in out3
+    slow.open.set()
+    t.join(TIMEOUT)
+    assert out["value"].version == cold.version and out["value"].loaded is not None
+    assert reg.tier(reg.get("cold")) == "memory" and reg.stats["disk_loads"] == 1
+
+
+def test_concurrent_requests_for_one_cold_version_load_it_once(make_registry, lib, monkeypatch):
+    reg = make_registry()
+    art = lib.get("qv")
+    cold = reg.add("cold", art.config, art.weights)
+    reg.release("cold")
+    slow = SlowStore(monkeypatch, cold.version)
+    threads = [in_thread(reg.resolve, "cold") for _ in range(8)]
+    assert slow.entered.wait(TIMEOUT)
+    slow.open.set()
+    for t, _ in threads:
+        t.join(TIMEOUT)
+    handles = [out["value"] for _, out in threads]
+    assert all(h.version == cold.version and h.loaded is not None for h in handles)
+    assert len({id(h.loaded) for h in handles}) == 1  # one set of weights, shared
+    assert reg.stats["disk_loads"] == 1
+    assert slow.reads == 2  # config + weights, once
+    assert not reg._loading  # no future left behind
+
+
+def test_replace_during_a_cold_load_serves_the_new_version_without_quarantine(make_registry, lib, monkeypatch):
+    reg = make_registry()
+    art = lib.get("qv")
+    old = reg.add("x", art.config, art.weights)
+    reg.release("x")
+    slow = SlowStore(monkeypatch, old.version)
+    t, out = in_thread(reg.resolve, "x")
+    assert slow.entered.wait(TIMEOUT)
+    new = reg.add("x", art.config, scaled_variant(art, 2.0), replace=True)  # removes old's files
+    slow.open.set()
+    t.join(TIMEOUT)
+    assert out["value"].version == new.version
+    assert reg.get("x") is new and not reg.store_errors
+    assert not (reg.store / ".quarantine").exists()
+
+
+def test_failed_cold_load_quarantines_and_fails_every_waiter(make_registry, lib, monkeypatch):
+    from peftserve.server.errors import AdapterUnavailable
+
+    reg = make_registry()
+    art = lib.get("qv")
+    ver = reg.add("x", art.config, art.weights)
+    reg.release("x")
+    (reg.store / "x" / ver.version / "adapter_model.safetensors").write_bytes(scaled_variant(art, 2.0))
+    slow = SlowStore(monkeypatch, ver.version)
+    threads = [in_thread(reg.resolve, "x") for _ in range(3)]
+    assert slow.entered.wait(TIMEOUT)
+    slow.open.set()
+    for t, _ in threads:
+        t.join(TIMEOUT)
+    assert all(isinstance(out.get("error"), AdapterUnavailable) for _, out in threads)
+    assert reg.store_errors == {"hash_mismatch": 1} and not reg._loading
+    with pytest.raises(AdapterUnavailable):
+        reg.resolve("x")
+
+
+def test_host_tier_is_bounded_by_bytes_lru(make_registry, lib):
+    art = lib.get("qv")
+    probe = make_registry()
+    size = probe.add("probe", art.config, art.weights).nbytes
+    probe.delete("probe")
+    reg = make_registry(max_cpu_bytes=int(size * 2.5))  # room for two; the count cap does not bind
+    a = reg.add("a", art.config, scaled_variant(art, 1.5))
+    b = reg.add("b", art.config, scaled_variant(art, 2.0))
+    reg.add("c", art.config, scaled_variant(art, 2.5))
+    assert [reg.tier(reg.get(n)) for n in "abc"] == ["disk", "memory", "memory"]
+    assert reg.resident_bytes() <= int(size * 2.5)
+    reg.resolve("b")  # b is now the most recently used: c goes next
+    reg.add("d", art.config, scaled_variant(art, 3.0))
+    assert [reg.tier(reg.get(n)) for n in "abcd"] == ["disk", "memory", "disk", "memory"]
+    assert reg.resolve("a").version == a.version and reg.stats["disk_loads"] == 1  # back from disk ...
+    assert reg.tier(reg.get("b")) == "disk"  # ... evicting the LRU one (b was used before d)
+    assert b.loaded is None and reg.stats["memory_evictions"] == 3
+
+
+def test_default_count_cap_does_not_bind_before_bytes():
+    from peftserve.server.registry import RegistrySettings
+
+    s = RegistrySettings(store=".")
+    assert s.max_cpu_adapters >= 10_000  # 1,000 registered adapters stay resident if their bytes fit
+
+
+def test_uploaded_adapter_serves_first_request_without_disk_read(make_registry, lib, monkeypatch):
+    reg = make_registry()
+    art = lib.get("qv")
+
+    def no_disk(*args):
+        raise AssertionError("read the store")
+    monkeypatch.setattr(reg, "_load_version", no_disk)
+    ver = reg.add("fresh", art.config, art.weights)
+    handle = reg.resolve("fresh")
+    assert handle.version == ver.version and handle.loaded is ver.loaded and reg.stats["disk_loads"] == 0
