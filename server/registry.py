@@ -65,6 +65,9 @@ class DeviceTier(Protocol):
 
     def drop(self, key: str) -> None: ...
 
+    # Optional: `stage(ver)`, called from request and upload threads (never the engine thread),
+    # precomputes what installing `ver` would copy, so the engine thread only installs it.
+
 
 class NoDevice:
     """A registry without a device tier (host-side tools and tests)."""
@@ -164,6 +167,7 @@ class AdapterRegistry:
         ver, handle = self._acquire(spec)
         with self._lock:
             ver.requests += 1
+        self._stage(handle)  # this request's thread, not the engine's, prepares the install
         return handle
 
     def _acquire(self, name) -> tuple[AdapterVersion, AdapterVersion]:
@@ -186,7 +190,8 @@ class AdapterRegistry:
                     raise AdapterNotFound(str(name)[:80])
                 if ver.loaded is not None:
                     self._remember(ver)
-                    return ver, replace(ver)
+                    handle = replace(ver)
+                    break
                 load = self._loading.get(ver.version)
                 owner = load is None
                 if owner:
@@ -202,7 +207,19 @@ class AdapterRegistry:
                 continue
             if loaded is None:
                 raise AdapterUnavailable(ver.name)
-            return ver, replace(ver, loaded=loaded)
+            handle = replace(ver, loaded=loaded)
+            break
+        return ver, handle
+
+    def _stage(self, ver: AdapterVersion) -> None:
+        stage = getattr(self.device, "stage", None)
+        if stage is None or ver.is_combination:
+            return
+        try:
+            stage(ver)
+        except Exception:  # only a head start: the install does it again and reports a failure
+            log.warning("staging an adapter for its install failed", exc_info=True,
+                        extra={"adapter": ver.name, "version": ver.version})
 
     def _load_cold(self, ver: AdapterVersion, load: Future):
         """Load `ver` from the store (caller owns `load`, the version's in-flight future; no lock
@@ -318,6 +335,9 @@ class AdapterRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         for gone in ([old] if old is not None else []) + stale:
             self._on_drop(gone)
+        # A new adapter is usually asked for at once: prepare its install in the background (the
+        # upload's answer does not wait), so its first request finds it staged.
+        _STAGER.submit(self._stage, ver)
         log.info("adapter registered", extra={"adapter": name, "version": ver.version, "kind": ver.kind.value})
         return ver
 
@@ -598,6 +618,7 @@ class AdapterRegistry:
 _RETRY = object()  # _load_cold: the name moved on while its old version was read
 
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
+_STAGER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage")
 
 
 def _write_pair(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:

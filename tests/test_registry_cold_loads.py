@@ -176,3 +176,50 @@ def test_uploaded_adapter_serves_first_request_without_disk_read(make_registry, 
     ver = reg.add("fresh", art.config, art.weights)
     handle = reg.resolve("fresh")
     assert handle.version == ver.version and handle.loaded is ver.loaded and reg.stats["disk_loads"] == 0
+
+
+# -- staging: the device copy is prepared off the engine thread (CPU device) ---------------------
+def _staged_serving(tmp_path, names=("a", "b")):
+    from tests.test_engine_faults import _serving
+
+    serving = _serving(tmp_path, names)
+    from peftserve.server.registry import _STAGER
+    _STAGER.submit(lambda: None).result(TIMEOUT)  # uploads stage in the background: let them finish
+    return serving
+
+
+def test_upload_is_staged_and_its_first_request_installs_the_staged_copy(tmp_path, monkeypatch):
+    from peftserve.server.engine.request import SamplingParams
+
+    serving = _staged_serving(tmp_path)
+    rt, reg = serving.runtime, serving.registry
+    assert set(rt._staged) == {reg.get("a").key, reg.get("b").key}  # both uploads were staged
+    calls = []
+    real = rt.kinds[reg.get("a").kind].to_device
+    monkeypatch.setattr(type(rt.kinds[reg.get("a").kind]), "to_device",
+                        lambda self, *a: calls.append(1) or real(*a))
+    prompt = [5, 6, 7, 8]
+    out = serving.engine.generate([prompt], SamplingParams(max_new_tokens=4), adapters=[reg.resolve("a")])
+    assert calls == [] and rt.stats["staged_installs"] == 1  # the engine thread did not copy
+    assert reg.get("a").key not in rt._staged
+    # same tokens as an install that copies on the engine thread
+    rt._discard_staged()
+    rt.drop(reg.get("a").key)
+    monkeypatch.setattr(rt, "stage", lambda ver: False)
+    again = serving.engine.generate([prompt], SamplingParams(max_new_tokens=4), adapters=[reg.resolve("a")])
+    assert calls == [1] and again[0].output_ids == out[0].output_ids
+
+
+def test_resident_versions_are_not_staged_and_staging_is_bounded(tmp_path):
+    from peftserve.server.engine.request import SamplingParams
+
+    serving = _staged_serving(tmp_path)
+    rt, reg = serving.runtime, serving.registry
+    serving.engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=1), adapters=[reg.resolve("a")])
+    assert rt.is_resident(reg.get("a").key)
+    assert rt.stage(reg.resolve("a")) is False  # installed: nothing to prepare
+    rt.max_staged = 1
+    rt._discard_staged()
+    assert rt.stage(reg.get("b")) is True and list(rt._staged) == [reg.get("b").key]
+    rt.drop(reg.get("b").key)
+    assert not rt._staged  # a dropped version's staged copy goes with it
