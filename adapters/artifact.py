@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,22 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
     if mismatch:
         warnings.append(mismatch)
 
+    # The content hash (sha256 releases the GIL) runs beside parsing and validation (torch kernels
+    # release it too): upload -> first token pays the longer of the two, not their sum.
+    hashing = _HASHER.submit(content_hash, bytes(config_bytes), weights_bytes)
+    try:
+        weights = _parse_weights(kind, cfg, weights_bytes, spec, limits)
+    except BaseException:
+        hashing.cancel()
+        raise
+    return LoadedAdapter(kind=kind, config=cfg, weights=weights, content_hash=hashing.result(),
+                         nbytes=_nbytes(weights), warnings=tuple(warnings))
+
+
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+def _parse_weights(kind: AdapterKind, cfg: Any, weights_bytes, spec: BaseModelSpec, limits: AdapterLimits) -> Any:
     tensors = read_safetensors(weights_bytes, max_bytes=limits.max_bytes, max_header_bytes=limits.max_header_bytes)
     if kind is AdapterKind.LORA:
         weights = load_lora(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
@@ -129,9 +146,7 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
     else:
         weights = _load_bottleneck(cfg, tensors, spec)
     check_numerics(kind, weights, cfg, spec.dtype)  # finite but overflowing weights -> 422
-    return LoadedAdapter(kind=kind, config=cfg, weights=weights,
-                         content_hash=content_hash(bytes(config_bytes), weights_bytes),
-                         nbytes=_nbytes(weights), warnings=tuple(warnings))
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------
