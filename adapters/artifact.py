@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,8 +105,12 @@ def _load_bottleneck(cfg: Any, tensors: dict[str, torch.Tensor], spec: BaseModel
 
 
 def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryview, spec: BaseModelSpec,
-                 limits: AdapterLimits | None = None, *, strict_base: bool = False) -> LoadedAdapter:
-    """Parse + validate an adapter against the served base model. Raises AdapterError only."""
+                 limits: AdapterLimits | None = None, *, strict_base: bool = False,
+                 hashing: Future | None = None) -> LoadedAdapter:
+    """Parse + validate an adapter against the served base model. Raises AdapterError only.
+
+    `hashing`: a `content_hash(config_bytes, weights_bytes)` of these very bytes already under
+    way elsewhere (the registry computes it beside its store write); computed here otherwise."""
     limits = limits or AdapterLimits()
     weights_size = memoryview(weights_bytes).nbytes
     if weights_size > limits.max_bytes:  # cheapest check first
@@ -122,11 +126,14 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
 
     # The content hash (sha256 releases the GIL) runs beside parsing and validation (torch kernels
     # release it too): upload -> first token pays the longer of the two, not their sum.
-    hashing = _HASHER.submit(content_hash, bytes(config_bytes), weights_bytes)
+    own = hashing is None
+    if own:
+        hashing = _HASHER.submit(content_hash, bytes(config_bytes), weights_bytes)
     try:
         weights = _parse_weights(kind, cfg, weights_bytes, spec, limits)
     except BaseException:
-        hashing.cancel()
+        if own:
+            hashing.cancel()
         raise
     return LoadedAdapter(kind=kind, config=cfg, weights=weights, content_hash=hashing.result(),
                          nbytes=_nbytes(weights), warnings=tuple(warnings))

@@ -307,16 +307,19 @@ class AdapterRegistry:
             raise AdapterExistsError(name)
         staging = self.store / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
+        current_tmp = staging.with_name(f"{staging.name}.{CURRENT_FILE}")
         try:
-            # The staging write (and its fsync) overlaps validation: upload -> first token is
-            # bounded by the slower of the two, not their sum. Nothing is committed unless both
-            # succeed, and staging is removed either way.
+            # The staging write (and its fsync) and the content hash, with the new CURRENT file
+            # written and fsync'd from it, overlap validation: upload -> first token is bounded by
+            # the slowest of them, not their sum, and the commit is two renames. Nothing is
+            # committed unless all succeed, and staging is removed either way.
             writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
+            hashing = _WRITER.submit(_hash_and_write_current, current_tmp, config_bytes, weights_bytes)
             try:
                 loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,
-                                      strict_base=self.settings.strict_base)
+                                      strict_base=self.settings.strict_base, hashing=hashing)
             finally:
-                write_error = writing.exception()
+                write_error = writing.exception() or hashing.exception()
             if write_error is not None:
                 raise write_error
             with self._lock:
@@ -326,13 +329,14 @@ class AdapterRegistry:
                 ver = self._new_version(name, loaded)
                 if old is not None and old.version == ver.version:
                     return old  # identical content: nothing changes
-                self._commit(name, ver.version, staging)
+                self._commit(name, ver.version, staging, current_tmp)
                 self._current[name] = ver
                 self._quarantined.pop(name, None)
                 stale = self._forget_combinations(name) if old is not None else []
                 self._remember(ver)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            current_tmp.unlink(missing_ok=True)
         for gone in ([old] if old is not None else []) + stale:
             self._on_drop(gone)
         # A new adapter is usually asked for at once: prepare its install in the background (the
@@ -471,7 +475,8 @@ class AdapterRegistry:
                               created=time.time(), summary=summarize(loaded), loaded=loaded,
                               warnings=tuple(loaded.warnings))
 
-    def _commit(self, name: str, version: str, staging: Path) -> None:
+    def _commit(self, name: str, version: str, staging: Path, current_tmp: Path) -> None:
+        """Move the validated, fsync'd staging dir into place, then the fsync'd CURRENT naming it."""
         adir = self.store / name
         new_name = not adir.exists()
         adir.mkdir(exist_ok=True)
@@ -481,7 +486,9 @@ class AdapterRegistry:
             if not vdir.exists():
                 os.replace(staging, vdir)
                 moved = True
-            _write_file(adir / CURRENT_FILE, version.encode())
+            if current_tmp.read_text() != version:  # written from the same bytes' hash: cannot differ
+                raise RuntimeError(f"prepared {CURRENT_FILE} does not name version {version}")
+            os.replace(current_tmp, adir / CURRENT_FILE)
         except BaseException:  # e.g. disk full: leave the store as it was
             if new_name:
                 shutil.rmtree(adir, ignore_errors=True)
@@ -624,6 +631,13 @@ _STAGER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage")
 def _write_pair(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
     _write_file(staging / CONFIG_FILE, config_bytes)
     _write_file(staging / WEIGHTS_FILE, weights_bytes)
+
+
+def _hash_and_write_current(current_tmp: Path, config_bytes: bytes, weights_bytes: bytes) -> str:
+    """-> the content hash; writes (and fsyncs) the CURRENT file the commit will rename into place."""
+    digest = content_hash(config_bytes, weights_bytes)
+    _write_file(current_tmp, digest[:16].encode())
+    return digest
 
 
 def _write_file(path: Path, data: bytes) -> None:
