@@ -223,3 +223,29 @@ def test_resident_versions_are_not_staged_and_staging_is_bounded(tmp_path):
     assert rt.stage(reg.get("b")) is True and list(rt._staged) == [reg.get("b").key]
     rt.drop(reg.get("b").key)
     assert not rt._staged  # a dropped version's staged copy goes with it
+
+
+def test_install_waits_for_a_staging_in_flight_instead_of_copying_again(tmp_path, monkeypatch):
+    import time
+
+    serving = _staged_serving(tmp_path, names=("a",))
+    rt, ver = serving.runtime, serving.registry.get("a")
+    rt._discard_staged()
+    kind = type(rt.kinds[ver.kind])
+    real, gate, calls = kind.to_device, threading.Event(), []
+
+    def slow(self, *args):
+        calls.append(1)
+        assert gate.wait(TIMEOUT)
+        return real(self, *args)
+    monkeypatch.setattr(kind, "to_device", slow)
+    stager, _ = in_thread(rt.stage, ver)
+    while not calls:
+        time.sleep(0.01)
+    taker, got = in_thread(rt._take_staged, ver.key, TIMEOUT)
+    time.sleep(0.2)
+    assert taker.is_alive()  # waiting for the stager, not copying itself
+    gate.set()
+    taker.join(TIMEOUT)
+    stager.join(TIMEOUT)
+    assert got["value"] is not None and len(calls) == 1 and not rt._staged

@@ -76,7 +76,7 @@ class DeviceRuntime:
         self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0, "staged_installs": 0}
         # key -> device weights precomputed off the engine thread (`stage`); consumed by `_install`
         self._staged: OrderedDict[str, object] = OrderedDict()
-        self._staging: set[str] = set()
+        self._staging: dict[str, threading.Event] = {}  # key -> set when its staging ends
         self._stage_lock = threading.Lock()
         self.max_staged = max(2, num_slots)
 
@@ -113,21 +113,30 @@ class DeviceRuntime:
         with self._stage_lock:
             if ver.key in self._staged or ver.key in self._staging:
                 return False
-            self._staging.add(ver.key)
+            done = self._staging[ver.key] = threading.Event()
+        weights = None
         try:
             weights = kind.to_device(ver, self.dtype, self.device)
         finally:
             with self._stage_lock:
-                self._staging.discard(ver.key)
-        with self._stage_lock:
-            self._staged[ver.key] = weights
-            while len(self._staged) > self.max_staged:
-                self._staged.popitem(last=False)
+                self._staging.pop(ver.key, None)
+                if weights is not None:
+                    self._staged[ver.key] = weights
+                    while len(self._staged) > self.max_staged:
+                        self._staged.popitem(last=False)
+            done.set()
         return True
 
-    def _take_staged(self, key: str):
+    def _take_staged(self, key: str, wait_s: float = 1.0):
+        """The staged copy of `key`, if any; one being staged right now is waited for (briefly:
+        copying it here would take as long, on a core the stager is already using)."""
         with self._stage_lock:
-            return self._staged.pop(key, None)
+            weights = self._staged.pop(key, None)
+            pending = self._staging.get(key) if weights is None else None
+        if pending is not None and pending.wait(wait_s):
+            with self._stage_lock:
+                weights = self._staged.pop(key, None)
+        return weights
 
     def _discard_staged(self, key: str | None = None) -> None:
         with self._stage_lock:
