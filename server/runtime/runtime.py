@@ -127,7 +127,7 @@ class DeviceRuntime:
             done.set()
         return True
 
-    def _take_staged(self, key: str, wait_s: float = 1.0):
+    def _take_staged(self, key: str, wait_s: float = 0.25):
         """The staged copy of `key`, if any; one being staged right now is waited for (briefly:
         copying it here would take as long, on a core the stager is already using)."""
         with self._stage_lock:
