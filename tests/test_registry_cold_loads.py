@@ -223,6 +223,10 @@ def test_resident_versions_are_not_staged_and_staging_is_bounded(tmp_path):
     assert rt.stage(reg.get("b")) is True and list(rt._staged) == [reg.get("b").key]
     rt.drop(reg.get("b").key)
     assert not rt._staged  # a dropped version's staged copy goes with it
+    rt.max_staged, rt.max_staged_bytes = 8, reg.get("a").nbytes  # room for one by bytes
+    rt.drop(reg.get("a").key)  # not installed any more, so it may be staged
+    assert rt.stage(reg.get("a")) and rt.stage(reg.get("b"))
+    assert list(rt._staged) == [reg.get("b").key]  # the byte budget dropped the older one
 
 
 def test_install_waits_for_a_staging_in_flight_instead_of_copying_again(tmp_path, monkeypatch):

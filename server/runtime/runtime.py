@@ -75,10 +75,11 @@ class DeviceRuntime:
         self.observer = observer
         self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0, "staged_installs": 0}
         # key -> device weights precomputed off the engine thread (`stage`); consumed by `_install`
-        self._staged: OrderedDict[str, object] = OrderedDict()
+        self._staged: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (weights, host bytes)
         self._staging: dict[str, threading.Event] = {}  # key -> set when its staging ends
         self._stage_lock = threading.Lock()
         self.max_staged = max(2, num_slots)
+        self.max_staged_bytes = 256 << 20  # staged copies waiting for an install (beyond the newest)
 
     @property
     def num_slots(self) -> int:
@@ -105,7 +106,8 @@ class DeviceRuntime:
         upload's worker thread — so that `activate` on the engine thread only installs. Only when
         the device is the CPU (the copy is host memory either way; on an accelerator device memory
         belongs to the slots) and the version is not installed already. At most `max_staged`
-        copies wait (oldest dropped first); a drop or reset discards them. -> whether staged."""
+        copies and `max_staged_bytes` (by the versions' host sizes) wait, oldest dropped first; a
+        drop or reset discards them. -> whether staged."""
         kind = self.kinds.get(ver.kind)
         if (self.device.type != "cpu" or kind is None or not kind.uses_slot or ver.loaded is None
                 or ver.key in self.slots.key_slot):  # racy read, a hint only: installed versions need nothing
@@ -121,8 +123,9 @@ class DeviceRuntime:
             with self._stage_lock:
                 self._staging.pop(ver.key, None)
                 if weights is not None:
-                    self._staged[ver.key] = weights
-                    while len(self._staged) > self.max_staged:
+                    self._staged[ver.key] = (weights, int(getattr(ver, "nbytes", 0) or 0))
+                    while len(self._staged) > 1 and (len(self._staged) > self.max_staged or sum(
+                            n for _, n in self._staged.values()) > self.max_staged_bytes):
                         self._staged.popitem(last=False)
             done.set()
         return True
@@ -131,12 +134,12 @@ class DeviceRuntime:
         """The staged copy of `key`, if any; one being staged right now is waited for (briefly:
         copying it here would take as long, on a core the stager is already using)."""
         with self._stage_lock:
-            weights = self._staged.pop(key, None)
-            pending = self._staging.get(key) if weights is None else None
+            staged = self._staged.pop(key, None)
+            pending = self._staging.get(key) if staged is None else None
         if pending is not None and pending.wait(wait_s):
             with self._stage_lock:
-                weights = self._staged.pop(key, None)
-        return weights
+                staged = self._staged.pop(key, None)
+        return None if staged is None else staged[0]
 
     def _discard_staged(self, key: str | None = None) -> None:
         with self._stage_lock:
