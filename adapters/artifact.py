@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,12 @@ def _load_bottleneck(cfg: Any, tensors: dict[str, torch.Tensor], spec: BaseModel
 
 
 def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryview, spec: BaseModelSpec,
-                 limits: AdapterLimits | None = None, *, strict_base: bool = False) -> LoadedAdapter:
-    """Parse + validate an adapter against the served base model. Raises AdapterError only."""
+                 limits: AdapterLimits | None = None, *, strict_base: bool = False,
+                 hashing: Future | None = None) -> LoadedAdapter:
+    """Parse + validate an adapter against the served base model. Raises AdapterError only.
+
+    `hashing`: a `content_hash(config_bytes, weights_bytes)` of these very bytes already under
+    way elsewhere (the registry computes it beside its store write); computed here otherwise."""
     limits = limits or AdapterLimits()
     weights_size = memoryview(weights_bytes).nbytes
     if weights_size > limits.max_bytes:  # cheapest check first
@@ -119,6 +124,25 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
     if mismatch:
         warnings.append(mismatch)
 
+    # The content hash (sha256 releases the GIL) runs beside parsing and validation (torch kernels
+    # release it too): upload -> first token pays the longer of the two, not their sum.
+    own = hashing is None
+    if own:
+        hashing = _HASHER.submit(content_hash, bytes(config_bytes), weights_bytes)
+    try:
+        weights = _parse_weights(kind, cfg, weights_bytes, spec, limits)
+    except BaseException:
+        if own:
+            hashing.cancel()
+        raise
+    return LoadedAdapter(kind=kind, config=cfg, weights=weights, content_hash=hashing.result(),
+                         nbytes=_nbytes(weights), warnings=tuple(warnings))
+
+
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
+
+
+def _parse_weights(kind: AdapterKind, cfg: Any, weights_bytes, spec: BaseModelSpec, limits: AdapterLimits) -> Any:
     tensors = read_safetensors(weights_bytes, max_bytes=limits.max_bytes, max_header_bytes=limits.max_header_bytes)
     if kind is AdapterKind.LORA:
         weights = load_lora(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
@@ -129,9 +153,7 @@ def load_adapter(config_bytes: bytes, weights_bytes: bytes | bytearray | memoryv
     else:
         weights = _load_bottleneck(cfg, tensors, spec)
     check_numerics(kind, weights, cfg, spec.dtype)  # finite but overflowing weights -> 422
-    return LoadedAdapter(kind=kind, config=cfg, weights=weights,
-                         content_hash=content_hash(bytes(config_bytes), weights_bytes),
-                         nbytes=_nbytes(weights), warnings=tuple(warnings))
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------

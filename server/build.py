@@ -54,6 +54,10 @@ class EngineThreadDevice:
         runtime = self._runtime
         self._engine.call(lambda _engine: runtime.drop(key))
 
+    def stage(self, ver) -> None:
+        """On the caller's (request or upload) thread: `DeviceRuntime.stage` is thread-safe."""
+        self._runtime.stage(ver)
+
 
 def build_runtime(hf_model, config: EngineConfig, observer=None) -> DeviceRuntime:
     """Wrap `hf_model`'s modules (it must be owned by the server) and make its device tier."""

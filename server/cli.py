@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
                        help="queued requests before 429 queue_full")
         p.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
-        p.add_argument("--max-cpu-adapters", type=_positive, default=64, help="adapters kept loaded in host memory")
+        p.add_argument("--max-cpu-adapters", type=_positive, default=100_000,
+                       help="count cap of adapters kept in host memory (--max-cpu-bytes is the budget that binds)")
         p.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30,
                        help="host-memory byte budget for adapters and weighted combinations")
         p.add_argument("--max-combinations", type=_positive, default=16,

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +64,9 @@ class DeviceTier(Protocol):
     (a dropped combination would otherwise count as live against max_combinations)."""
 
     def drop(self, key: str) -> None: ...
+
+    # Optional: `stage(ver)`, called from request and upload threads (never the engine thread),
+    # precomputes what installing `ver` would copy, so the engine thread only installs it.
 
 
 class NoDevice:
@@ -120,7 +123,11 @@ class AdapterVersion:
 class RegistrySettings:
     store: Path
     limits: AdapterLimits = field(default_factory=AdapterLimits)
-    max_cpu_adapters: int = 64  # stored adapters resident in host memory
+    # Host memory is bounded by bytes: `max_cpu_bytes` (adapters + combinations) is the budget that
+    # binds; the count cap only guards against pathological numbers of tiny adapters. (1,000 r16
+    # q,k,v,o LoRAs of the default model are 7.4 GB in float32; 2 GiB holds ~290 of them, or all
+    # 1,000 r8 q,v ones at 1.8 MB each.)
+    max_cpu_adapters: int = 100_000  # stored adapters resident in host memory
     max_cpu_bytes: int = 2 << 30  # adapters + combinations resident in host memory
     max_combinations: int = 16  # live weighted combinations (each also counts in max_cpu_bytes)
     strict_base: bool = False  # refuse (422 base_model_mismatch) adapters trained on another base model
@@ -135,6 +142,7 @@ class AdapterRegistry:
         self._memory: OrderedDict[str, AdapterVersion] = OrderedDict()  # version -> resident (LRU first)
         self._quarantined: dict[str, AdapterVersion] = {}  # name -> version whose files failed at runtime
         self._lock = threading.RLock()
+        self._loading: dict[str, Future] = {}  # version -> its in-flight load from disk (one per version)
         self.device = device or NoDevice()  # told (by version key) what must leave the device
         self.stats = {"memory_evictions": 0, "disk_loads": 0, "combination_evictions": 0}
         self.store_errors: dict[str, int] = {}  # reason -> count (peftserve_adapter_store_errors_total)
@@ -159,27 +167,93 @@ class AdapterRegistry:
         ver, handle = self._acquire(spec)
         with self._lock:
             ver.requests += 1
+        self._stage(handle)  # this request's thread, not the engine's, prepares the install
         return handle
 
     def _acquire(self, name) -> tuple[AdapterVersion, AdapterVersion]:
         """-> (the registry's version, the request's own handle to it). The handle holds the
         weights itself: the host-memory LRU may evict the registry's copy (`loaded = None`) while
-        the request still waits for a device slot, and a replaced version's files are gone."""
-        with self._lock:
-            ver = self._current.get(name) if isinstance(name, str) else None
-            if ver is None:
-                if isinstance(name, str) and name in self._quarantined:
-                    raise AdapterUnavailable(name)
-                raise AdapterNotFound(str(name)[:80])
-            try:
-                self._ensure_loaded(ver)
-            except StoreError as exc:
-                dropped = self._quarantine_version(ver, exc)
+        the request still waits for a device slot, and a replaced version's files are gone.
+
+        A version evicted to disk is read back *outside* the registry lock (read, hash, validate:
+        milliseconds to tens of them), one load per version: concurrent requests for the same
+        cold version wait on that load's future, requests for resident versions (and loads of
+        other versions) go on meanwhile. The calling thread is a request's own worker (the API
+        resolves in a thread pool), never the engine thread, so the load starts as soon as the
+        request arrives, before it is queued."""
+        while True:
+            with self._lock:
+                ver = self._current.get(name) if isinstance(name, str) else None
+                if ver is None:
+                    if isinstance(name, str) and name in self._quarantined:
+                        raise AdapterUnavailable(name)
+                    raise AdapterNotFound(str(name)[:80])
+                if ver.loaded is not None:
+                    self._remember(ver)
+                    handle = replace(ver)
+                    break
+                load = self._loading.get(ver.version)
+                owner = load is None
+                if owner:
+                    load = self._loading[ver.version] = Future()
+            if owner:
+                loaded = self._load_cold(ver, load)
             else:
-                return ver, replace(ver)
-        for gone in dropped:  # outside the lock: the device tier runs on the engine thread
-            self._on_drop(gone)
-        raise AdapterUnavailable(ver.name)
+                try:
+                    loaded = load.result()
+                except StoreError:
+                    loaded = None
+            if loaded is _RETRY:  # replaced or deleted while its files were read: resolve again
+                continue
+            if loaded is None:
+                raise AdapterUnavailable(ver.name)
+            handle = replace(ver, loaded=loaded)
+            break
+        return ver, handle
+
+    def _stage(self, ver: AdapterVersion) -> None:
+        stage = getattr(self.device, "stage", None)
+        if stage is None or ver.is_combination:
+            return
+        try:
+            stage(ver)
+        except Exception:  # only a head start: the install does it again and reports a failure
+            log.warning("staging an adapter for its install failed", exc_info=True,
+                        extra={"adapter": ver.name, "version": ver.version})
+
+    def _load_cold(self, ver: AdapterVersion, load: Future):
+        """Load `ver` from the store (caller owns `load`, the version's in-flight future; no lock
+        held). -> its weights; None when the store failed (quarantined); _RETRY when the name moved
+        on meanwhile (replace/delete): its files may be gone, and that is no store fault."""
+        dropped: list[AdapterVersion] = []
+        try:
+            loaded = self._load_version(ver.name, ver.version)
+        except StoreError as exc:
+            with self._lock:
+                self._loading.pop(ver.version, None)
+                if self._current.get(ver.name) is ver:
+                    dropped = self._quarantine_version(ver, exc)
+                    result = None
+                else:
+                    result = _RETRY
+            load.set_exception(exc)
+            for gone in dropped:  # outside the lock: the device tier runs on the engine thread
+                self._on_drop(gone)
+            return result
+        except BaseException as exc:  # never leave waiters hanging on a future nobody resolves
+            with self._lock:
+                self._loading.pop(ver.version, None)
+            load.set_exception(exc)
+            raise
+        with self._lock:
+            self._loading.pop(ver.version, None)
+            self.stats["disk_loads"] += 1
+            if self._current.get(ver.name) is ver:
+                if ver.loaded is None:
+                    ver.loaded = loaded
+                self._remember(ver)
+        load.set_result(loaded)
+        return loaded
 
     def _combination(self, members: list[AdapterVersion], weights: list[float]) -> AdapterVersion:
         """The cached combination of these member versions and weights, made (outside the lock)
@@ -233,16 +307,19 @@ class AdapterRegistry:
             raise AdapterExistsError(name)
         staging = self.store / ".staging" / uuid.uuid4().hex
         staging.mkdir(parents=True)
+        current_tmp = staging.with_name(f"{staging.name}.{CURRENT_FILE}")
         try:
-            # The staging write (and its fsync) overlaps validation: upload -> first token is
-            # bounded by the slower of the two, not their sum. Nothing is committed unless both
-            # succeed, and staging is removed either way.
+            # The staging write (and its fsync) and the content hash, with the new CURRENT file
+            # written and fsync'd from it, overlap validation: upload -> first token is bounded by
+            # the slowest of them, not their sum, and the commit is two renames. Nothing is
+            # committed unless all succeed, and staging is removed either way.
             writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
+            hashing = _WRITER.submit(_hash_and_write_current, current_tmp, config_bytes, weights_bytes)
             try:
                 loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,
-                                      strict_base=self.settings.strict_base)
+                                      strict_base=self.settings.strict_base, hashing=hashing)
             finally:
-                write_error = writing.exception()
+                write_error = writing.exception() or hashing.exception()
             if write_error is not None:
                 raise write_error
             with self._lock:
@@ -252,15 +329,19 @@ class AdapterRegistry:
                 ver = self._new_version(name, loaded)
                 if old is not None and old.version == ver.version:
                     return old  # identical content: nothing changes
-                self._commit(name, ver.version, staging)
+                self._commit(name, ver.version, staging, current_tmp)
                 self._current[name] = ver
                 self._quarantined.pop(name, None)
                 stale = self._forget_combinations(name) if old is not None else []
                 self._remember(ver)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            current_tmp.unlink(missing_ok=True)
         for gone in ([old] if old is not None else []) + stale:
             self._on_drop(gone)
+        # A new adapter is usually asked for at once: prepare its install in the background (the
+        # upload's answer does not wait), so its first request finds it staged.
+        _STAGER.submit(self._stage, ver)
         log.info("adapter registered", extra={"adapter": name, "version": ver.version, "kind": ver.kind.value})
         return ver
 
@@ -394,7 +475,8 @@ class AdapterRegistry:
                               created=time.time(), summary=summarize(loaded), loaded=loaded,
                               warnings=tuple(loaded.warnings))
 
-    def _commit(self, name: str, version: str, staging: Path) -> None:
+    def _commit(self, name: str, version: str, staging: Path, current_tmp: Path) -> None:
+        """Move the validated, fsync'd staging dir into place, then the fsync'd CURRENT naming it."""
         adir = self.store / name
         new_name = not adir.exists()
         adir.mkdir(exist_ok=True)
@@ -404,7 +486,9 @@ class AdapterRegistry:
             if not vdir.exists():
                 os.replace(staging, vdir)
                 moved = True
-            _write_file(adir / CURRENT_FILE, version.encode())
+            if current_tmp.read_text() != version:  # written from the same bytes' hash: cannot differ
+                raise RuntimeError(f"prepared {CURRENT_FILE} does not name version {version}")
+            os.replace(current_tmp, adir / CURRENT_FILE)
         except BaseException:  # e.g. disk full: leave the store as it was
             if new_name:
                 shutil.rmtree(adir, ignore_errors=True)
@@ -486,12 +570,6 @@ class AdapterRegistry:
             self._memory.pop(ver.version, None)
         return stale
 
-    def _ensure_loaded(self, ver: AdapterVersion) -> None:
-        if ver.loaded is None:
-            ver.loaded = self._load_version(ver.name, ver.version)
-            self.stats["disk_loads"] += 1
-        self._remember(ver)
-
     def _load_version(self, name: str, version: str) -> LoadedAdapter:
         """Read and verify one stored version. Raises StoreError (never AdapterError/OSError):
         whatever is wrong with a file the server wrote itself is the store's fault."""
@@ -544,12 +622,22 @@ class AdapterRegistry:
                                                         "reason": getattr(exc, "reason", "invalid")})
 
 
+_RETRY = object()  # _load_cold: the name moved on while its old version was read
+
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
+_STAGER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage")
 
 
 def _write_pair(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
     _write_file(staging / CONFIG_FILE, config_bytes)
     _write_file(staging / WEIGHTS_FILE, weights_bytes)
+
+
+def _hash_and_write_current(current_tmp: Path, config_bytes: bytes, weights_bytes: bytes) -> str:
+    """-> the content hash; writes (and fsyncs) the CURRENT file the commit will rename into place."""
+    digest = content_hash(config_bytes, weights_bytes)
+    _write_file(current_tmp, digest[:16].encode())
+    return digest
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -152,3 +152,35 @@ async def test_start_up_verification_counts_store_errors(adapter_server, lib, tm
     async with second.client() as client:
         assert (await registry_view(client))[0]["version"] == good
         assert_error(await generate(client, P[0], "bad"), 404, "adapter_not_found")
+
+
+async def test_a_cold_load_does_not_hold_up_a_resident_adapters_request(adapter_server, lib, monkeypatch):
+    """Through HTTP: while `victim`'s reload from a (simulated) slow store is stuck, a request for
+    the resident `other` completes with its exact tokens; then `victim` completes too."""
+    import asyncio
+    import threading
+
+    import peftserve.server.registry as registry_mod
+
+    server = adapter_server(registry_settings={"max_cpu_adapters": 1})
+    async with server.client() as client:
+        version = await evicted_to_disk(server, client, lib)
+        entered, gate = threading.Event(), threading.Event()
+        real = registry_mod.read_inside
+
+        def slow_read(root, name, max_bytes):
+            if root.name == version:
+                entered.set()
+                assert gate.wait(60)
+            return real(root, name, max_bytes)
+        monkeypatch.setattr(registry_mod, "read_inside", slow_read)
+        cold = asyncio.ensure_future(tokens(client, P[1], "victim"))
+        for _ in range(600):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert entered.is_set()
+        assert await asyncio.wait_for(tokens(client, P[0], "other"), 60) == lib.ref("mlp", P[0])
+        assert not cold.done()  # still waiting for its store read
+        gate.set()
+        assert await asyncio.wait_for(cold, 60) == lib.ref("qv", P[1])

@@ -28,7 +28,7 @@ class RayServeConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024
     max_adapters_per_batch: int = 8
-    max_cpu_adapters: int = 64
+    max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30
     merge_policy: str = "never"
     merge_min_steps: int = 4

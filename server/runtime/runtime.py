@@ -24,7 +24,9 @@ engine loop died) complete the interface. Everything per kind goes through `KIND
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -71,7 +73,13 @@ class DeviceRuntime:
         self._held: dict[int, Hold] = {}  # seq_id -> its pins
         self._dropped: set[str] = set()  # deleted/replaced versions still pinned by running requests
         self.observer = observer
-        self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0}
+        self.stats = {"loads": 0, "evictions": 0, "hits": 0, "prefix_computes": 0, "staged_installs": 0}
+        # key -> device weights precomputed off the engine thread (`stage`); consumed by `_install`
+        self._staged: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (weights, host bytes)
+        self._staging: dict[str, threading.Event] = {}  # key -> set when its staging ends
+        self._stage_lock = threading.Lock()
+        self.max_staged = max(2, num_slots)
+        self.max_staged_bytes = 256 << 20  # staged copies waiting for an install (beyond the newest)
 
     @property
     def num_slots(self) -> int:
@@ -90,6 +98,55 @@ class DeviceRuntime:
         keys = self.slots.slot_key
         return DeviceResidency(self.num_slots, frozenset(keys.values()),
                                frozenset(k for slot, k in keys.items() if self.slots.busy(slot)))
+
+    # -- 0. stage (any thread) -------------------------------------------------------------
+    def stage(self, ver) -> bool:
+        """Precompute `ver`'s device weights (`kind.to_device`: float32 copies, pre-transposed
+        for the matmuls) on the calling thread — the registry calls it from a request's or an
+        upload's worker thread — so that `activate` on the engine thread only installs. Only when
+        the device is the CPU (the copy is host memory either way; on an accelerator device memory
+        belongs to the slots) and the version is not installed already. At most `max_staged`
+        copies and `max_staged_bytes` (by the versions' host sizes) wait, oldest dropped first; a
+        drop or reset discards them. -> whether staged."""
+        kind = self.kinds.get(ver.kind)
+        if (self.device.type != "cpu" or kind is None or not kind.uses_slot or ver.loaded is None
+                or ver.key in self.slots.key_slot):  # racy read, a hint only: installed versions need nothing
+            return False
+        with self._stage_lock:
+            if ver.key in self._staged or ver.key in self._staging:
+                return False
+            done = self._staging[ver.key] = threading.Event()
+        weights = None
+        try:
+            weights = kind.to_device(ver, self.dtype, self.device)
+        finally:
+            with self._stage_lock:
+                self._staging.pop(ver.key, None)
+                if weights is not None:
+                    self._staged[ver.key] = (weights, int(getattr(ver, "nbytes", 0) or 0))
+                    while len(self._staged) > 1 and (len(self._staged) > self.max_staged or sum(
+                            n for _, n in self._staged.values()) > self.max_staged_bytes):
+                        self._staged.popitem(last=False)
+            done.set()
+        return True
+
+    def _take_staged(self, key: str, wait_s: float = 0.25):
+        """The staged copy of `key`, if any; one being staged right now is waited for (briefly:
+        copying it here would take as long, on a core the stager is already using)."""
+        with self._stage_lock:
+            staged = self._staged.pop(key, None)
+            pending = self._staging.get(key) if staged is None else None
+        if pending is not None and pending.wait(wait_s):
+            with self._stage_lock:
+                staged = self._staged.pop(key, None)
+        return None if staged is None else staged[0]
+
+    def _discard_staged(self, key: str | None = None) -> None:
+        with self._stage_lock:
+            if key is None:
+                self._staged.clear()
+            else:
+                self._staged.pop(key, None)
 
     # -- 1. reserve (scheduler) -----------------------------------------------------------
     def reserve(self, seq: Sequence, running: list[Sequence]) -> bool:
@@ -167,7 +224,12 @@ class DeviceRuntime:
             self.merger.unmerge()
         self.layers.clear(slot)  # the previous owner's entries (taken over at reserve)
         self.mergeable.discard(slot)
-        kind.install(self.layers, slot, kind.to_device(ver, self.dtype, self.device))
+        weights = self._take_staged(ver.key)
+        if weights is None:
+            weights = kind.to_device(ver, self.dtype, self.device)
+        else:
+            self.stats["staged_installs"] += 1
+        kind.install(self.layers, slot, weights)
         if kind.mergeable:
             self.mergeable.add(slot)
         self.stats["loads"] += 1
@@ -232,6 +294,7 @@ class DeviceRuntime:
 
     def drop(self, key: str) -> None:
         """Forget an adapter version (deleted/replaced) once nothing running uses it."""
+        self._discard_staged(key)
         slot = self.slots.key_slot.get(key)
         slot_busy = slot is not None and self.slots.busy(slot)
         prefix_busy = self.prefixes.busy(key)
@@ -266,6 +329,7 @@ class DeviceRuntime:
         prefixes stay cached (immutable per version) unless their version was dropped meanwhile.
         """
         self.merger.unmerge()
+        self._discard_staged()
         for slot in range(1, self.num_slots + 1):
             self.layers.clear(slot)
         self.slots.reset()
