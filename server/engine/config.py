@@ -17,6 +17,7 @@ class EngineConfig:
     merge_policy: str = "never"  # "single-adapter": fold a lone LoRA into the base weights
     merge_min_steps: int = 4  # consecutive single-adapter steps before merging
     dtype: torch.dtype = torch.float32
+    adapter_dtype: torch.dtype = torch.float32  # LoRA weight storage (math stays fp32): float32 = PEFT exactly
     device: str = "cpu"
 
     def __post_init__(self):
@@ -25,3 +26,5 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
             # every running sequence must be able to decode in every step
             raise ValueError("max_num_batched_tokens must be >= max_batch_size")
+        if self.adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16 (got {self.adapter_dtype})")

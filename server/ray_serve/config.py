@@ -22,6 +22,7 @@ class RayServeConfig:
     # -- engine, as `peftserve serve` --------------------------------------------------------
     model: str = "default"  # `default` or a local HF model dir readable on every node
     dtype: str = "auto"
+    adapter_dtype: str = "float32"  # LoRA weight storage (`--adapter-dtype`)
     device: str = "cpu"  # per replica; with `cuda` give each replica a GPU (num_gpus_per_replica)
     max_batch_size: int = 32  # these four: EngineConfig's defaults
     max_model_len: int = 1024

@@ -58,11 +58,14 @@ class DeviceRuntime:
     def __init__(self, layers: AdapterLayers, num_slots: int, dtype: torch.dtype, device: torch.device,
                  merge_policy: MergePolicy = MergePolicy.NEVER, merge_min_steps: int = 4,
                  max_prefix_bytes: int = 512 << 20, observer=None,
-                 kinds: Mapping[AdapterKind, KindHandler] = KINDS):
-        """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None."""
+                 kinds: Mapping[AdapterKind, KindHandler] = KINDS, adapter_dtype: torch.dtype = torch.float32):
+        """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None.
+        adapter_dtype: storage dtype of kinds with `weight_dtype == "adapter"` (LoRA); the others
+        are stored in the model dtype `dtype`."""
         self.layers = layers
         self.kinds = dict(kinds)
         self.dtype, self.device = dtype, device  # where and how weight adapters are installed
+        self.adapter_dtype = adapter_dtype
         self.slots = DeviceSlots(num_slots)
         self.prefixes = PrefixCache(max_prefix_bytes)
         self.merger = Merger(merge_policy, merge_min_steps)
@@ -167,7 +170,8 @@ class DeviceRuntime:
             self.merger.unmerge()
         self.layers.clear(slot)  # the previous owner's entries (taken over at reserve)
         self.mergeable.discard(slot)
-        kind.install(self.layers, slot, kind.to_device(ver, self.dtype, self.device))
+        dtype = self.adapter_dtype if getattr(kind, "weight_dtype", "model") == "adapter" else self.dtype
+        kind.install(self.layers, slot, kind.to_device(ver, dtype, self.device))
         if kind.mergeable:
             self.mergeable.add(slot)
         self.stats["loads"] += 1
