@@ -53,6 +53,10 @@ class LoraSlotWeights:
             raise ValueError(f"LoRA storage dtype must be one of {STORAGE_DTYPES}, not {self.dtype}")
         object.__setattr__(self, "A", self.A.to(self.dtype))
         object.__setattr__(self, "B", self.B.to(self.dtype))
+        if self.dtype == torch.float16 and not (torch.isfinite(self.A).all() and torch.isfinite(self.B).all()):
+            # the admission check (adapters/admission.py) bounds the float32 weights; float16 storage
+            # overflows above 65504: refuse the install (its rows fail alone) rather than serve inf
+            raise ValueError("LoRA weights exceed float16's range (65504): use --adapter-dtype bfloat16 or float32")
         object.__setattr__(self, "At", self.A.T.contiguous())
         object.__setattr__(self, "Bt", self.B.T.contiguous())
 

@@ -139,6 +139,9 @@ def test_adapter_dtype_is_validated_and_parsed():
         EngineConfig(adapter_dtype=torch.int8)
     with pytest.raises(ValueError):
         LoraSlotWeights(torch.zeros(2, 4), torch.zeros(4, 2), 1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float16"):  # 1e5 is finite in float32/bf16, inf in float16
+        LoraSlotWeights(torch.full((2, 4), 1e5), torch.zeros(4, 2), 1.0, dtype=torch.float16)
+    LoraSlotWeights(torch.full((2, 4), 1e5), torch.zeros(4, 2), 1.0, dtype=torch.bfloat16)
     from peftserve.server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--adapter-dtype", "bfloat16"])
