@@ -88,6 +88,18 @@ class DeviceRuntime:
     def is_resident(self, key: str) -> bool:
         return key in self.slots.key_slot
 
+    def device_bytes(self) -> int:
+        """Bytes of the installed weight-kind entries (in their storage dtype: LoRA's A, B and
+        transposes at `--adapter-dtype`; (IA)3 and bottleneck at the model dtype), not counting
+        derived caches (LoRA's grouped stacks). Walks every wrapped module: for reports, not steps."""
+        total = 0
+        for module in (*self.layers.linears.values(), *self.layers.sublayers.values()):
+            for per_slot in module.entries.values():
+                for w in per_slot.values():
+                    total += getattr(w, "nbytes", None) or sum(
+                        t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+        return total
+
     def residency(self) -> DeviceResidency:
         """For the engine snapshot (engine thread): installed and pinned versions."""
         keys = self.slots.slot_key
