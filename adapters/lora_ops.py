@@ -24,7 +24,10 @@ matmul rather than a bf16 matmul (oneDNN accumulates those in fp32 too): the int
 upcast (a cast of [in, r] / [r, out], cache-resident at these ranks) costs about as much as it
 saves in memory traffic there; measured on a 2-core AVX2 EPYC, best of 5 (us per module, k
 adapters x L tokens, hidden 576): k8 L2 r64: fp32 222, bf16-stored+upcast 173, bf16 matmul
-1383; k8 L2 r8: 18 / 33 / 178; one adapter x 64 tokens r16: 56 / 70 / 5121.
+1383; k8 L2 r8: 18 / 33 / 178; one adapter x 64 tokens r16: 56 / 70 / 5121. End to end there
+(default model fp32, 64 requests x 16 new, 32 LoRAs r8-64 q,k,v,o, busy box): 108 tok/s fp32 storage,
+106 bf16 storage — a wash on AVX2; the gain is expected where adapter bytes bound the step (bf16
+base on a bf16 CPU: issue 13's memory-traffic floor), to be measured by benchmarks/lora.py part 5.
 """
 
 from __future__ import annotations
