@@ -11,6 +11,23 @@ in float32 before casting back — which is also the fast choice on CPU, where s
 run 5x slower than float32 ones. The fast path `lora_add_segmented_` relies on the runner
 ordering rows by slot, so each slot's tokens are one contiguous segment: one pair of matmuls per
 (segment, module) at the adapter's *true* rank — mixed ranks never pay for the largest rank.
+
+Storage dtype (`--adapter-dtype`, `LoraSlotWeights(..., dtype=)`): float32 (the default) is
+PEFT's numerics exactly. bfloat16 / float16 *store* A and B in that dtype (half the bytes that
+every decode step reads: with many adapters those bytes, not FLOPs, bound multi-LoRA decode)
+and upcast them to float32 at each matmul, so x, the rank-r intermediate, the delta and its
+addition stay float32: the only difference from PEFT is the one-time rounding of A and B to
+8 (bf16) or 11 (fp16) significant bits, never an accumulation in low precision. Why upcast per
+matmul rather than a bf16 matmul (oneDNN accumulates those in fp32 too): the intermediate
+[T, r] would be rounded to bf16 between the two matmuls, and on a CPU without native bf16
+(AVX2 only) a bf16 matmul of these shapes is 5-30x slower than the float32 one, while the
+upcast (a cast of [in, r] / [r, out], cache-resident at these ranks) costs about as much as it
+saves in memory traffic there; measured on a 2-core AVX2 EPYC, best of 5 (us per module, k
+adapters x L tokens, hidden 576): k8 L2 r64: fp32 222, bf16-stored+upcast 173, bf16 matmul
+1383; k8 L2 r8: 18 / 33 / 178; one adapter x 64 tokens r16: 56 / 70 / 5121. End to end there
+(default model fp32, 64 requests x 16 new, 32 LoRAs r8-64 q,k,v,o, busy box): 108 tok/s fp32 storage,
+106 bf16 storage — a wash on AVX2; the gain is expected where adapter bytes bound the step (bf16
+base on a bf16 CPU: issue 13's memory-traffic floor), to be measured by benchmarks/lora.py part 5.
 """
 
 from __future__ import annotations
@@ -19,26 +36,41 @@ from dataclasses import dataclass
 
 import torch
 
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True)
 class LoraSlotWeights:
-    """One adapter's LoRA at one module, float32, on the serving device."""
+    """One adapter's LoRA at one module, on the serving device, stored in `dtype` (float32 = PEFT's
+    numerics; bfloat16/float16 = half the bytes, upcast to float32 at each matmul)."""
 
     A: torch.Tensor  # [r, in]
     B: torch.Tensor  # [out, r]
     scale: float
     At: torch.Tensor = None  # [in, r] contiguous: the layout the matmul wants
     Bt: torch.Tensor = None  # [r, out]
+    dtype: torch.dtype = torch.float32  # storage dtype of A, B, At, Bt
 
     def __post_init__(self):
-        object.__setattr__(self, "A", self.A.float())
-        object.__setattr__(self, "B", self.B.float())
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"LoRA storage dtype must be one of {STORAGE_DTYPES}, not {self.dtype}")
+        object.__setattr__(self, "A", self.A.to(self.dtype))
+        object.__setattr__(self, "B", self.B.to(self.dtype))
+        if self.dtype == torch.float16 and not (torch.isfinite(self.A).all() and torch.isfinite(self.B).all()):
+            # the admission check (adapters/admission.py) bounds the float32 weights; float16 storage
+            # overflows above 65504: refuse the install (its rows fail alone) rather than serve inf
+            raise ValueError("LoRA weights exceed float16's range (65504): use --adapter-dtype bfloat16 or float32")
         object.__setattr__(self, "At", self.A.T.contiguous())
         object.__setattr__(self, "Bt", self.B.T.contiguous())
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of this entry (A, B and their transposed copies), in the storage dtype."""
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.At, self.Bt))
 
 
 def lora_delta_reference(x: torch.Tensor, token_slots: torch.Tensor,
@@ -49,7 +81,7 @@ def lora_delta_reference(x: torch.Tensor, token_slots: torch.Tensor,
     for t in range(x.shape[0]):
         w = weights.get(int(token_slots[t]))
         if w is not None:
-            delta[t] = ((x[t:t + 1].float() @ w.A.T) @ w.B.T)[0] * w.scale
+            delta[t] = ((x[t:t + 1].float() @ w.A.float().T) @ w.B.float().T)[0] * w.scale
     return delta
 
 
@@ -61,7 +93,7 @@ def lora_add_segmented_(out: torch.Tensor, x: torch.Tensor, segments: list[tuple
         w = weights.get(slot)
         if w is None:
             continue
-        delta = (x[start:end].float() @ w.At) @ w.Bt
+        delta = (x[start:end].float() @ w.At.float()) @ w.Bt.float()  # .float(): no-op for fp32
         if same:
             out[start:end].add_(delta.mul_(w.scale))
         else:  # PEFT: bf16 result + fp32 delta promotes to fp32, then casts back
@@ -125,8 +157,8 @@ def lora_add_grouped_(out: torch.Tensor, x: torch.Tensor, segments: list[tuple[i
                 torch.stack([weights[s].Bt for s in g.slots]),  # [k, r, out]
                 torch.tensor([weights[s].scale for s in g.slots], device=x.device).view(-1, 1, 1),
             )
-        At, Bt, scale = stacked
-        delta = torch.bmm(torch.bmm(x_ext[g.pad_idx], At), Bt).mul_(scale)  # [k, L, out]
+        At, Bt, scale = stacked  # stored in the adapters' dtype, upcast per step (no-op for fp32)
+        delta = torch.bmm(torch.bmm(x_ext[g.pad_idx], At.float()), Bt.float()).mul_(scale)  # [k, L, out]
         acc.index_add_(0, g.dest, delta.reshape(-1, delta.shape[-1])[g.valid])
     if acc is not out:
         out.copy_(acc)

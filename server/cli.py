@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=_non_negative, default=8000)
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="storage dtype of LoRA weights on the device; the LoRA math stays float32. "
+                            "float32 = PEFT's numerics exactly; bfloat16/float16 halve the adapter bytes each "
+                            "decode step reads (faster with many adapters; logits differ from PEFT by the "
+                            "rounding of A and B). (IA)3 and bottleneck adapters always use the model dtype")
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
         p.add_argument("--max-batch-size", type=_positive, default=d.max_batch_size,
                        help="running sequences (KV-cache slots)")
@@ -227,7 +232,8 @@ def serve(args) -> int:
         config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                               max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
-                              merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device))
+                              merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device),
+                              adapter_dtype=parse_dtype(args.adapter_dtype, device))
         max_pos = getattr(hf_model.config, "max_position_embeddings", None)
         if max_pos and args.max_model_len > max_pos:
             log.warning("max_model_len exceeds the model's max_position_embeddings",

@@ -22,12 +22,13 @@ class RayServeConfig:
     # -- engine, as `peftserve serve` --------------------------------------------------------
     model: str = "default"  # `default` or a local HF model dir readable on every node
     dtype: str = "auto"
+    adapter_dtype: str = "float32"  # LoRA weight storage (`--adapter-dtype`)
     device: str = "cpu"  # per replica; with `cuda` give each replica a GPU (num_gpus_per_replica)
-    max_batch_size: int = 32  # these four: EngineConfig's defaults
+    max_batch_size: int = 64  # these four and max_adapters_per_batch: EngineConfig's defaults
     max_model_len: int = 1024
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024
-    max_adapters_per_batch: int = 8
+    max_adapters_per_batch: int = 32
     max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30
     merge_policy: str = "never"

@@ -112,7 +112,8 @@ def build_state(cfg: RayServeConfig):
     config = EngineConfig(max_batch_size=cfg.max_batch_size, max_model_len=cfg.max_model_len,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
                           max_adapters_per_batch=cfg.max_adapters_per_batch, merge_policy=cfg.merge_policy,
-                          merge_min_steps=cfg.merge_min_steps, dtype=dtype, device=str(device))
+                          merge_min_steps=cfg.merge_min_steps, dtype=dtype, device=str(device),
+                          adapter_dtype=parse_dtype(cfg.adapter_dtype, device))
     api_key, admin_key = cfg.keys()
     settings = ServerSettings(api_key=api_key, admin_key=admin_key, max_body_bytes=cfg.max_body_bytes,
                               body_limits={"/adapters": cfg.max_upload_bytes}, manage_engine=False,

@@ -5,7 +5,10 @@ Two families:
 
 - weight kinds (`WeightKind`: LoRA, (IA)3, bottleneck) live in a device slot of the wrapped
   layers. `to_device(ver, dtype, device)` copies the validated host weights to the serving
-  device once per install; `install(layers, slot, weights)` puts them in a slot's entries of the
+  device once per install, stored in `dtype`: the runtime passes the adapter dtype
+  (`--adapter-dtype`) to kinds whose `weight_dtype` is "adapter" (LoRA) and the model dtype to
+  the others ((IA)3, bottleneck: a vector per module / a small bottleneck, already in the model
+  dtype as PEFT runs them; `--adapter-dtype` does not change them); `install(layers, slot, weights)` puts them in a slot's entries of the
   wrapped modules; `apply(module, x, out, batch, per_slot)` is the layer-side math, run by every
   wrapped module for the tokens of the slots holding this kind.
 - prompt kinds (`PromptKind`: prompt tuning, P-tuning, prefix tuning) hold no slot: `prefix(ver,
@@ -19,6 +22,7 @@ Adding a kind = one handler class here (or in its own module) + one row in `KIND
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -42,6 +46,13 @@ if TYPE_CHECKING:
 DeviceWeights = dict[Any, Any]
 
 
+class WeightDtype(enum.Enum):
+    """Which storage dtype a weight kind's device copy takes."""
+
+    MODEL = "model"  # the base model's dtype ((IA)3, bottleneck: PEFT runs them in the layer's dtype)
+    ADAPTER = "adapter"  # --adapter-dtype (LoRA: float32 = PEFT's autocast_adapter_dtype)
+
+
 class KindHandler:
     """Base of every handler. `uses_slot` / `uses_prefix` say which runtime path a kind takes."""
 
@@ -56,6 +67,7 @@ class KindHandler:
 class WeightKind(KindHandler):
     uses_slot = True
     site: ClassVar[str] = "linear"  # "linear": AdapterLinear entries; "sublayer": AdapterSublayer entries
+    weight_dtype: ClassVar[WeightDtype] = WeightDtype.MODEL  # which dtype `to_device` gets
 
     def to_device(self, ver, dtype: torch.dtype, device: torch.device) -> DeviceWeights:
         raise NotImplementedError
@@ -97,11 +109,14 @@ class LoraKind(WeightKind):
     """out += scale * B @ A @ x per token, through adapters/lora_ops.py (grouped by rank)."""
 
     mergeable = True
+    weight_dtype = WeightDtype.ADAPTER
 
     def to_device(self, ver, dtype, device):
-        # float32 whatever the base dtype (see adapters/lora_ops.py: PEFT semantics, CPU speed)
+        # dtype = the adapter dtype, float32 by default whatever the base dtype; bf16/fp16 only
+        # store A and B, the math stays float32 (see adapters/lora_ops.py: PEFT semantics, CPU speed)
         modules = host_weights(ver).weights.modules
-        return {p: LoraSlotWeights(m.A.to(device), m.B.to(device), float(m.scale)) for p, m in modules.items()}
+        return {p: LoraSlotWeights(m.A.to(device), m.B.to(device), float(m.scale), dtype=dtype)
+                for p, m in modules.items()}
 
     def apply(self, module, x, out, batch, per_slot):
         # module.derived[self]: stacked weights per slot tuple, emptied whenever the slots change

@@ -37,7 +37,7 @@ from peftserve.adapters.config import AdapterKind
 from ..engine.observer import DeviceResidency
 from ..engine.request import Sequence
 from ..engine.step_state import AdapterBatch
-from .kinds import KINDS, KindHandler
+from .kinds import KINDS, KindHandler, WeightDtype, WeightKind
 from .layers import AdapterLayers
 from .merge import MergePolicy, Merger
 from .slots import DeviceSlots, KVPrefix, PrefixCache
@@ -60,11 +60,14 @@ class DeviceRuntime:
     def __init__(self, layers: AdapterLayers, num_slots: int, dtype: torch.dtype, device: torch.device,
                  merge_policy: MergePolicy = MergePolicy.NEVER, merge_min_steps: int = 4,
                  max_prefix_bytes: int = 512 << 20, observer=None,
-                 kinds: Mapping[AdapterKind, KindHandler] = KINDS):
-        """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None."""
+                 kinds: Mapping[AdapterKind, KindHandler] = KINDS, adapter_dtype: torch.dtype = torch.float32):
+        """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None.
+        adapter_dtype: storage dtype of kinds with `weight_dtype == "adapter"` (LoRA); the others
+        are stored in the model dtype `dtype`."""
         self.layers = layers
         self.kinds = dict(kinds)
         self.dtype, self.device = dtype, device  # where and how weight adapters are installed
+        self.adapter_dtype = adapter_dtype
         self.slots = DeviceSlots(num_slots)
         self.prefixes = PrefixCache(max_prefix_bytes)
         self.merger = Merger(merge_policy, merge_min_steps)
@@ -93,6 +96,18 @@ class DeviceRuntime:
     def is_resident(self, key: str) -> bool:
         return key in self.slots.key_slot
 
+    def device_bytes(self) -> int:
+        """Bytes of the installed weight-kind entries (in their storage dtype: LoRA's A, B and
+        transposes at `--adapter-dtype`; (IA)3 and bottleneck at the model dtype), not counting
+        derived caches (LoRA's grouped stacks). Walks every wrapped module: for reports, not steps."""
+        total = 0
+        for module in (*self.layers.linears.values(), *self.layers.sublayers.values()):
+            for per_slot in module.entries.values():
+                for w in per_slot.values():
+                    total += getattr(w, "nbytes", None) or sum(
+                        t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+        return total
+
     def residency(self) -> DeviceResidency:
         """For the engine snapshot (engine thread): installed and pinned versions."""
         keys = self.slots.slot_key
@@ -101,7 +116,7 @@ class DeviceRuntime:
 
     # -- 0. stage (any thread) -------------------------------------------------------------
     def stage(self, ver) -> bool:
-        """Precompute `ver`'s device weights (`kind.to_device`: float32 copies, pre-transposed
+        """Precompute `ver`'s device weights (`kind.to_device`: copies in the storage dtype, pre-transposed
         for the matmuls) on the calling thread — the registry calls it from a request's or an
         upload's worker thread — so that `activate` on the engine thread only installs. Only when
         the device is the CPU (the copy is host memory either way; on an accelerator device memory
@@ -118,7 +133,7 @@ class DeviceRuntime:
             done = self._staging[ver.key] = threading.Event()
         weights = None
         try:
-            weights = kind.to_device(ver, self.dtype, self.device)
+            weights = kind.to_device(ver, self._weight_dtype(kind), self.device)
         finally:
             with self._stage_lock:
                 self._staging.pop(ver.key, None)
@@ -129,6 +144,10 @@ class DeviceRuntime:
                         self._staged.popitem(last=False)
             done.set()
         return True
+
+    def _weight_dtype(self, kind: WeightKind) -> torch.dtype:
+        """The storage dtype `kind.to_device` gets: --adapter-dtype for the kinds that take it."""
+        return self.adapter_dtype if kind.weight_dtype is WeightDtype.ADAPTER else self.dtype
 
     def _take_staged(self, key: str, wait_s: float = 0.25):
         """The staged copy of `key`, if any; one being staged right now is waited for (briefly:
@@ -226,7 +245,7 @@ class DeviceRuntime:
         self.mergeable.discard(slot)
         weights = self._take_staged(ver.key)
         if weights is None:
-            weights = kind.to_device(ver, self.dtype, self.device)
+            weights = kind.to_device(ver, self._weight_dtype(kind), self.device)
         else:
             self.stats["staged_installs"] += 1
         kind.install(self.layers, slot, weights)
