@@ -153,10 +153,10 @@ class AdapterRegistry:
         (self.store / ".staging").mkdir(parents=True, exist_ok=True)
 
     # -- queries --------------------------------------------------------------------------
-    def resolve(self, spec) -> AdapterVersion:
+    def resolve(self, selector) -> AdapterVersion:
         """A name -> its current version; a list of {name, weight} -> the combined LoRA."""
-        if isinstance(spec, (list, tuple)):
-            items = [(_item(i, "name"), _item(i, "weight")) for i in spec]
+        if isinstance(selector, (list, tuple)):
+            items = [(_item(i, "name"), _item(i, "weight")) for i in selector]
             check_items(items)
             held = [self._acquire(n) for n, _ in items]
             combined = self._combination([h for _, h in held], [float(w) for _, w in items])
@@ -164,7 +164,7 @@ class AdapterRegistry:
                 for ver, _ in held:
                     ver.requests += 1
             return combined
-        ver, handle = self._acquire(spec)
+        ver, handle = self._acquire(selector)
         with self._lock:
             ver.requests += 1
         self._stage(handle)  # this request's thread, not the engine's, prepares the install

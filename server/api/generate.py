@@ -166,13 +166,13 @@ async def stream_until_disconnect(produce, receive) -> None:
 
 
 async def _resolve_adapter(state: ServerState, req: GenerateRequest):
-    spec = req.adapter_spec()
-    if spec is None:
+    selector = req.adapter_selector()
+    if selector is None:
         return None
     if state.registry is None:
-        name = spec if isinstance(spec, str) else spec[0]["name"]
+        name = selector if isinstance(selector, str) else selector[0]["name"]
         raise AdapterNotFound(name, f"adapter {name!r} not found (this server has no adapter registry)")
-    return await run_in_threadpool(state.registry.resolve, spec)
+    return await run_in_threadpool(state.registry.resolve, selector)
 
 
 def _failure(state: ServerState, reason: FinishReason, code) -> ApiError:

@@ -84,31 +84,31 @@ async def get_model(model_id: str, request: Request):
 
 
 # -- shared request plumbing ------------------------------------------------------------------------
-def adapter_spec(state: ServerState, req: SamplingFields):
-    """The registry spec the request selects (None = base) -> (spec, the `model` to answer with)."""
+def adapter_selector(state: ServerState, req: SamplingFields):
+    """The adapter selector of the request (None = base) -> (selector, the `model` to answer with)."""
     bases = served_names(state)
     explicit = req.adapter if req.adapter is not None else req.adapter_id
     if explicit is not None:
-        spec = explicit if isinstance(explicit, str) else [a.model_dump() for a in explicit]
+        selector = explicit if isinstance(explicit, str) else [a.model_dump() for a in explicit]
         if req.model is not None and req.model not in bases and req.model != explicit:
             param = "adapter" if req.adapter is not None else "adapter_id"
             raise invalid(param, f"{param} selects an adapter: model must be the base model id or the same adapter",
                           400)
-        return spec, req.model or (explicit if isinstance(explicit, str) else bases[0])
+        return selector, req.model or (explicit if isinstance(explicit, str) else bases[0])
     if req.model is None or req.model in bases:
         return None, req.model or bases[0]
     return req.model, req.model
 
 
 async def resolve_adapter(state: ServerState, req: SamplingFields):
-    spec, model = adapter_spec(state, req)
-    if spec is None:
+    selector, model = adapter_selector(state, req)
+    if selector is None:
         return None, model
-    name = spec if isinstance(spec, str) else None
+    name = selector if isinstance(selector, str) else None
     if state.registry is None:
         raise model_not_found(name or model)
     try:
-        return await run_in_threadpool(state.registry.resolve, spec), model
+        return await run_in_threadpool(state.registry.resolve, selector), model
     except AdapterNotFound as exc:
         if name is not None and name == req.model:  # `model` names nothing we serve
             raise model_not_found(name) from None

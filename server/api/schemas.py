@@ -63,7 +63,7 @@ class GenerateRequest(BaseModel):
                              + (f" (got {', '.join(given)})" if given else ""))
         return self
 
-    def adapter_spec(self) -> str | list[dict] | None:
+    def adapter_selector(self) -> str | list[dict] | None:
         """The adapter as the registry takes it: a name, or [{"name", "weight"}, ...]."""
         if self.adapter is None or isinstance(self.adapter, str):
             return self.adapter
