@@ -21,6 +21,7 @@ KV allocator or the adapter tier themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -311,18 +312,12 @@ class RequestStream:
         return self._iter()
 
     async def _iter(self):
-        try:
-            while True:
-                ev = await self.events.get()
-                if ev.finish_reason is not None:
-                    self.finished = True
-                yield ev
-                if self.finished:
-                    return
-        finally:
-            self.engine._forget(self.seq)
-            if not self.finished:  # consumer went away (client disconnect, task cancelled)
-                self.cancel()
+        # one event at a time over `batches()`; aclosing: a consumer that stops early closes the
+        # batches generator now (its cleanup cancels the request), not at garbage collection
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
 
     async def batches(self) -> AsyncIterator[list[TokenEvent]]:
         """The events in arrival order, grouped: each list holds every event already delivered
