@@ -66,16 +66,20 @@ def browser():
 
 
 def _wait(driver, condition, timeout: float = 60):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+    # A condition may look at an element just as the page replaces it (a form submit navigates);
+    # that is "not yet", not a failure.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(d))
 
 
 def _attr(driver, css: str, name: str):
-    from selenium.webdriver.common.by import By
-
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].get_attribute(name) if found else None
+    """The attribute of the first element matching ``css`` (None if none), read in one script so
+    a navigation between finding the element and reading it cannot leave a stale reference."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;"
+    return driver.execute_script(script, css, name)
 
 
 def test_side_by_side_upload_and_errors_in_a_real_browser(browser, adapter_server, lib, live_server, tmp_path):
