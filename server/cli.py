@@ -12,6 +12,7 @@ A second SIGTERM skips the wait; SIGINT (Ctrl-C) shuts down without draining, tw
 from __future__ import annotations
 
 import argparse
+import re
 import asyncio
 import datetime as _dt
 import json
@@ -74,6 +75,22 @@ def _positive(value: str) -> int:
     return n
 
 
+_BYTE_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?b?|b)?\s*$", re.IGNORECASE)
+
+
+def _bytes(value: str) -> int:
+    """A byte count: `4294967296`, `4GiB`, `512MiB` (powers of 1024), `4G`/`4GB` (powers of 1000)."""
+    match = _BYTE_COUNT.match(value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte count: {value!r} (e.g. 4GiB, 512MiB, 4000000000)")
+    number, prefix, binary = match.groups()
+    power = "kmgt".index(prefix.lower()) + 1 if prefix else 0
+    n = int(float(number) * (1024 if binary else 1000) ** power)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte (got {value!r})")
+    return n
+
+
 def _non_negative(value: str) -> int:
     n = int(value)
     if n < 0:
@@ -104,9 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "rounding of A and B). (IA)3 and bottleneck adapters always use the model dtype")
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:0, ...)")
         p.add_argument("--max-batch-size", type=_positive, default=d.max_batch_size,
-                       help="running sequences (KV-cache slots)")
+                       help="running sequences at most")
         p.add_argument("--max-model-len", type=_positive, default=d.max_model_len,
                        help="prompt + generated tokens per request")
+        p.add_argument("--kv-cache-bytes", type=_bytes, default=None,
+                       help="KV-cache pool size (e.g. 4GiB): memory grows with the tokens in flight up to it; "
+                            "admission waits when it is full. Default: max-batch-size x max-model-len tokens, "
+                            "at most 4 GiB")
+        p.add_argument("--kv-block-size", type=_positive, default=d.kv_block_size, help="tokens per KV-cache block")
         p.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
                        help="token budget of one engine step")
         p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
@@ -231,6 +253,7 @@ def serve(args) -> int:
                                              "seconds": round(time.monotonic() - t0, 2)})
         config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+                              kv_cache_bytes=args.kv_cache_bytes, kv_block_size=args.kv_block_size,
                               max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
                               merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device),
                               adapter_dtype=parse_dtype(args.adapter_dtype, device))

@@ -85,22 +85,32 @@ class _StateCollector:
 
     @staticmethod
     def _families(state):
-        running = waiting = 0
+        running = waiting = kv_used = kv_total = block_size = preemptions = 0
         kv = 0.0
         healthy = draining = restarts = 0
         if state is not None:
             engine = state.engine
             snap = engine.snapshot  # one consistent state, published by the engine thread
             running, kv = snap.running, snap.kv_usage
+            kv_used, kv_total, block_size, preemptions = (snap.kv_blocks_used, snap.kv_blocks_total,
+                                                          snap.kv_block_size, snap.preemptions)
             waiting = engine.num_waiting  # the snapshot's queue + submissions not drained into it yet
             healthy = int(engine.running)
             draining = int(state.draining)
             restarts = int(getattr(engine, "restarts", 0))
-        yield GaugeMetricFamily("peftserve_num_requests_running", "Requests running in the engine (own a KV slot).",
+        yield GaugeMetricFamily("peftserve_num_requests_running", "Requests running in the engine (hold KV blocks).",
                                 value=running)
         yield GaugeMetricFamily("peftserve_num_requests_waiting", "Requests waiting to be scheduled.", value=waiting)
-        yield GaugeMetricFamily("peftserve_kv_cache_usage_perc", "Fraction of KV-cache slots in use (0..1).",
+        yield GaugeMetricFamily("peftserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
                                 value=kv)
+        blocks = GaugeMetricFamily("peftserve_kv_cache_blocks", "KV-cache pool blocks by state "
+                                   "(used: held by running requests or shared KV prefixes).", labels=["state"])
+        blocks.add_metric(["used"], kv_used)
+        blocks.add_metric(["free"], kv_total - kv_used)
+        yield blocks
+        yield GaugeMetricFamily("peftserve_kv_cache_block_size", "Tokens per KV-cache block.", value=block_size)
+        yield CounterMetricFamily("peftserve_num_preemptions", "Running requests whose KV blocks were taken back "
+                                  "because the pool was full (they recompute).", value=preemptions)
         yield GaugeMetricFamily("peftserve_engine_healthy", "1 while the engine loop is running.", value=healthy)
         yield GaugeMetricFamily("peftserve_draining", "1 while the server drains for shutdown.", value=draining)
         # the supervisor's count (async_engine.AsyncEngine.restarts), read at scrape time

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .metrics_adapters import lora_info_labels
 
@@ -103,7 +103,7 @@ class _Collector:
         kv = snap.kv_usage
         out = []
         for name, doc, value in (
-                ("vllm:num_requests_running", "Requests running (own a KV slot).", snap.running),
+                ("vllm:num_requests_running", "Requests running (hold KV blocks).", snap.running),
                 # the snapshot's queue + submissions not drained into it yet
                 ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
                 ("vllm:kv_cache_usage_perc", "KV-cache usage (0..1).", kv),
@@ -116,4 +116,7 @@ class _Collector:
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         info.add_metric(lora_info_labels(snap, max_lora), time.time())
         out.append(info)
+        preempt = CounterMetricFamily("vllm:num_preemptions", "Requests preempted (KV cache full).", labels=["model_name"])
+        preempt.add_metric([m], snap.preemptions)
+        out.append(preempt)
         return out

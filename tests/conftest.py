@@ -88,11 +88,11 @@ class Server:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test", **kw)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """True once every KV slot is free and nothing waits."""
+        """True once requests hold no KV block and nothing waits."""
         deadline = time.monotonic() + timeout
-        slots = self.llm.cache.slots
         while time.monotonic() < deadline:
-            if slots.num_free == slots.num_slots and self.engine.num_waiting == 0 and self.engine.num_running == 0:
+            snap = self.engine.snapshot
+            if snap.kv_blocks_requests == 0 and self.engine.num_waiting == 0 and snap.running == 0:
                 return True
             time.sleep(0.01)
         return False

@@ -214,9 +214,9 @@ class AdapterServer:
         import time
 
         deadline = time.monotonic() + timeout
-        slots = self.llm.cache.slots
         while time.monotonic() < deadline:
-            if slots.num_free == slots.num_slots and self.engine.num_waiting == 0 and self.engine.num_running == 0:
+            snap = self.engine.snapshot
+            if snap.kv_blocks_requests == 0 and self.engine.num_waiting == 0 and snap.running == 0:
                 return True
             time.sleep(0.01)
         return False

@@ -565,7 +565,7 @@ def slow_engine(server, delay: float = 0.002):
     server.llm.step = slow
 
 
-async def test_disconnect_non_streaming_frees_kv_slot(make_server, live_server):
+async def test_disconnect_non_streaming_frees_kv_blocks(make_server, live_server):
     server = make_server(max_model_len=2048, max_batch_size=4)
     slow_engine(server)
     live = live_server(server.app)
@@ -573,13 +573,13 @@ async def test_disconnect_non_streaming_frees_kv_slot(make_server, live_server):
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/generate", json={"prompt": "x", "max_new_tokens": 2000, "ignore_eos": True})
     assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 1, 3)
-    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: server.engine.snapshot.kv_blocks_requests == 0 and server.engine.num_running == 0, 1)
     assert wait_for(lambda: counter(server.metrics, "peftserve_requests_total", endpoint="/generate",
                                     status="499") == 1, 2)
     assert server.state.inflight == 0
 
 
-async def test_disconnect_streaming_frees_kv_slot(make_server, live_server):
+async def test_disconnect_streaming_frees_kv_blocks(make_server, live_server):
     server = make_server(max_model_len=2048, max_batch_size=4)
     slow_engine(server)
     live = live_server(server.app)
@@ -595,7 +595,7 @@ async def test_disconnect_streaming_frees_kv_slot(make_server, live_server):
                     break
     assert all("token_id" in e for e in got)
     assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 1, 3)
-    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: server.engine.snapshot.kv_blocks_requests == 0 and server.engine.num_running == 0, 1)
     assert wait_for(lambda: server.state.inflight == 0, 1)
 
 

@@ -51,7 +51,7 @@ def test_adapter_install_failure_fails_only_that_request(tmp_path, monkeypatch):
     serving.runtime._discard_staged()  # ... and dropped: activate copies (and fails) on the engine thread
     _run(serving.engine, seqs)
     assert [s.finish_reason for s in seqs] == [FinishReason.LENGTH, FinishReason.ERROR, FinishReason.LENGTH]
-    assert serving.engine.cache.slots.num_free == 8
+    assert serving.engine.snapshot().kv_blocks_requests == 0
 
 
 def test_deleted_version_leaves_device_slot_when_its_last_request_ends(tmp_path):

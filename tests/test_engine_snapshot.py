@@ -82,10 +82,12 @@ def test_metrics_implements_the_engine_observer():
 
 
 def test_snapshot_is_immutable_and_derives_usage():
-    snap = EngineSnapshot(running=3, kv_slots_free=5, kv_slots_total=8, device_versions=frozenset({"a", "b"}))
+    snap = EngineSnapshot(running=3, kv_blocks_free=5, kv_blocks_total=8, kv_prefix_blocks=1,
+                          device_versions=frozenset({"a", "b"}))
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.running = 0
-    assert snap.kv_slots_used == 3 and snap.kv_usage == 1.0 - 5 / 8 and snap.adapter_slots_resident == 2
+    assert snap.kv_blocks_used == 3 and snap.kv_usage == 3 / 8 and snap.adapter_slots_resident == 2
+    assert snap.kv_blocks_requests == 2  # the prefix's block is the runtime's, not a request's
     assert EngineSnapshot().kv_usage == 0.0
     for f in dataclasses.fields(EngineSnapshot):  # nothing a reader holds can change under it
         assert f.type in ("int", "int | None", "tuple[str, ...]", "frozenset[str]"), f
@@ -111,7 +113,8 @@ def test_layering_engine_and_metrics_stay_off_the_web_stack():
 async def test_snapshot_is_published_after_steps(make_server):
     server = make_server()
     before = server.engine.snapshot
-    assert (before.running, before.waiting, before.steps, before.kv_slots_total) == (0, 0, 0, 8)
+    assert (before.running, before.waiting, before.steps, before.kv_blocks_used) == (0, 0, 0, 0)
+    assert before.kv_blocks_total > 0 and before.kv_block_size > 0
     assert before.adapter_slots_total is None  # base model only: no device tier
     async with server.client() as client:
         resp = await client.post("/generate", json={"input_ids": [5, 6, 7], "max_new_tokens": 4, "ignore_eos": True})
@@ -119,7 +122,7 @@ async def test_snapshot_is_published_after_steps(make_server):
     await wait_until(lambda: server.engine.snapshot.running == 0)
     after = server.engine.snapshot
     assert after is not before and after.steps >= 4  # one prefill + 3 decodes at least
-    assert (after.waiting, after.kv_slots_free, after.kv_usage) == (0, 8, 0.0)
+    assert (after.waiting, after.kv_blocks_free, after.kv_usage) == (0, after.kv_blocks_total, 0.0)
     assert server.engine.num_running == 0 and server.engine.num_waiting == 0
 
 
@@ -157,7 +160,7 @@ async def test_snapshot_is_published_after_a_supervisor_reset(adapter_server, li
         assert events[-1].finish_reason is FinishReason.ERROR and events[-1].code is ErrorCode.ENGINE_RESTARTED
         await wait_until(lambda: server.engine.snapshot.resets == 1)
         snap = server.engine.snapshot
-        assert (snap.running, snap.waiting, snap.kv_slots_free) == (0, 0, snap.kv_slots_total)
+        assert (snap.running, snap.waiting, snap.kv_blocks_free) == (0, 0, snap.kv_blocks_total)
         assert snap.device_versions == frozenset() and snap.pinned_versions == frozenset()
         assert (await client.get("/adapters/qv")).json()["tier"] == "memory"
         text = (await client.get("/metrics")).text
@@ -200,7 +203,10 @@ async def test_metrics_and_adapter_listing_read_only_the_snapshot_while_a_step_i
         assert gauge(text, "peftserve_num_requests_running") == 1
         assert gauge(text, "peftserve_num_requests_waiting") == 1
         assert gauge(text, "vllm:num_requests_waiting", model_name="tiny") == 1
-        assert gauge(text, "peftserve_kv_cache_usage_perc") == 1 / 8
+        snap = server.engine.snapshot  # one running request holds a block per block_size tokens
+        assert snap.kv_blocks_used == -(-(len(P[0]) + 2) // snap.kv_block_size)
+        assert gauge(text, "peftserve_kv_cache_usage_perc") == snap.kv_blocks_used / snap.kv_blocks_total
+        assert gauge(text, "peftserve_kv_cache_blocks", state="used") == snap.kv_blocks_used
         assert gauge(text, "peftserve_adapters_resident", tier="device") == 1
         info = samples(text)["peftserve_lora_requests_info"][0].labels
         assert info == {"running_lora_adapters": "qv", "waiting_lora_adapters": "", "max_lora": "4"}

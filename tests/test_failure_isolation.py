@@ -95,7 +95,7 @@ def test_nonfinite_logits_fail_only_their_row(monkeypatch):
     seqs = run(engine, PROMPTS + [POISON], params_mix() + [GREEDY])
     check_poisoned(seqs, ref, ErrorCode.NUMERICAL_ERROR)
     assert len(seqs[-1].output_ids) == 1  # the NaN row was never sampled
-    assert engine.cache.slots.num_free == 8
+    assert engine.snapshot().kv_blocks_requests == 0
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
@@ -176,7 +176,7 @@ def test_adapter_prefix_write_failure_fails_only_its_row():
 
     engine = make_engine(adapters=PrefixFails())
     check_poisoned(run(engine, PROMPTS + [POISON], params_mix() + [GREEDY]), ref, ErrorCode.ADAPTER_UNAVAILABLE)
-    assert engine.cache.slots.num_free == 8  # its KV slot came back
+    assert engine.snapshot().kv_blocks_requests == 0  # its KV blocks came back
 
 
 def test_adapter_admission_failure_is_adapter_unavailable():
@@ -296,10 +296,10 @@ def test_engine_reset_frees_every_slot_and_forgets_requests():
     for s in seqs:
         engine.add(s)
     engine.step()
-    assert engine.cache.slots.num_free < 8
+    assert engine.snapshot().kv_blocks_requests > 0
     held = engine.reset()
     assert set(held) == set(seqs) and all(s.status is SeqStatus.FINISHED for s in seqs)
-    assert engine.cache.slots.num_free == 8 and not engine.has_work()
+    assert engine.snapshot().kv_blocks_requests == 0 and not engine.has_work()
     assert [s.output_ids for s in run(engine, PROMPTS, [GREEDY] * len(PROMPTS))] == reference([GREEDY] * 6)
 
 
@@ -343,7 +343,7 @@ def test_supervisor_restarts_the_loop_after_a_fatal_error():
         aengine.stop()
     assert again[-1].finish_reason is FinishReason.LENGTH
     assert [ev.token_id for ev in again] == reference([GREEDY] * 6)[1]
-    assert aengine.restarts == 1 and engine.cache.slots.num_free == 8
+    assert aengine.restarts == 1 and engine.snapshot().kv_blocks_requests == 0
 
 
 def test_supervisor_refuses_work_while_restarting_and_gives_up_after_repeated_crashes():
@@ -400,7 +400,7 @@ def test_engine_reset_with_adapters_leaves_a_consistent_device_tier(tmp_path):
     assert merger.merged_slot != 0 and runtime.slots.pins  # a LoRA is folded into the base weights
     engine.reset()
     assert merger.merged_slot == 0 and not runtime.slots.pins and runtime.resident == 0
-    assert engine.cache.slots.num_free == 8
+    assert engine.snapshot().kv_blocks_requests == 0
     merger.policy = MergePolicy.NEVER
     again = [s.output_ids for s in engine.generate(prompts * 3, params, adapters=[a, a, b, b, None, None])]
     assert again == ref

@@ -105,8 +105,9 @@ def _accepts_random_up() -> bool:
     return "random_up" in inspect.signature(init_bottleneck).parameters
 
 
-def _serving(tmp_path, artifacts, slots=8):
-    cfg = EngineConfig(max_batch_size=48, max_model_len=96, max_num_batched_tokens=64, max_adapters_per_batch=slots)
+def _serving(tmp_path, artifacts, slots=8, **kv):
+    cfg = EngineConfig(max_batch_size=48, max_model_len=96, max_num_batched_tokens=64, max_adapters_per_batch=slots,
+                       **kv)
     serving = build_engine(base(), StubTokenizer(), cfg, store=tmp_path / "store")
     for name, (d, _) in artifacts.items():
         if name is not None:
@@ -145,6 +146,42 @@ def test_every_kind_in_one_mixed_batch(tmp_path, artifacts):
         assert out == artifacts[job[0]][1][job[1]], job
     # soft prompts / prefixes were computed once per adapter version and then shared
     assert serving.runtime.stats["prefix_computes"] == 5
+
+
+def test_every_kind_mixed_under_kv_pressure_shares_prefixes_and_still_matches(tmp_path, artifacts):
+    """A pool far smaller than the batch: admission waits, running sequences are preempted and
+    recompute, idle prefixes are reclaimed; 4-token blocks put every prefix's tail in a partial
+    block. Tokens stay the oracle's, and sequences of one prompt adapter share its prefix blocks."""
+    from peftserve.server.engine.request import Sequence, SeqStatus
+
+    probe = _serving(tmp_path / "probe", artifacts, kv_block_size=4)
+    block_bytes = probe.engine.cache.block_nbytes
+    serving = _serving(tmp_path, artifacts, kv_block_size=4, kv_cache_bytes=40 * block_bytes)
+    engine = serving.engine
+    assert engine.cache.pool.capacity == 40
+    names = list(artifacts)
+    jobs = [(n, i) for i in range(len(_prompts())) for n in names]
+    prompts = _prompts()
+    seqs = [Sequence(prompts[i], SamplingParams(max_new_tokens=NEW, ignore_eos=True), on_event=lambda ev: None,
+                     adapter=serving.registry.resolve(n) if n else None) for n, i in jobs]
+    for seq in seqs:
+        engine.add(seq)
+    shared_seen = False
+    while engine.has_work():
+        engine.step()
+        by_key: dict[str, list] = {}
+        for seq in engine.scheduler.running:
+            if seq.kv_prefix_blocks:
+                by_key.setdefault(seq.adapter.key, []).append(seq.kv_prefix_blocks)
+        for tables in by_key.values():
+            assert all(t == tables[0] for t in tables)  # one copy of the prefix, referenced by all
+            shared_seen |= len(tables) > 1
+    assert all(seq.status is SeqStatus.FINISHED for seq in seqs)
+    for (name, i), seq in zip(jobs, seqs):
+        assert seq.output_ids == artifacts[name][1][i], (name, i, seq.preemptions)
+    assert shared_seen and engine.preemptions > 0  # or the test did not exercise what it claims
+    assert engine.cache.pool.num_free + sum(len(p.blocks) for p in serving.runtime.prefixes.prefixes.values()) \
+        == engine.cache.pool.capacity  # every sequence block came back
 
 
 def test_prompt_tuning_text_init_matches_peft(tmp_path):

@@ -176,7 +176,7 @@ async def test_disconnect_cancels_every_choice(make_server, live_server):
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/v1/completions", json=body)
     assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 3, 3)
-    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: server.engine.snapshot.kv_blocks_requests == 0 and server.engine.num_running == 0, 1)
     assert wait_for(lambda: counter(server.metrics, "peftserve_requests_total", endpoint="/v1/completions",
                                     status="499") == 1, 2)
     assert server.state.inflight == 0
@@ -190,7 +190,7 @@ async def test_disconnect_cancels_every_choice(make_server, live_server):
                 if got == 5:
                     break
     assert wait_for(lambda: counter(server.metrics, "peftserve_request_failure_total", reason="abort") == 5, 3)
-    assert wait_for(lambda: server.llm.cache.slots.num_free == 4, 1)
+    assert wait_for(lambda: server.engine.snapshot.kv_blocks_requests == 0 and server.engine.num_running == 0, 1)
     assert wait_for(lambda: server.state.inflight == 0, 1)
 
 

@@ -18,13 +18,17 @@ class AdapterRuntime(Protocol):
         """Scheduler, per waiting sequence: pin a device slot (bookkeeping only); False = wait."""
 
     def activate(self, admitted: list[Sequence], runner: ModelRunner) -> list[tuple[Sequence, Exception]]:
-        """Engine, once per step, after KV rows are assigned: install weights, write KV prefixes.
+        """Engine, once per step, after admission: install weights, attach KV prefixes (blocks).
         -> the sequences that failed with why (already released); the engine fails those rows."""
 
     def prepare(self, batch: AdapterBatch) -> None:
         """Runner, before every forward: adaptive merge, then the batch to the wrapped layers."""
 
     def release(self, seq: Sequence) -> None: ...
+
+    def reclaim_kv(self, blocks: int) -> int:
+        """Scheduler, when the KV pool is full: free up to `blocks` pool blocks held by idle KV
+        prefixes (not pinned by a running sequence); -> blocks freed."""
 
     def reset(self) -> None:
         """Forget every pin and slot (after the engine loop died)."""
@@ -47,6 +51,9 @@ class NoAdapters:
 
     def release(self, seq):
         pass
+
+    def reclaim_kv(self, blocks):
+        return 0
 
     def reset(self):
         pass

@@ -1,11 +1,16 @@
-"""Attention over the slot KV cache, plugged into transformers' attention interface.
+"""Attention over the paged KV cache, plugged into transformers' attention interface.
 
 transformers' Llama/Qwen2/Mistral attention modules project q/k/v and apply RoPE themselves,
 then call the registered attention function. We register `peftserve` and receive the rotated
 `[1, heads, T, head_dim]` q/k/v of the whole packed step, plus our StepState and KVCache via
-the forward kwargs. We (1) scatter the new K/V into each sequence's cache row, then (2) attend:
-decode rows together as one batched matmul over a view of the cache, prefill chunks one by one
-with a causal mask offset by what the row already has cached (a virtual prefix included).
+the forward kwargs. We (1) write the new K/V at each token's (block, offset), then (2) attend:
+decode rows together over the block pool in place (`paged_decode_attention`), prefill chunks
+one by one over their gathered blocks with a causal mask offset by what the row already has
+cached (a virtual prefix included).
+
+Semantics, for every query token: softmax(q . k_j * scaling) over exactly the keys j of its
+own sequence that precede it (the shared prefix, then its own tokens), times v_j — what
+`reference_decode_attention` computes densely, and what the tests hold the fast paths to.
 """
 
 from __future__ import annotations
@@ -14,44 +19,66 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .step_state import StepState
+from .step_state import DecodeBlocks, PrefillRow, StepState
 
 ATTN_IMPL = "peftserve"
 
 
-def decode_mask(slots: list[int], ctx_lens: list[int], num_slots: int, max_len: int,
-                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask `[S, 1, 1, L]`: slot s may see cache positions < its context length.
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           blocks: DecodeBlocks, scaling: float) -> torch.Tensor:
+    """q: [Bd, H, D] one query per decode row -> [Bd, H, D].
 
-    Slots without a decode row this step see position 0 only (their result is discarded; this
-    keeps the softmax finite).
+    No gather of the pool: own blocks are scored where they lie (pool blocks 0..NBc-1, each
+    against its owner's query; blocks of nobody score -inf), shared prefix blocks per (row, block)
+    pair, and the softmax is reduced per row across blocks (max, then sum of exp, as in
+    flash-decoding). Reads each key once, like a dense matmul over a contiguous cache would, but
+    only the blocks in use. Accumulates in float32.
     """
-    lens = torch.ones(num_slots, dtype=torch.long)
-    lens[torch.tensor(slots, dtype=torch.long)] = torch.tensor(ctx_lens, dtype=torch.long)
-    visible = torch.arange(max_len)[None, :] < lens[:, None]  # [S, L]
-    mask = torch.zeros(num_slots, max_len, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask.to(device)[:, None, None, :]
+    bd, heads, dim = q.shape
+    kv_heads = k_pool.shape[1]
+    groups = heads // kv_heads  # query head h reads KV head h // groups
+    qg = q.reshape(bd, kv_heads, groups, dim).to(k_pool.dtype)
+    nbc = blocks.owner.shape[0]
+    parts = [(blocks.owner, blocks.masked, k_pool[:nbc], v_pool[:nbc])]  # views, no copy
+    if blocks.shared_blocks.numel():  # prefix blocks: few, shared; gathered per (row, block)
+        parts.append((blocks.shared_rows, blocks.shared_masked,
+                      k_pool.index_select(0, blocks.shared_blocks), v_pool.index_select(0, blocks.shared_blocks)))
+    scores = []
+    row_max = q.new_full((bd + 1, kv_heads, groups), float("-inf"), dtype=torch.float32)
+    for rows, masked, k, _ in parts:
+        # nobody's blocks (row Bd) score against row 0's query: any finite query, all masked below
+        s = torch.matmul(qg.index_select(0, rows.clamp(max=bd - 1)), k.transpose(-1, -2)).float() * scaling
+        s.masked_fill_(masked, float("-inf"))  # [N, KVH, G, bs]
+        row_max.scatter_reduce_(0, rows[:, None, None].expand(-1, kv_heads, groups), s.amax(-1), "amax")
+        scores.append(s)
+    row_max[bd] = 0.0  # nobody's blocks are all masked: keep exp(-inf - max) = 0, not NaN
+    num = q.new_zeros(bd + 1, kv_heads, groups, dim, dtype=torch.float32)
+    den = q.new_zeros(bd + 1, kv_heads, groups, dtype=torch.float32)
+    for (rows, _, _, v), s in zip(parts, scores):
+        e = torch.exp(s - row_max.index_select(0, rows)[..., None])  # [N, KVH, G, bs]
+        den.index_add_(0, rows, e.sum(-1))
+        num.index_add_(0, rows, torch.matmul(e.to(v.dtype), v).float())  # [N, KVH, G, D]
+    out = num[:bd] / den[:bd, ..., None]
+    return out.reshape(bd, heads, dim).to(q.dtype)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      step: StepState, scaling: float) -> torch.Tensor:
-    """q: [H, Bd, D] decode queries -> [Bd, H, D]."""
-    mask = step.decode_mask  # [S, 1, 1, L]
-    num_slots, max_len = mask.shape[0], mask.shape[-1]
-    heads, _, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    groups = heads // kv_heads
-    # Queries scattered to their slot; rows of idle slots stay zero and are ignored.
-    q_full = k_cache.new_zeros(num_slots, heads, dim)  # in the cache's dtype (see engine.py)
-    q_full[step.decode_slots] = q.transpose(0, 1).to(k_cache.dtype)
-    q_full = q_full.view(num_slots, kv_heads, groups, dim)  # [S, KVH, G, D]
-    k = k_cache[:num_slots, :, :max_len]  # view, no copy: [S, KVH, L, D]
-    v = v_cache[:num_slots, :, :max_len]
-    scores = torch.matmul(q_full, k.transpose(-1, -2)) * scaling + mask  # [S, KVH, G, L]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(k.dtype)
-    out = torch.matmul(probs, v)  # [S, KVH, G, D]
-    return out.view(num_slots, heads, dim)[step.decode_slots].to(q.dtype)
+def reference_decode_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                               scaling: float) -> torch.Tensor:
+    """The obvious op: q [Bd, H, D]; keys/values per row `[KVH, ctx_r, D]` (dense) -> [Bd, H, D]."""
+    outs = []
+    for r, (k, v) in enumerate(zip(keys, values)):
+        groups = q.shape[1] // k.shape[0]
+        k, v = k.repeat_interleave(groups, 0).float(), v.repeat_interleave(groups, 0).float()  # [H, ctx, D]
+        probs = torch.softmax(torch.einsum("hd,hcd->hc", q[r].float(), k) * scaling, dim=-1)
+        outs.append(torch.einsum("hc,hcd->hd", probs, v))
+    return torch.stack(outs).to(q.dtype)
+
+
+def gather_row(pool: torch.Tensor, row: PrefillRow) -> torch.Tensor:
+    """A prefill row's keys (or values) in order: `[KVH, ctx, D]` (a copy of its blocks only)."""
+    got = pool.index_select(0, row.blocks)  # [nb, KVH, bs, D]
+    flat = got.permute(1, 0, 2, 3).reshape(got.shape[1], -1, got.shape[3])  # [KVH, nb * bs, D]
+    return flat[:, :row.ctx] if row.keys is None else flat.index_select(1, row.keys)
 
 
 def _prefill_attention(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor,
@@ -72,11 +99,11 @@ def _prefill_attention(q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor
 
 
 def write_kv(cache: KVCache, layer: int, step: StepState, key: torch.Tensor, value: torch.Tensor) -> None:
-    """key/value: [1, KVH, T, D] -> cache rows at (slot, position) of each token."""
+    """key/value: [1, KVH, T, D] -> the pool, at each new token's (block, offset)."""
     k = key[0].transpose(0, 1)  # [T, KVH, D]
     v = value[0].transpose(0, 1)
-    cache.k[layer][step.token_kv_slots, :, step.cache_pos] = k.to(cache.k[layer].dtype)
-    cache.v[layer][step.token_kv_slots, :, step.cache_pos] = v.to(cache.v[layer].dtype)
+    cache.k[layer][step.write_blocks, :, step.write_offsets] = k.to(cache.k[layer].dtype)
+    cache.v[layer][step.write_blocks, :, step.write_offsets] = v.to(cache.v[layer].dtype)
 
 
 def peftserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -90,13 +117,13 @@ def peftserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     write_kv(cache, layer, step, key, value)
     q = query[0]  # [H, T, D]
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
-    if step.decode_rows:
-        out[step.decode_tokens] = _decode_attention(q[:, step.decode_tokens], cache.k[layer], cache.v[layer],
-                                                    step, scaling)
-    for row, start, end in step.prefill_rows:
-        slot, ctx = step.kv_slots[row], step.ctx_lens[row]
-        out[start:end] = _prefill_attention(q[:, start:end], cache.k[layer][slot, :, :ctx],
-                                            cache.v[layer][slot, :, :ctx], scaling)
+    k_pool, v_pool = cache.k[layer], cache.v[layer]
+    if step.decode is not None:
+        dec_q = q[:, step.decode_tokens].transpose(0, 1)  # [Bd, H, D]
+        out[step.decode_tokens] = paged_decode_attention(dec_q, k_pool, v_pool, step.decode, scaling)
+    for row in step.prefill:
+        out[row.start:row.end] = _prefill_attention(q[:, row.start:row.end], gather_row(k_pool, row),
+                                                    gather_row(v_pool, row), scaling)
     return out[None], None  # [1, T, H, D]
 
 

@@ -9,11 +9,16 @@ import torch
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # Defaults chosen for CPU serving (issue 13; README "Serve"): 64 running sequences = 65 KV rows
-    # x 45 MiB at max_model_len 1024 for the default model (30 layers x 3 KV heads x 64 dims, K and V,
-    # float32 cache) = 2.9 GiB; decode throughput on 2 cores keeps growing up to batch 64.
-    max_batch_size: int = 64  # running sequences (= KV cache slots)
+    # Defaults chosen for CPU serving (issue 13; README "Serve"): 64 running sequences x 1024 tokens
+    # x 45 KiB per token for the default model (30 layers x 3 KV heads x 64 dims, K and V, float32
+    # cache) = 2.9 GiB of KV pool; decode throughput on 2 cores keeps growing up to batch 64.
+    max_batch_size: int = 64  # running sequences
     max_model_len: int = 1024  # prompt + virtual prefix + generated tokens
+    # Paged KV cache (kv_cache.py). The pool's size: None = room for max_batch_size sequences of
+    # max_model_len tokens, capped at DEFAULT_KV_CACHE_BYTES (then long contexts share the budget:
+    # admission waits, growth preempts). With the defaults the cap is not reached (2.9 GiB).
+    kv_cache_bytes: int | None = None
+    kv_block_size: int = 64  # tokens per block (decode attention scores a block per matmul)
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 1024  # queue bound; beyond it requests get 429
     # device adapter slots (distinct adapters in one step). A slot costs nothing until an adapter is
@@ -35,5 +40,7 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
             # every running sequence must be able to decode in every step
             raise ValueError("max_num_batched_tokens must be >= max_batch_size")
+        if self.kv_block_size < 1 or (self.kv_cache_bytes is not None and self.kv_cache_bytes < 1):
+            raise ValueError("kv_block_size >= 1 and kv_cache_bytes >= 1 required")
         if self.adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16 (got {self.adapter_dtype})")

@@ -21,7 +21,7 @@ import torch
 from .adapter_runtime import AdapterRuntime, NoAdapters
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache import KVCache, SlotAllocator
+from .kv_cache import KVCache, KVCacheFull, kv_bytes_per_token, pool_blocks
 from .logprobs import token_logprobs
 from .model import PackedCausalLM
 from .observer import EngineObserver, EngineSnapshot, adapter_names, device_residency
@@ -57,13 +57,18 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model = PackedCausalLM(hf_model)
         m = self.model
-        self.cache = KVCache(m.num_layers, config.max_batch_size, m.kv_heads, config.max_model_len, m.head_dim,
-                             cache_dtype(m.dtype, m.device), m.device)
+        dtype = cache_dtype(m.dtype, m.device)
+        blocks = pool_blocks(config.kv_cache_bytes, config.max_batch_size, config.max_model_len,
+                             config.kv_block_size, kv_bytes_per_token(m.num_layers, m.kv_heads, m.head_dim, dtype))
+        self.cache = KVCache(m.num_layers, blocks, config.kv_block_size, m.kv_heads, m.head_dim, dtype, m.device)
+        log.info("KV cache", extra={"blocks": blocks - 1, "block_size": config.kv_block_size,
+                                    "tokens": self.cache.capacity_tokens, "bytes": self.cache.nbytes})
         self.adapters = adapters or NoAdapters()
         self.runner = ModelRunner(m, self.cache, self.adapters)
-        self.scheduler = Scheduler(config, self.adapters.reserve)
+        self.scheduler = self._new_scheduler()
         self.observer = observer
         self.eos = eos_ids(hf_model, tokenizer)
+        self.preemptions = 0
 
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -98,20 +103,24 @@ class LLMEngine:
     def reset(self) -> list[Sequence]:
         """Forget every request and all per-request state; return the requests it held.
 
-        For the supervisor after `step()` raised out of the loop: the scheduler, the KV-slot
-        allocation and the adapter pins may be half-updated, so they are rebuilt rather than
-        unwound. The model, the KV tensors (stale rows are never read: attention masks by
-        context length) and the adapter registry are kept. The caller fails the returned
+        For the supervisor after `step()` raised out of the loop: the scheduler, the KV block
+        tables and the adapter pins may be half-updated, so they are rebuilt rather than
+        unwound: every KV block is free again (prefix blocks too; the runtime forgets its
+        prefixes). The model, the KV tensors (blocks are zeroed when handed out again) and the
+        adapter registry are kept. The caller fails the returned
         requests; nothing here calls back into them.
         """
         held = list(self.scheduler.running) + list(self.scheduler.waiting)
         for seq in held:
             seq.status = SeqStatus.FINISHED
-            seq.kv_slot = -1
-        self.scheduler = Scheduler(self.config, self.adapters.reserve)
-        self.cache.slots = SlotAllocator(self.cache.slots.num_slots)
+            seq.kv_blocks, seq.kv_prefix_blocks = [], []
+        self.cache.reset()
         self.adapters.reset()
+        self.scheduler = self._new_scheduler()
         return held
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.config, self.cache, self.adapters.reserve, self.adapters.reclaim_kv)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -127,10 +136,11 @@ class LLMEngine:
     def snapshot(self, steps: int = 0, resets: int = 0) -> EngineSnapshot:
         """The state other threads may read, as of now. Engine thread only (it walks the
         queues and the adapter tier); `AsyncEngine` publishes the result (observer.py)."""
-        sched, kv = self.scheduler, self.cache.slots
+        sched, pool = self.scheduler, self.cache.pool
         return EngineSnapshot(
             running=len(sched.running), waiting=len(sched.waiting),
-            kv_slots_free=kv.num_free, kv_slots_total=kv.num_slots,
+            kv_blocks_free=pool.num_free, kv_blocks_total=pool.capacity, kv_block_size=self.cache.block_size,
+            preemptions=self.preemptions,
             running_adapters=adapter_names(sched.running), waiting_adapters=adapter_names(sched.waiting),
             max_adapters_per_batch=self.config.max_adapters_per_batch,
             steps=steps, resets=resets, **device_residency(self.adapters.residency()))
@@ -140,7 +150,9 @@ class LLMEngine:
         """Run one iteration; returns the number of tokens processed (0 = nothing to do)."""
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, FinishReason.ABORT)
-        plan, admitted = self.scheduler.schedule(self.cache.slots.num_free)
+        plan, admitted, preempted = self.scheduler.schedule()
+        for seq in preempted:
+            self._on_preempted(seq)
         self._activate(admitted)
         plan = [(seq, n) for seq, n in plan if seq.status is SeqStatus.RUNNING]
         if not plan:
@@ -163,18 +175,33 @@ class LLMEngine:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
         return sum(n for _, n in plan)
 
+    def _on_preempted(self, seq: Sequence) -> None:
+        """The scheduler took its KV blocks back: its adapter pins go too (re-reserved on
+        readmission), and it no longer references a KV prefix."""
+        self.preemptions += 1
+        log.info("request preempted: KV cache full", extra={"seq": seq.seq_id, "tokens": seq.num_tokens})
+        try:
+            self.adapters.release(seq)
+        finally:
+            seq.kv_prefix_blocks, seq.kv_prefix_len, seq.adapter_slot = [], 0, 0
+
     def _activate(self, admitted: list[Sequence]) -> None:
-        """Give each admitted sequence its KV row, then let the adapter runtime install weights
-        and write KV prefixes; a sequence whose activation fails is failed alone."""
+        """Let the adapter runtime install weights and attach KV prefixes for the newly admitted
+        sequences (the scheduler gave them their blocks); a sequence whose activation fails is
+        failed alone, or waits again when it only found the KV pool full."""
         now = time.monotonic()
         for seq in admitted:
-            seq.kv_slot = self.cache.slots.alloc()
-            seq.first_scheduled = now
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
         try:
             failures = self.adapters.activate(admitted, self.runner)
         except Exception as exc:  # a bug in the runtime: fail the adapter rows, keep the base ones
             failures = [(seq, exc) for seq in admitted if seq.adapter is not None]
         for seq, exc in failures:
+            if isinstance(exc, KVCacheFull):  # no room for its prefix now: not its fault
+                seq.kv_prefix_blocks, seq.kv_prefix_len, seq.adapter_slot = [], 0, 0
+                self.scheduler.requeue(seq)
+                continue
             self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter activation failed: {exc!r}")
 
     def _sample_and_emit(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
@@ -248,9 +275,9 @@ class LLMEngine:
         self.scheduler.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
-        if was_running and seq.kv_slot >= 0:
-            self.cache.slots.free(seq.kv_slot)
-            seq.kv_slot = -1
+        if was_running:
+            self.cache.free(seq.kv_blocks)
+        seq.kv_blocks, seq.kv_prefix_blocks = [], []
         text = ""
         try:
             self.adapters.release(seq)

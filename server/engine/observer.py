@@ -54,10 +54,13 @@ class EngineSnapshot:
     queue only — `AsyncEngine.num_waiting` adds the submissions not drained into it yet.
     """
 
-    running: int = 0  # sequences admitted to the batch (each owns a KV slot)
+    running: int = 0  # sequences admitted to the batch (each holds KV blocks)
     waiting: int = 0  # sequences queued in the scheduler, not admitted yet
-    kv_slots_free: int = 0  # KV-cache rows (one per running sequence) not in use
-    kv_slots_total: int = 0  # = max_batch_size
+    kv_blocks_free: int = 0  # KV pool blocks not held by a sequence or a KV prefix
+    kv_blocks_total: int = 0  # the pool's blocks (engine/kv_cache.py; --kv-cache-bytes)
+    kv_block_size: int = 0  # tokens per block
+    kv_prefix_blocks: int = 0  # ... of the used ones, those of cached KV prefixes (shared, reclaimable)
+    preemptions: int = 0  # running sequences whose KV blocks were taken back (pool full)
     running_adapters: tuple[str, ...] = ()  # sorted distinct adapter names of the running sequences
     waiting_adapters: tuple[str, ...] = ()  # same for the waiting ones
     max_adapters_per_batch: int = 0  # EngineConfig.max_adapters_per_batch
@@ -69,13 +72,18 @@ class EngineSnapshot:
     resets: int = 0  # supervisor resets of the engine's per-request state (crashed loops)
 
     @property
-    def kv_slots_used(self) -> int:
-        return self.kv_slots_total - self.kv_slots_free
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def kv_blocks_requests(self) -> int:
+        """Blocks held by requests themselves (0 whenever the engine is idle: a leak check)."""
+        return self.kv_blocks_used - self.kv_prefix_blocks
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of KV-cache slots in use, 0..1 (0 for an engine without slots)."""
-        return 1.0 - self.kv_slots_free / self.kv_slots_total if self.kv_slots_total else 0.0
+        """Fraction of KV pool blocks in use, 0..1 (0 for an engine without a pool)."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
     @property
     def adapter_slots_resident(self) -> int:
@@ -95,6 +103,7 @@ class DeviceResidency:
     slots_total: int  # device slots for weight adapters (slot 0 = none is not counted)
     versions: frozenset[str]  # version keys installed in a slot
     pinned: frozenset[str]  # ... of which a running sequence uses these
+    prefix_blocks: int = 0  # KV pool blocks held by cached KV prefixes
 
 
 def device_residency(residency: DeviceResidency | None) -> dict:
@@ -102,4 +111,4 @@ def device_residency(residency: DeviceResidency | None) -> dict:
     if residency is None:
         return {}
     return {"adapter_slots_total": residency.slots_total, "device_versions": residency.versions,
-            "pinned_versions": residency.pinned}
+            "pinned_versions": residency.pinned, "kv_prefix_blocks": residency.prefix_blocks}

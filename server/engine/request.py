@@ -116,7 +116,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SeqStatus = SeqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    kv_slot: int = -1  # row of the KV cache this sequence owns while running
+    kv_blocks: list[int] = field(default_factory=list)  # own KV blocks (kv_cache.py) while running
+    kv_prefix_blocks: list[int] = field(default_factory=list)  # its adapter's shared KV-prefix blocks
     adapter_slot: int = 0  # per-token adapter slot index (0 = base) for weight adapters
     kv_prefix_len: int = 0  # virtual tokens (soft prompt / prefix) in front of the prompt
     num_computed: int = 0  # real tokens whose K/V are already in the cache
@@ -127,6 +128,7 @@ class Sequence:
     last_token_at: float | None = None
     cancelled: bool = False
     blocked_steps: int = 0  # steps spent at admission waiting for an adapter slot
+    preemptions: int = 0  # times its KV blocks were taken back (scheduler.py)
     finish_reason: FinishReason | None = None
     detok: object | None = None  # incremental detokenizer (engine-owned)
 
@@ -140,7 +142,9 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More than the last sampled token to compute: the prompt, or everything again after a
+        preemption (the scheduler freed its blocks; output tokens are recomputed, not resampled)."""
+        return self.num_tokens - self.num_computed > 1
 
     @property
     def context_len(self) -> int:

@@ -1,10 +1,19 @@
-"""Iteration-level scheduler: which sequences run this step, and how many tokens each.
+"""Iteration-level scheduler: which sequences run this step, how many tokens each, and the KV
+blocks they need for it.
 
-Every step: each running sequence in decode gets one token; running sequences still in
-prefill continue with a chunk; then waiting sequences are admitted first-come-first-served
-while a KV slot is free, the step's token budget lasts and the admission hook (the adapter
-runtime's `reserve`, pure bookkeeping) agrees. A prompt longer than the budget is prefilled in
-chunks over several steps.
+Every step, in this order:
+
+1. running sequences, oldest first: a decode token each, or the next chunk of an unfinished
+   prefill. Their blocks grow to hold the new tokens; when the pool is full, idle KV prefixes are
+   reclaimed first, then the *newest* running sequence is preempted (its blocks freed, back to
+   the head of the queue, recomputed later from its prompt and the tokens it already has), so
+   the oldest requests always make progress;
+2. waiting sequences, first-come-first-served, while there is a free running place
+   (`max_batch_size`), the step's token budget lasts, the pool holds their first chunk above a
+   small watermark (else they wait: never a failure), and the admission hook (the adapter
+   runtime's `reserve`, pure bookkeeping) agrees.
+
+A prompt longer than the budget is prefilled in chunks over several steps.
 """
 
 from __future__ import annotations
@@ -13,20 +22,30 @@ from collections import deque
 from typing import Callable
 
 from .config import EngineConfig
+from .kv_cache import KVCache, blocks_for
 from .request import Sequence, SeqStatus
 
 # Called for the head of the queue; returns True once it has reserved what the sequence needs
-# beyond a KV slot (an adapter device slot, a KV prefix), False to make it wait.
+# beyond KV blocks (an adapter device slot, a KV prefix), False to make it wait.
 AdmitHook = Callable[[Sequence, list[Sequence]], bool]
+# Called when the pool is full, before preempting anyone: free up to n blocks held by idle KV
+# prefixes; -> blocks freed.
+ReclaimHook = Callable[[int], int]
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, can_admit: AdmitHook | None = None):
+    def __init__(self, config: EngineConfig, kv: KVCache, can_admit: AdmitHook | None = None,
+                 reclaim: ReclaimHook | None = None):
         self.config = config
+        self.kv = kv
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.can_admit = can_admit or (lambda seq, running: True)
+        self.reclaim = reclaim or (lambda blocks: 0)
         self.max_overtaken_steps = 16
+        # Admission leaves this many blocks free, so running sequences can grow a while before
+        # anyone is preempted (vLLM keeps 1 % too).
+        self.watermark = max(1, kv.pool.capacity // 100)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -40,23 +59,82 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def schedule(self, free_slots: int) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """Return ([(seq, new_tokens)], newly admitted seqs), rows ordered by adapter slot."""
+    def requeue(self, seq: Sequence) -> None:
+        """An admitted sequence goes back to the head of the queue (its activation found the pool
+        full); it is admitted again when blocks free up."""
+        self.remove(seq)
+        self._drop_kv(seq)
+        self.waiting.appendleft(seq)
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Free its blocks; what it computed is recomputed from its tokens on readmission."""
+        self.kv.free(seq.kv_blocks)
+        seq.kv_blocks = []
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence], list[Sequence]]:
+        """-> ([(seq, new_tokens)] rows ordered by adapter slot, newly admitted, preempted).
+
+        Preempted sequences are already back in the queue (after this step's admissions); the
+        caller releases what they held outside the KV cache (adapter pins, prefixes)."""
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
-        for seq in self.running:  # decodes first: they are cheap and keep ITL low
-            if not seq.in_prefill and budget > 0:
-                plan.append((seq, 1))
-                budget -= 1
-        for seq in self.running:  # then unfinished prefill chunks of running sequences
-            if seq.in_prefill and budget > 0:
-                n = min(budget, len(seq.prompt_ids) - seq.num_computed)
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or budget <= 0:
+                continue  # preempted as someone's victim in this loop
+            want = min(budget, seq.num_tokens - seq.num_computed)  # 1 for a decode
+            n = self._grow(seq, want, preempted)
+            if n:
                 plan.append((seq, n))
                 budget -= n
+        admitted = self._admit(budget, plan)
+        for seq in reversed(preempted):  # first in line, in their admission order
+            self.waiting.appendleft(seq)
+        plan.sort(key=lambda item: item[0].adapter_slot)  # contiguous token segments per adapter
+        return plan, admitted, preempted
+
+    def _grow(self, seq: Sequence, want: int, preempted: list[Sequence]) -> int:
+        """Give `seq` blocks for up to `want` new tokens (at least one), reclaiming idle prefixes,
+        then preempting newer running sequences; -> tokens granted, 0 if `seq` itself had to go."""
+        while True:
+            fit = self.kv.tokens_fit(seq.kv_blocks, seq.num_computed)
+            if fit < 1 and self.reclaim(1):
+                continue
+            if fit >= 1:
+                n = min(want, fit)
+                self._take(seq, seq.num_computed + n)
+                return n
+            victim = self.running[-1]  # the newest; `seq` itself when nothing is newer
+            self._preempt(victim, preempted)
+            if victim is seq:
+                return 0
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        self.running.remove(seq)
+        self._drop_kv(seq)
+        seq.preemptions += 1
+        preempted.append(seq)
+
+    def _take(self, seq: Sequence, tokens: int) -> None:
+        if not self.kv.grow(seq.kv_blocks, tokens):
+            raise RuntimeError("KV blocks checked free were not there")  # a bookkeeping bug
+
+    def _fits(self, seq: Sequence, n: int) -> bool:
+        need = blocks_for(n, self.kv.block_size) + self.watermark
+        short = need - self.kv.pool.num_free
+        return short <= 0 or self.reclaim(short) >= short
+
+    def _admit(self, budget: int, plan: list[tuple[Sequence, int]]) -> list[Sequence]:
         admitted: list[Sequence] = []
         blocked: list[Sequence] = []  # wait for an adapter slot; keep their queue order
-        while self.waiting and budget > 0 and free_slots > len(admitted):
-            seq = self.waiting.popleft()
+        while self.waiting and budget > 0 and len(self.running) + len(admitted) < self.config.max_batch_size:
+            seq = self.waiting[0]
+            n = min(budget, seq.num_tokens - seq.num_computed)
+            if not self._fits(seq, n):
+                break  # the pool is full: everyone behind waits too (FCFS)
+            self.waiting.popleft()
             if not self.can_admit(seq, self.running + admitted):
                 seq.blocked_steps += 1
                 blocked.append(seq)
@@ -67,12 +145,11 @@ class Scheduler:
                 if seq.blocked_steps > self.max_overtaken_steps:
                     break
                 continue
+            self._take(seq, n)
             seq.status = SeqStatus.RUNNING
             admitted.append(seq)
-            n = min(budget, len(seq.prompt_ids) - seq.num_computed)
             plan.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(blocked))
         self.running.extend(admitted)
-        plan.sort(key=lambda item: item[0].adapter_slot)  # contiguous token segments per adapter
-        return plan, admitted
+        return admitted

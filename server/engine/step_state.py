@@ -48,24 +48,52 @@ class AdapterBatch:
 
 
 @dataclass
+class DecodeBlocks:
+    """Where the keys of the step's decode rows are, for decode attention over the pool in place
+    (attention.py). Built once per step, read by every layer.
+
+    Own blocks are addressed by pool position: entry b of `owner`/`valid` describes pool block b,
+    for the blocks 0..NBc-1 (NBc = highest own block of a decode row + 1; lowest-first allocation
+    keeps that range packed). Shared (prefix) blocks are listed once per (row, block) pair.
+    """
+
+    num_rows: int  # Bd decode rows; index Bd is the "nobody" row whose results are dropped
+    owner: torch.Tensor  # [NBc] int64: decode row owning pool block b, or Bd
+    masked: torch.Tensor  # [NBc, 1, 1, block_size] bool: True = not one of the owner's keys
+    shared_blocks: torch.Tensor  # [P] int64: prefix blocks referenced by decode rows
+    shared_rows: torch.Tensor  # [P] int64: the decode row of each pair
+    shared_masked: torch.Tensor  # [P, 1, 1, block_size] bool
+
+
+@dataclass
+class PrefillRow:
+    """One row whose new tokens are attended on their own (a prompt chunk), with causal order."""
+
+    row: int
+    start: int  # its tokens on the step's token axis: [start, end)
+    end: int
+    blocks: torch.Tensor  # [nb] int64: the row's prefix blocks, then its own blocks
+    keys: torch.Tensor | None  # [ctx] positions, in the blocks' concatenation, of its keys in
+    #                            order (prefix, then own tokens); None = the first ctx positions
+    ctx: int  # keys visible to the last new token (prefix + computed + new)
+
+
+@dataclass
 class StepState:
     # per row (scheduled sequence), in packed order
-    kv_slots: list[int]  # KV-cache row of each sequence
     q_lens: list[int]  # new tokens this step
-    ctx_lens: list[int]  # cache length after this step (virtual prefix + computed + new)
-    kv_prefix_lens: list[int]  # virtual tokens at the front of the row's cache (0 = none)
-    # per token
-    cache_pos: torch.Tensor  # [T] where each new token's K/V goes in its row
-    token_kv_slots: torch.Tensor  # [T] the row's KV slot, per token
+    ctx_lens: list[int]  # keys after this step (virtual prefix + computed + new)
+    kv_prefix_lens: list[int]  # virtual tokens in front of the row's own tokens (0 = none)
+    # per token: where each new token's K/V is written
+    write_blocks: torch.Tensor  # [T] int64 pool block
+    write_offsets: torch.Tensor  # [T] int64 position inside the block
     adapters: AdapterBatch
     # decode rows: one query token each, attended as one batch
     decode_rows: list[int] = field(default_factory=list)
     decode_tokens: torch.Tensor | None = None  # [Bd] token index of each decode row
-    decode_slots: torch.Tensor | None = None  # [Bd] KV slot of each decode row
-    decode_mask: torch.Tensor | None = None  # [S, 1, 1, L] additive mask over slots 0..S-1
-    # prefill rows: (row, token_start, token_end), each attended on its own
-    prefill_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    decode: DecodeBlocks | None = None
+    prefill: list[PrefillRow] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.cache_pos.shape[0])
+        return int(self.write_blocks.shape[0])

@@ -177,8 +177,8 @@ class SoftPromptKind(PromptKind):
     def prefix(self, ver, runner):
         model = runner.model
         embeds = host_weights(ver).weights.embeddings  # [n, hidden]
-        ks, vs = runner.compute_prefix(embeds.to(device=model.device, dtype=model.dtype))
-        return KVPrefix(ks, vs)
+        blocks, n = runner.compute_prefix(embeds.to(device=model.device, dtype=model.dtype))
+        return _pool_prefix(runner, blocks, n)
 
 
 class PrefixTuningKind(PromptKind):
@@ -188,8 +188,13 @@ class PrefixTuningKind(PromptKind):
         model = runner.model
         kv = host_weights(ver).weights.kv  # [layers, 2, kv_heads, n, head_dim]
         kv = kv.to(device=model.device, dtype=model.dtype)
-        return KVPrefix([kv[i, 0].contiguous() for i in range(kv.shape[0])],
-                        [kv[i, 1].contiguous() for i in range(kv.shape[0])])
+        blocks, n = runner.store_prefix([kv[i, 0] for i in range(kv.shape[0])], [kv[i, 1] for i in range(kv.shape[0])])
+        return _pool_prefix(runner, blocks, n)
+
+
+def _pool_prefix(runner, blocks: list[int], n: int) -> KVPrefix:
+    cache = runner.cache
+    return KVPrefix(blocks, n, nbytes=len(blocks) * cache.block_nbytes, release=cache.free)
 
 
 _SOFT_PROMPT = SoftPromptKind()

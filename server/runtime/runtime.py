@@ -9,8 +9,8 @@ Per request, in step order:
    no forward, cannot fail a request.
 2. `activate(admitted, runner)` — engine, once per step for the newly admitted sequences:
    installs the weights of newly assigned slots (`kind.to_device` + `kind.install`), computes or
-   fetches prompt adapters' KV prefixes (`kind.prefix`) and writes them into the sequences' KV
-   rows. Returns the sequences that failed, with their exception (already released here); the
+   fetches prompt adapters' KV prefixes (`kind.prefix`, blocks of the KV pool) and hands their
+   blocks to the sequences by reference. Returns the sequences that failed, with their exception (already released here); the
    engine fails those rows alone.
 3. `prepare(batch)` — runner, before every forward: the adaptive merge decision
    (server/runtime/merge.py), then the step's AdapterBatch goes to the wrapped layers.
@@ -34,6 +34,7 @@ import torch
 
 from peftserve.adapters.config import AdapterKind
 
+from ..engine.kv_cache import KVCacheFull
 from ..engine.observer import DeviceResidency
 from ..engine.request import Sequence
 from ..engine.step_state import AdapterBatch
@@ -112,7 +113,8 @@ class DeviceRuntime:
         """For the engine snapshot (engine thread): installed and pinned versions."""
         keys = self.slots.slot_key
         return DeviceResidency(self.num_slots, frozenset(keys.values()),
-                               frozenset(k for slot, k in keys.items() if self.slots.busy(slot)))
+                               frozenset(k for slot, k in keys.items() if self.slots.busy(slot)),
+                               sum(len(p.blocks) for p in self.prefixes.prefixes.values()))
 
     # -- 0. stage (any thread) -------------------------------------------------------------
     def stage(self, ver) -> bool:
@@ -265,12 +267,16 @@ class DeviceRuntime:
         self.prefixes.pin(ver.key)
         hold.prefix_key = ver.key
         seq.kv_prefix_len = prefix.length
-        runner.cache.write_prefix(seq.kv_slot, prefix.k, prefix.v)
+        seq.kv_prefix_blocks = prefix.blocks  # shared in place, never copied
 
     def _prefix(self, ver, kind: KindHandler, runner: ModelRunner) -> KVPrefix:
         prefix = self.prefixes.get(ver.key)
         if prefix is None:
-            prefix = kind.prefix(ver, runner)
+            try:
+                prefix = kind.prefix(ver, runner)
+            except KVCacheFull:  # idle prefixes of other versions make room, once
+                self.prefixes.reclaim(runner.cache.pool.capacity)
+                prefix = kind.prefix(ver, runner)
             self.stats["prefix_computes"] += 1
             self.prefixes.put(ver.key, prefix)
         self.prefixes.trim()
@@ -344,8 +350,9 @@ class DeviceRuntime:
 
         The loop can die anywhere — between a reserve and its activation, half-way through an
         install or a merge — so nothing per-sequence is trusted: merged weights are restored,
-        every device slot is cleared (adapters reinstall on their next request) and shared
-        prefixes stay cached (immutable per version) unless their version was dropped meanwhile.
+        every device slot is cleared (adapters reinstall on their next request) and the shared
+        prefixes are forgotten: the engine resets its KV pool, blocks included (they are
+        recomputed on their next request).
         """
         self.merger.unmerge()
         self._discard_staged()
@@ -355,7 +362,10 @@ class DeviceRuntime:
         self.mergeable.clear()
         self._pending.clear()
         self._held.clear()
-        self.prefixes.pins.clear()
-        for key in self._dropped:
-            self.prefixes.discard(key)
+        self.prefixes.forget()  # their blocks went back with the engine's KV pool reset
         self._dropped.clear()
+
+    def reclaim_kv(self, blocks: int) -> int:
+        """The KV pool is full: evict idle (unpinned) prefixes, LRU first, until `blocks` pool
+        blocks are free again; -> blocks freed."""
+        return self.prefixes.reclaim(blocks)

@@ -6,32 +6,26 @@ KV prefixes of prompt adapters. Pure bookkeeping: nothing here copies weights or
   none). A slot is pinned while any running sequence uses it; unpinned slots are evicted LRU.
   When every slot is pinned by other adapters, a new adapter's request waits (never fails).
 - Prompt adapters become a per-layer KV prefix computed once per adapter *version* (content
-  hash, never the name) and copied into each sequence's cache row at activation: after the
-  first request, a soft-prompt or prefix row costs no extra prefill.
+  hash, never the name) into blocks of the engine's paged KV pool, and referenced in place by
+  every sequence of that version (`Sequence.kv_prefix_blocks`): after the first request a
+  soft-prompt or prefix row costs no extra prefill and no KV memory of its own for the prefix.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import torch
+from typing import Callable
 
 
 @dataclass
 class KVPrefix:
-    """Per-layer K/V of a prompt adapter's virtual tokens, at cache positions 0..n-1."""
+    """A prompt adapter's virtual tokens, K/V at positions 0..length-1 of `blocks` in the pool."""
 
-    k: list[torch.Tensor]  # per layer [kv_heads, n, head_dim]
-    v: list[torch.Tensor]
-
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+    blocks: list[int]
+    length: int
+    nbytes: int  # pool bytes the blocks hold
+    release: Callable[[list[int]], None]  # gives the blocks back to the pool (KVCache.free)
 
 
 class DeviceSlots:
@@ -89,7 +83,9 @@ class DeviceSlots:
 
 
 class PrefixCache:
-    """KV prefixes per version key, LRU under a byte budget; pinned ones are never trimmed."""
+    """KV prefixes per version key, LRU under a byte budget; pinned ones are never evicted.
+
+    Entries own their pool blocks: evicting or discarding one gives its blocks back."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -103,8 +99,8 @@ class PrefixCache:
         return prefix
 
     def put(self, key: str, prefix: KVPrefix) -> None:
+        self.discard(key)
         self.prefixes[key] = prefix
-        self.prefixes.move_to_end(key)
 
     def pin(self, key: str) -> None:
         self.pins[key] = self.pins.get(key, 0) + 1
@@ -116,7 +112,9 @@ class PrefixCache:
         return self.pins.get(key, 0) > 0
 
     def discard(self, key: str) -> None:
-        self.prefixes.pop(key, None)
+        prefix = self.prefixes.pop(key, None)
+        if prefix is not None:
+            prefix.release(prefix.blocks)
 
     def trim(self) -> None:
         """Evict unpinned prefixes, least recently used first, until the budget holds."""
@@ -125,4 +123,22 @@ class PrefixCache:
             if total <= self.max_bytes:
                 break
             if not self.busy(key):
-                total -= self.prefixes.pop(key).nbytes
+                total -= self.prefixes[key].nbytes
+                self.discard(key)
+
+    def reclaim(self, blocks: int) -> int:
+        """Evict unpinned prefixes, least recently used first, until `blocks` pool blocks are
+        freed (the KV pool is full); -> blocks freed."""
+        freed = 0
+        for key in list(self.prefixes):
+            if freed >= blocks:
+                break
+            if not self.busy(key):
+                freed += len(self.prefixes[key].blocks)
+                self.discard(key)
+        return freed
+
+    def forget(self) -> None:
+        """Drop every entry without releasing blocks: the pool itself was reset (engine reset)."""
+        self.prefixes.clear()
+        self.pins.clear()

@@ -1,0 +1,122 @@
+"""The paged KV cache's attention fast paths against the obvious dense op (attention.py).
+
+Random block tables (own blocks scattered through the pool, shared prefix blocks with a partial
+tail, GQA, blocks of other sequences and free blocks holding garbage in the scored range): the
+in-place decode attention and the prefill gather must equal softmax(q k^T) v over exactly each
+row's keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.server.engine.attention import gather_row, paged_decode_attention, reference_decode_attention
+from peftserve.server.engine.kv_cache import KVCache, blocks_for, pool_blocks
+from peftserve.server.engine.kv_layout import RowKV, build_kv_step
+from peftserve.server.engine.step_state import AdapterBatch
+
+BS = 4
+
+
+def _pool(num_blocks: int, kv_heads: int, dim: int, gen: torch.Generator) -> KVCache:
+    cache = KVCache(1, num_blocks, BS, kv_heads, dim, torch.float32, torch.device("cpu"))
+    cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
+    cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
+    return cache
+
+
+def _rows(cache: KVCache, gen: torch.Generator, specs: list[tuple[int, int, int]]) -> list[RowKV]:
+    """specs: (own tokens already computed, new tokens, prefix id or -1) -> rows with blocks drawn
+    from the pool in a shuffled order (so owners interleave), prefixes shared between rows."""
+    free = torch.randperm(cache.pool.num_blocks - 1, generator=gen).add(1).tolist()
+    prefixes = {0: (free[:2], 7), 1: (free[2:3], 4)}  # 7 tokens: one full block and a partial one
+    free = free[3:]
+    rows = []
+    for done, n, prefix in specs:
+        own = [free.pop() for _ in range(blocks_for(done + n, BS))]
+        blocks, plen = prefixes.get(prefix, ([], 0))
+        rows.append(RowKV(own, done, n, blocks, plen))
+    return rows
+
+
+def _dense(cache: KVCache, row: RowKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row's keys/values in order, read the slow way: prefix then own tokens."""
+    pk, pv = cache.read(0, row.prefix_blocks, row.prefix_len) if row.prefix_blocks else (None, None)
+    ok, ov = cache.read(0, row.own_blocks, row.own_ctx)
+    if pk is None:
+        return ok, ov
+    return torch.cat([pk, ok], dim=1), torch.cat([pv, ov], dim=1)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_decode_attention_over_the_pool_equals_the_dense_reference(heads, kv_heads):
+    gen = torch.Generator().manual_seed(0)
+    dim = 8
+    cache = _pool(64, kv_heads, dim, gen)
+    specs = [(0, 1, -1), (3, 1, 0), (4, 1, 1), (11, 1, -1), (7, 1, 0), (15, 1, 0)]
+    rows = _rows(cache, gen, specs)
+    step, _ = build_kv_step(rows, AdapterBatch.build([0] * len(rows), [1] * len(rows), torch.device("cpu")),
+                            BS, torch.device("cpu"))
+    assert step.decode is not None and step.decode.shared_blocks.numel() > 0
+    q = torch.randn(len(rows), heads, dim, generator=gen)
+    got = paged_decode_attention(q, cache.k[0], cache.v[0], step.decode, 0.3)
+    keys, values = zip(*(_dense(cache, r) for r in rows))
+    want = reference_decode_attention(q, list(keys), list(values), 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_ignores_nan_in_blocks_it_does_not_own():
+    """Blocks of nobody in the scored range (free, or another sequence's) may hold anything."""
+    gen = torch.Generator().manual_seed(1)
+    cache = _pool(32, 2, 8, gen)
+    rows = _rows(cache, gen, [(5, 1, -1), (2, 1, 1)])
+    used = {b for r in rows for b in r.own_blocks + r.prefix_blocks}
+    for b in range(1, 32):
+        if b not in used:
+            cache.k[0][b] = float("nan")
+            cache.v[0][b] = float("nan")
+    step, _ = build_kv_step(rows, AdapterBatch.build([0, 0], [1, 1], torch.device("cpu")), BS, torch.device("cpu"))
+    q = torch.randn(2, 4, 8, generator=gen)
+    got = paged_decode_attention(q, cache.k[0], cache.v[0], step.decode, 0.5)
+    keys, values = zip(*(_dense(cache, r) for r in rows))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference_decode_attention(q, list(keys), list(values), 0.5))
+
+
+def test_prefill_gather_returns_prefix_then_own_tokens_in_order():
+    gen = torch.Generator().manual_seed(2)
+    cache = _pool(32, 2, 8, gen)
+    rows = _rows(cache, gen, [(0, 6, 0), (4, 5, -1), (2, 3, 1)])
+    step, positions = build_kv_step(rows, AdapterBatch.build([0] * 3, [6, 5, 3], torch.device("cpu")),
+                                    BS, torch.device("cpu"))
+    assert [p.row for p in step.prefill] == [0, 1, 2]
+    for prow, row in zip(step.prefill, rows):
+        k, v = _dense(cache, row)
+        assert torch.equal(gather_row(cache.k[0], prow), k) and torch.equal(gather_row(cache.v[0], prow), v)
+    # RoPE positions continue after the virtual tokens; K/V go to the own blocks
+    assert positions.tolist() == list(range(7, 13)) + list(range(4, 9)) + list(range(6, 9))
+    first = rows[0]
+    assert step.write_blocks[:6].tolist() == [first.own_blocks[p // BS] for p in range(6)]
+    assert step.write_offsets[:6].tolist() == [p % BS for p in range(6)]
+
+
+def test_blocks_are_zeroed_when_handed_out_and_the_lowest_go_first():
+    cache = KVCache(2, 9, BS, 1, 2, torch.float32, torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
+    blocks = cache.alloc(3)
+    assert blocks == [1, 2, 3]
+    assert all(torch.equal(t[blocks], torch.zeros_like(t[blocks])) for t in cache.k + cache.v)
+    cache.free([2])
+    assert cache.alloc(1) == [2]
+
+
+def test_pool_size_follows_the_budget_and_refuses_one_that_cannot_hold_a_request():
+    per_token = 1000
+    # default: room for every sequence at full length, capped by the default budget
+    assert pool_blocks(None, 4, 100, 10, per_token) == 4 * 11 + 1
+    assert pool_blocks(None, 64, 8192, 64, per_token * 46) == (4 << 30) // (64 * per_token * 46) + 1
+    assert pool_blocks(10_000_000, 64, 100, 10, per_token) == 1000 + 1
+    with pytest.raises(ValueError, match="max_model_len"):
+        pool_blocks(50_000, 64, 100, 10, per_token)  # 5 blocks < one 100-token sequence
