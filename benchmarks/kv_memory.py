@@ -48,6 +48,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.requests, args.prompt_len, args.new, args.kv_cache_bytes = 16, 512, 8, 256 << 20
+        args.max_model_len = 2048
     dtype = setup(args)
     model, tok = load_model(args, dtype)
     rss_model, _ = rss()

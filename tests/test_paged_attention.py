@@ -120,3 +120,24 @@ def test_pool_size_follows_the_budget_and_refuses_one_that_cannot_hold_a_request
     assert pool_blocks(10_000_000, 64, 100, 10, per_token) == 1000 + 1
     with pytest.raises(ValueError, match="max_model_len"):
         pool_blocks(50_000, 64, 100, 10, per_token)  # 5 blocks < one 100-token sequence
+
+
+def test_prefix_cache_gives_blocks_back_when_it_evicts_and_never_evicts_pinned():
+    from peftserve.server.runtime.slots import KVPrefix, PrefixCache
+
+    cache = KVCache(1, 11, BS, 1, 2, torch.float32, torch.device("cpu"))
+    prefixes = PrefixCache(max_bytes=1 << 30)
+    for key in ("a", "b", "c"):
+        blocks = cache.alloc(2)
+        prefixes.put(key, KVPrefix(blocks, 7, nbytes=2 * cache.block_nbytes, release=cache.free))
+    assert cache.pool.num_free == 4
+    prefixes.pin("a")
+    prefixes.get("b")  # b is now the most recently used: c, then b go first (a is pinned)
+    assert prefixes.reclaim(3) == 4 and list(prefixes.prefixes) == ["a"]
+    assert cache.pool.num_free == 8
+    prefixes.max_bytes = 0
+    prefixes.trim()  # over budget, but pinned: kept
+    assert list(prefixes.prefixes) == ["a"]
+    prefixes.unpin("a")
+    prefixes.discard("a")
+    assert cache.pool.num_free == 10 and not prefixes.prefixes

@@ -37,7 +37,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     bd, heads, dim = q.shape
     kv_heads = k_pool.shape[1]
     groups = heads // kv_heads  # query head h reads KV head h // groups
-    qg = q.reshape(bd, kv_heads, groups, dim).to(k_pool.dtype)
+    qg = (q * scaling).reshape(bd, kv_heads, groups, dim).to(k_pool.dtype)  # scaled once, not per key
     nbc = blocks.owner.shape[0]
     parts = [(blocks.owner, blocks.masked, k_pool[:nbc], v_pool[:nbc])]  # views, no copy
     if blocks.shared_blocks.numel():  # prefix blocks: few, shared; gathered per (row, block)
@@ -47,7 +47,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     row_max = q.new_full((bd + 1, kv_heads, groups), float("-inf"), dtype=torch.float32)
     for rows, masked, k, _ in parts:
         # nobody's blocks (row Bd) score against row 0's query: any finite query, all masked below
-        s = torch.matmul(qg.index_select(0, rows.clamp(max=bd - 1)), k.transpose(-1, -2)).float() * scaling
+        s = torch.matmul(qg.index_select(0, rows.clamp(max=bd - 1)), k.transpose(-1, -2)).float()
         s.masked_fill_(masked, float("-inf"))  # [N, KVH, G, bs]
         row_max.scatter_reduce_(0, rows[:, None, None].expand(-1, kv_heads, groups), s.amax(-1), "amax")
         scores.append(s)
@@ -55,7 +55,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     num = q.new_zeros(bd + 1, kv_heads, groups, dim, dtype=torch.float32)
     den = q.new_zeros(bd + 1, kv_heads, groups, dtype=torch.float32)
     for (rows, _, _, v), s in zip(parts, scores):
-        e = torch.exp(s - row_max.index_select(0, rows)[..., None])  # [N, KVH, G, bs]
+        e = s.sub_(row_max.index_select(0, rows)[..., None]).exp_()  # [N, KVH, G, bs], in place
         den.index_add_(0, rows, e.sum(-1))
         num.index_add_(0, rows, torch.matmul(e.to(v.dtype), v).float())  # [N, KVH, G, D]
     out = num[:bd] / den[:bd, ..., None]
