@@ -76,14 +76,20 @@ def poison_nan(server, monkeypatch):
 
 
 def poison_sampling(server, monkeypatch):
-    real = sampler_mod._draw
+    real, real_batch = sampler_mod._draw, sampler_mod._draw_batch
 
     def draw(row_logits, params, gen):
         if params.top_k == 13:  # only the poison request asks for top_k 13
             raise RuntimeError("injected sampling failure")
         return real(row_logits, params, gen)
 
+    def draw_batch(logits, params, gens):  # a batch holding the poison row fails as a whole
+        if any(p.top_k == 13 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return real_batch(logits, params, gens)
+
     monkeypatch.setattr(sampler_mod, "_draw", draw)
+    monkeypatch.setattr(sampler_mod, "_draw_batch", draw_batch)
     return "sampling_error", 500
 
 

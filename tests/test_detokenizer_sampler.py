@@ -204,3 +204,34 @@ def test_stop_string_with_multibyte_characters(smollm_tokenizer):
     ids = smollm_tokenizer(text).input_ids
     pieces, stopped, _ = feed(IncrementalDetokenizer(smollm_tokenizer, [], ("本語",)), ids)
     assert stopped and "".join(pieces) == "abc 日"
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_probability_tokens():
+    from peftserve.server.engine.sampler import draw_tokens
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.25, 0.0])  # exact in binary: edges are exact too
+    edges = torch.tensor([0.0, 0.5 - 1e-12, 0.5, 0.75, 1.0 - 1e-12], dtype=torch.float64)
+    assert draw_tokens(probs.expand(5, -1), edges).tolist() == [1, 1, 3, 4, 4]
+    n = 20000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = torch.bincount(draw_tokens(probs.expand(n, -1), u), minlength=6).double() / n
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts.float(), probs, atol=0.015, rtol=0)
+
+
+def test_batched_filtering_equals_each_row_alone():
+    """Rows with different temperature / top-k / top-p in one batch get exactly what they would
+    get alone (no parameter leaks across rows)."""
+    from peftserve.server.engine.sampler import filter_logits_batch
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 300, generator=g) * 4
+    logits[3, 7] = 3e38  # a row that overflows at its small temperature
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=1e-3, top_k=2, top_p=0.9),
+              SamplingParams(temperature=2.0, top_k=400, top_p=1.0)]
+    batch = filter_logits_batch(logits, params)
+    for row, p in enumerate(params):
+        assert torch.equal(batch[row], filter_logits_batch(logits[row:row + 1], [p])[0]), row
+        assert kept(batch[row]) and torch.isfinite(torch.softmax(batch[row], -1)).all()
+    assert kept(batch[1]) == direct_top_k((logits[1] / 1.3).tolist(), 5)

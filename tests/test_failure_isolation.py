@@ -118,7 +118,7 @@ def test_infinite_logits_fail_only_their_row(monkeypatch, value):
 
 def test_sampling_error_fails_only_its_row(monkeypatch):
     ref = reference(params_mix())
-    real = sampler_mod._draw
+    real, real_batch = sampler_mod._draw, sampler_mod._draw_batch
     poison = SamplingParams(max_new_tokens=NEW, ignore_eos=True, temperature=1.0, top_k=7, seed=1)
 
     def draw(row_logits, params, gen):
@@ -126,7 +126,13 @@ def test_sampling_error_fails_only_its_row(monkeypatch):
             raise RuntimeError("injected sampling failure")
         return real(row_logits, params, gen)
 
+    def draw_batch(logits, params, gens):  # the poison row breaks the batched draw for everyone...
+        if any(p.top_k == 7 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return real_batch(logits, params, gens)
+
     monkeypatch.setattr(sampler_mod, "_draw", draw)
+    monkeypatch.setattr(sampler_mod, "_draw_batch", draw_batch)  # ...so the rows are redrawn one by one
     check_poisoned(run(make_engine(), PROMPTS + [POISON], params_mix() + [poison]), ref, ErrorCode.SAMPLING_ERROR)
 
 
@@ -273,10 +279,29 @@ def test_a_raising_row_becomes_a_failure_not_an_exception(monkeypatch):
         raise RuntimeError("x")
 
     monkeypatch.setattr(sampler_mod, "_draw", boom)
+    monkeypatch.setattr(sampler_mod, "_draw_batch", boom)
     hot = SamplingParams(temperature=1.0)
     out = sample(torch.randn(3, 10), [SamplingParams(), hot, SamplingParams()], [None] * 3)
     assert isinstance(out[1], SampleFailure) and out[1].code is ErrorCode.SAMPLING_ERROR
     assert isinstance(out[0], int) and isinstance(out[2], int)
+
+
+def test_the_row_by_row_fallback_draws_what_the_batch_would_have(monkeypatch):
+    """When the batched draw fails, each row is redrawn from the generator state it had before,
+    so a seeded request's tokens do not depend on whether its batch-mates broke the batch."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 2
+    params = [SamplingParams(temperature=0.9, top_p=0.8, seed=i) for i in range(4)]
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + i) for i in range(4)]
+
+    batched = sample(logits, params, gens())
+
+    def broken(*a):
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(sampler_mod, "_draw_batch", broken)
+    assert sample(logits, params, gens()) == batched
 
 
 # -- supervisor ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The reference is a straightforward loop: the oracle model (PEFT's `PeftModel`, or the base with
 our reference bottleneck forward) runs the whole prefix each step, the penalties are applied by
 `ref_penalize` (Python loops over the token history, written from the OpenAI/vLLM definitions),
-and the next token is the argmax (or a multinomial draw from a generator seeded like the
+and the next token is the argmax (or an inverse-CDF draw from a generator seeded like the
 engine's). The engine runs all rows of all kinds in one continuous batch.
 """
 
@@ -118,7 +118,10 @@ def ref_run(model, prompt: list[int], p: SamplingParams, eos=()):
         if p.greedy:
             tok = int(torch.argmax(proc))
         else:
-            tok = int(torch.multinomial(torch.softmax(filter_logits(proc, p), -1), 1, generator=gen))
+            # inverse-CDF draw with one float64 uniform per step from the request's generator
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            cdf = torch.softmax(filter_logits(proc, p), -1).double().cumsum(0)
+            tok = int((cdf <= u * float(cdf[-1])).sum())
         out.append(tok)
         ids.append(tok)
     return out, lps
