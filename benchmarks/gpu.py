@@ -1,11 +1,19 @@
 """GPU check + benchmark: parity on CUDA and throughput vs HF/PEFT, one run, side by side.
 
-    python benchmarks/gpu.py --config-dir DIR [--device cuda] [--out result.json] [--quick]
+    python benchmarks/gpu.py --shape 1b [--device cuda] [--out result.json] [--quick]
+    python benchmarks/gpu.py --config-dir DIR ...        # DIR/config.json (e.g. SmolLM2-135M)
+    bash benchmarks/gpu_check.sh                          # the prepared device run (issue 12)
 
-DIR holds the default model's `config.json` (SmolLM2-135M architecture). The weights are
-*random* (seeded): the GPU machine cannot fetch the model and the 135M checkpoint is larger
-than what travels there; throughput depends on the architecture, not on the weight values, and
+Shapes: `--shape 1b` is Llama-3.2-1B's architecture, `--shape smollm` SmolLM2-135M's (both
+built in), `--config-dir` any config.json. The weights are *random* (seeded): the GPU machine
+cannot fetch models; throughput depends on the architecture, not on the weight values, and
 parity is checked against HF/PEFT on the very same random weights (fp32, TF32 off).
+
+Throughput rows (bf16, `--batch` requests x 64 prompt + `--new` tokens, one run): ours with
+0 / 1 / 8 / 32 LoRAs (ranks 8-64, q,k,v,o), ours with every kind mixed (prompt tuning, prefix
+tuning, (IA)3, LoRA, base), ours at batch `--big-batch` (base); HF `generate` static batch
+eager, HF `generate(cache_implementation="static")` with the forward compiled (CUDA graphs;
+skipped on CPU or with --skip-compiled), PEFT mixed batch with 32 LoRAs (`adapter_names`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,27 @@ class StubTokenizer:
 
     def decode(self, ids, **kwargs):
         return ""
+
+
+SHAPES = {
+    # Llama-3.2-1B (config.json of meta-llama/Llama-3.2-1B, rope scaling left out: same cost)
+    "1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+               max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+               hidden_act="silu"),
+    # SmolLM2-135M-Instruct (the default model)
+    "smollm": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                   max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                   hidden_act="silu"),
+}
+
+
+def shape_config(args):
+    if args.config_dir:
+        return AutoConfig.from_pretrained(args.config_dir)
+    fields = dict(SHAPES[args.shape])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def make_model(cfg, dtype, device, seed=0):
@@ -139,13 +168,64 @@ def hf_static(model, ps, new, device, adapter_names=None) -> float:
     return len(ps) * new / (time.perf_counter() - t0)
 
 
-def throughput(cfg, device, dtype, tmp: Path, batch, new) -> dict:
+def hf_compiled(model, ps, new, device) -> float:
+    """HF's own fast path: a static KV cache and the forward compiled (CUDA graphs)."""
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    x = torch.tensor(ps, device=device)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              cache_implementation="static")
+    for _ in range(2):  # compile + capture, then one warm run
+        model.generate(input_ids=x, **kw)
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(input_ids=x, **kw)
+    sync(device)
+    return len(ps) * new / (time.perf_counter() - t0)
+
+
+def make_kinds(cfg, root: Path) -> list[Path]:
+    """One adapter of each kind the mixed row serves (prompt, prefix, (IA)3, LoRA)."""
+    dirs = []
+    for i, (name, make) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(300 + i)
+        pm = get_peft_model(make_model(cfg, torch.float32, "cpu"), make())
+        pm.save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs
+
+
+def ours_mixed(cfg, dtype, device, ps, new, kind_dirs, store) -> float:
+    """Rows cycle through base and every kind: one continuous batch of mixed kinds."""
+    serving = build_engine(make_model(cfg, dtype, device), StubTokenizer(),
+                           EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
+                                        max_adapters_per_batch=8, dtype=dtype, device=device), store=store)
+    names = [None]
+    for d in kind_dirs:
+        serving.registry.import_dir(d, d.name)
+        names.append(d.name)
+    handles = [serving.registry.resolve(names[i % len(names)]) if names[i % len(names)] else None
+               for i in range(len(ps))]
+    serving.engine.generate(ps[:5], SamplingParams(max_new_tokens=4, ignore_eos=True), adapters=handles[:5])
+    sync(device)
+    t0 = time.perf_counter()
+    serving.engine.generate(ps, SamplingParams(max_new_tokens=new, ignore_eos=True), adapters=handles)
+    sync(device)
+    return len(ps) * new / (time.perf_counter() - t0)
+
+
+def throughput(cfg, device, dtype, tmp: Path, batch, new, big_batch, compiled: bool) -> dict:
     ps = prompts(batch, 64, cfg.vocab_size, 7)
     lora_dirs = make_loras(cfg, device, 32, tmp / "loras")
     res = {}
     for n in (0, 1, 8, 32):
         res[f"ours_{n}_loras_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"s{n}"), 1)
+    res["ours_mixed_kinds_tok_s"] = round(ours_mixed(cfg, dtype, device, ps, new, make_kinds(cfg, tmp / "kinds"),
+                                                     tmp / "mixed"), 1)
+    big = prompts(big_batch, 64, cfg.vocab_size, 8)
+    res[f"ours_base_batch_{big_batch}_tok_s"] = round(ours(cfg, dtype, device, big, new, lora_dirs, 0, tmp / "big"), 1)
     res["hf_static_base_tok_s"] = round(hf_static(make_model(cfg, dtype, device), ps, new, device), 1)
+    if compiled:
+        res["hf_compiled_static_cache_tok_s"] = round(hf_compiled(make_model(cfg, dtype, device), ps, new, device), 1)
     peft_model = PeftModel.from_pretrained(make_model(cfg, dtype, device), lora_dirs[0], adapter_name="l0")
     for i in range(1, 32):
         peft_model.load_adapter(lora_dirs[i], adapter_name=f"l{i}")
@@ -156,7 +236,10 @@ def throughput(cfg, device, dtype, tmp: Path, batch, new) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config-dir", required=True)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--config-dir", default=None, help="a config.json's directory (overrides --shape)")
+    ap.add_argument("--big-batch", type=int, default=256, help="the large-batch base row")
+    ap.add_argument("--skip-compiled", action="store_true", help="no torch.compile'd HF row (always on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=64)
@@ -164,16 +247,27 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cfg = AutoConfig.from_pretrained(args.config_dir)
+    cfg = shape_config(args)
     if args.quick:
-        cfg.num_hidden_layers, args.batch, args.new = 2, 8, 8
+        cfg.num_hidden_layers, args.batch, args.new, args.big_batch = 2, 8, 8, 16
+        cfg.vocab_size = min(cfg.vocab_size, 4096)
     info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new,
-            "prompt_tokens": 64, "weights": "random (seeded), SmolLM2-135M architecture"}
+            "prompt_tokens": 64, "shape": args.config_dir or args.shape, "weights": "random (seeded)"}
     with tempfile.TemporaryDirectory() as tmp:
         info["parity_fp32"] = parity(cfg, args.device, Path(tmp) / "parity")
         print(json.dumps(info, indent=1), flush=True)
-        info["throughput"] = throughput(cfg, args.device, getattr(torch, args.dtype), Path(tmp), args.batch, args.new)
+        compiled = args.device.startswith("cuda") and not args.skip_compiled
+        info["throughput"] = throughput(cfg, args.device, getattr(torch, args.dtype), Path(tmp), args.batch, args.new,
+                                        args.big_batch, compiled)
+        t = info["throughput"]
+        info["ratios"] = {"base_vs_hf_eager": t["ours_0_loras_tok_s"] / t["hf_static_base_tok_s"],
+                          "32_loras_vs_our_base": t["ours_32_loras_tok_s"] / t["ours_0_loras_tok_s"],
+                          "mixed_kinds_vs_our_base": t["ours_mixed_kinds_tok_s"] / t["ours_0_loras_tok_s"],
+                          f"batch_{args.big_batch}_vs_batch_{args.batch}":
+                              t[f"ours_base_batch_{args.big_batch}_tok_s"] / t["ours_0_loras_tok_s"]}
+        if compiled:
+            info["ratios"]["base_vs_hf_compiled"] = t["ours_0_loras_tok_s"] / t["hf_compiled_static_cache_tok_s"]
     print(json.dumps(info, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=1))

@@ -17,10 +17,13 @@ from peftserve.server.engine.kv_layout import RowKV, build_kv_step
 from peftserve.server.engine.step_state import AdapterBatch
 
 BS = 4
+# The same checks on CUDA where there is one (benchmarks/gpu_check.sh); the CPU suite skips them.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-def _pool(num_blocks: int, kv_heads: int, dim: int, gen: torch.Generator) -> KVCache:
-    cache = KVCache(1, num_blocks, BS, kv_heads, dim, torch.float32, torch.device("cpu"))
+def _pool(num_blocks: int, kv_heads: int, dim: int, gen: torch.Generator, device: str = "cpu") -> KVCache:
+    cache = KVCache(1, num_blocks, BS, kv_heads, dim, torch.float32, torch.device(device))
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=gen))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=gen))
     return cache
@@ -49,21 +52,23 @@ def _dense(cache: KVCache, row: RowKV) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([pk, ok], dim=1), torch.cat([pv, ov], dim=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_decode_attention_over_the_pool_equals_the_dense_reference(heads, kv_heads):
+def test_decode_attention_over_the_pool_equals_the_dense_reference(heads, kv_heads, device):
     gen = torch.Generator().manual_seed(0)
     dim = 8
-    cache = _pool(64, kv_heads, dim, gen)
+    cache = _pool(64, kv_heads, dim, gen, device)
     specs = [(0, 1, -1), (3, 1, 0), (4, 1, 1), (11, 1, -1), (7, 1, 0), (15, 1, 0)]
     rows = _rows(cache, gen, specs)
-    step, _ = build_kv_step(rows, AdapterBatch.build([0] * len(rows), [1] * len(rows), torch.device("cpu")),
-                            BS, torch.device("cpu"))
+    dev = torch.device(device)
+    step, _ = build_kv_step(rows, AdapterBatch.build([0] * len(rows), [1] * len(rows), dev), BS, dev)
     assert step.decode is not None and step.decode.shared_blocks.numel() > 0
-    q = torch.randn(len(rows), heads, dim, generator=gen)
+    q = torch.randn(len(rows), heads, dim, generator=gen).to(dev)
     got = paged_decode_attention(q, cache.k[0], cache.v[0], step.decode, 0.3)
     keys, values = zip(*(_dense(cache, r) for r in rows))
     want = reference_decode_attention(q, list(keys), list(values), 0.3)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if device == "cpu" else 1e-4  # CUDA sums in another order
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_decode_attention_ignores_nan_in_blocks_it_does_not_own():

@@ -1,0 +1,27 @@
+"""The prepared GPU run (benchmarks/gpu_check.sh) must not rot between the sessions that have a
+GPU: its smoke sizes run here on CPU, through the same shim and scripts the device machine uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_script_runs_at_smoke_sizes(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, QUICK="1", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_quick.json").read_text())
+    parity = result["parity_fp32"]
+    assert parity["rows"] == parity["equal"] == 20 and parity["mismatched"] == []
+    rows = result["throughput"]
+    for key in ("ours_0_loras_tok_s", "ours_32_loras_tok_s", "ours_mixed_kinds_tok_s", "ours_base_batch_16_tok_s",
+                "hf_static_base_tok_s", "peft_mixed_32_loras_tok_s"):
+        assert rows[key] > 0, key
+    assert "passed" in (tmp_path / "tests.log").read_text()
