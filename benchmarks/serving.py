@@ -16,7 +16,9 @@
     (in-process) vs one HF static batch of 64; and engine overhead: our median decode-step time
     with all 64 rows decoding vs a bare HF forward loop on the same batch (`model(next_ids,
     past_key_values=..., use_cache=True, logits_to_keep=1)`, and the same loop with the logits
-    taken as a contiguous [rows, hidden] matmul, which avoids HF's slow bf16 path).
+    taken as a contiguous [rows, hidden] matmul, which avoids HF's slow bf16 path). Then the
+    matmul ceiling (issue 13 item 4): the same step's matmuls alone on this machine in this run,
+    and our decode step as a fraction of it.
 """
 
 from __future__ import annotations
@@ -235,13 +237,53 @@ def part_b(args, dtype, pool, hf):
           rows)
     print(f"\nours vs HF static batch = {hf_s / ours_s:.2f}x (target >= 1.0x); decode step ours / fastest bare "
           f"= {ours_step / best_bare:.2f}x (target <= 1.5x)")
+    ceiling = matmul_ceiling(hf, n)
+    fraction = ceiling["seconds"] / ours_step
+    table(f"(b) decode step vs the matmul ceiling at batch {n} (issue 13 item 4)", ["", "value"], [
+        ["the step's matmuls alone (every Linear, same shapes), ms", 1e3 * ceiling["seconds"]],
+        ["peftserve engine.step, ms", 1e3 * ours_step],
+        ["fraction of the ceiling (target >= 0.5)", fraction],
+        ["step GEMM GFLOP/s (ours) / large-GEMM GFLOP/s", f"{ceiling['flops'] / ours_step / 1e9:.1f} / "
+                                                         f"{ceiling['peak_gemm_flop_s'] / 1e9:.1f}"]])
     probe = thread_probe(args, engine, hf, prompts, ours_step,
                          statistics.median(bare["HF decoder + contiguous lm_head"]))
     return {"threads_probe": probe, "ours_s": ours_runs, "hf_s": hf_runs, "tokens": tokens,
             "ours_tok_s": tokens / ours_s, "hf_tok_s": tokens / hf_s, "ratio": hf_s / ours_s,
             "ours_decode_step_ms": 1e3 * ours_step,
             "bare_decode_step_ms": {k: 1e3 * statistics.median(v) for k, v in bare.items()},
-            "overhead_ratio": ours_step / best_bare}
+            "overhead_ratio": ours_step / best_bare, "matmul_ceiling": ceiling, "ceiling_fraction": fraction}
+
+
+def matmul_ceiling(model, rows: int, repeats: int = 5) -> dict:
+    """What the matmuls of one decode step cost on this machine, measured in this run: every
+    nn.Linear of the model (projections, MLP, lm_head) applied to `rows` tokens, back to back
+    with nothing else (no attention, norms, Python), median of `repeats`; plus the machine's
+    GEMM rate on one large square matmul of the same dtype, for reference."""
+    import torch.nn.functional as F
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = linears[0].weight.dtype
+    xs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+    flops = sum(2 * rows * m.in_features * m.out_features for m in linears)
+
+    def once():
+        with torch.inference_mode():
+            for m in linears:
+                F.linear(xs[m.in_features], m.weight)
+
+    once()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    a = torch.randn(2048, 2048, dtype=dtype)
+    torch.matmul(a, a)
+    t = time.perf_counter()
+    for _ in range(3):
+        torch.matmul(a, a)
+    peak = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "flops": flops, "peak_gemm_flop_s": peak}
 
 
 def thread_probe(args, engine, hf, prompts, ours_step, bare_step):
