@@ -585,11 +585,13 @@ class AdapterRegistry:
             raise StoreError("unreadable", f"cannot read {vdir}: {exc.strerror}") from None
         if config is None or weights is None:
             raise StoreError("missing", f"{vdir / (CONFIG_FILE if config is None else WEIGHTS_FILE)} is missing")
-        actual = content_hash(config, weights)[:16]
-        if actual != version:  # the version is the content hash: the files changed on disk
-            raise StoreError("hash_mismatch", f"content hash {actual} does not match version {version!r}")
+        digest = content_hash(config, weights)
+        if digest[:16] != version:  # the version is the content hash: the files changed on disk
+            raise StoreError("hash_mismatch", f"content hash {digest[:16]} does not match version {version!r}")
+        hashed: Future = Future()
+        hashed.set_result(digest)  # load_adapter would hash the same bytes again otherwise
         try:
-            return load_adapter(config, weights, self.spec, self.settings.limits)
+            return load_adapter(config, weights, self.spec, self.settings.limits, hashing=hashed)
         except AdapterError as exc:  # hash-verified but refused (e.g. a stricter check than at upload)
             raise StoreError("invalid", f"stored adapter no longer loads: [{exc.code}] {exc.message}") from None
 
