@@ -117,6 +117,25 @@ def test_serve_ray_cli_takes_every_serve_flag():
     cfg = RayServeConfig.from_dict(config_from_args(args))
     assert (cfg.replicas, cfg.max_resident_adapters, cfg.max_batch_size, cfg.adapter_store, cfg.affinity) == \
         (3, 5, 4, "/s", False)
+    args = build_parser().parse_args(["serve-ray", "--kv-cache-bytes", "1GiB", "--kv-block-size", "32"])
+    cfg = RayServeConfig.from_dict(config_from_args(args))
+    assert (cfg.kv_cache_bytes, cfg.kv_block_size) == (1 << 30, 32)
+
+
+def test_no_serve_flag_is_silently_dropped_by_serve_ray():
+    """Every `serve` flag either reaches the replicas' config or is one serve-ray handles itself
+    (or refuses): a new engine flag forgotten here would be accepted and ignored."""
+    from peftserve.server.cli import build_parser
+    from peftserve.server.ray_serve.launch import _NOT_ON_RAY, _SHARED, serve_ray, unsupported_flags
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    serve_flags = {a.dest for a in sub.choices["serve"]._actions if a.dest != "help"}
+    handled_by_launch = {"host", "port", "log_level", "adapters"}  # Ray's HTTP, logging; --adapters refused
+    assert serve_flags - set(_SHARED) - handled_by_launch - set(_NOT_ON_RAY) == set()
+    args = build_parser().parse_args(["serve-ray", "--served-model-name", "x", "--drain-timeout", "3"])
+    assert unsupported_flags(args) == ["--drain-timeout", "--served-model-name"]
+    assert serve_ray(args) == 2  # refused before Ray is touched
+    assert unsupported_flags(build_parser().parse_args(["serve-ray"])) == []
 
 
 @pytest.fixture(scope="module")

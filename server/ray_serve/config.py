@@ -28,6 +28,8 @@ class RayServeConfig:
     max_model_len: int = 1024
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024
+    kv_cache_bytes: int | None = None  # per replica's KV pool (`--kv-cache-bytes`; None: EngineConfig's default)
+    kv_block_size: int = 64
     max_adapters_per_batch: int = 32
     max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30

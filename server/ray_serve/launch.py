@@ -16,6 +16,7 @@ log = logging.getLogger("peftserve.server.ray_serve.launch")
 
 # serve flags that carry over into RayServeConfig under the same name (dashes -> underscores)
 _SHARED = ("model", "dtype", "adapter_dtype", "device", "max_batch_size", "max_model_len", "max_num_batched_tokens", "max_waiting",
+           "kv_cache_bytes", "kv_block_size",
            "max_adapters_per_batch", "max_cpu_adapters", "max_cpu_bytes", "merge_policy", "merge_min_steps",
            "adapter_store", "api_key", "admin_key", "max_body_bytes", "max_upload_bytes", "threads", "ui", "docs",
            "max_combinations", "strict_base", "vllm_metric_names")
@@ -41,6 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=2, help="re-sends of a request whose replica died first")
 
 
+# serve flags the replicas do not take: refused when given, never silently ignored
+_NOT_ON_RAY = ("allowed_adapter_dirs", "drain_timeout", "lora_modules", "served_model_name")
+
+
+def unsupported_flags(args) -> list[str]:
+    """The `_NOT_ON_RAY` flags given with a value other than their default, as `--flag-name`."""
+    from ..cli import build_parser
+
+    defaults = build_parser().parse_args(["serve-ray"])
+    return ["--" + n.replace("_", "-") for n in _NOT_ON_RAY if getattr(args, n) != getattr(defaults, n)]
+
+
 def config_from_args(args) -> dict:
     raw = {name: getattr(args, name) for name in _SHARED}
     for name in ("replicas", "max_resident_adapters", "affinity", "autoscale", "min_replicas", "max_replicas",
@@ -57,6 +70,10 @@ def serve_ray(args) -> int:
     if args.adapters:
         log.error("--adapters is not supported with serve-ray: upload through POST /adapters or start "
                   "`peftserve serve --adapters DIR --adapter-store STORE` once to import into the shared store")
+        return 2
+    unsupported = unsupported_flags(args)
+    if unsupported:
+        log.error("not supported with serve-ray (the replicas would ignore them): %s", ", ".join(unsupported))
         return 2
     try:
         raw = RayServeConfig.from_dict(config_from_args(args)).to_dict()

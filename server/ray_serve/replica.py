@@ -111,6 +111,7 @@ def build_state(cfg: RayServeConfig):
     model_name = DEFAULT_MODEL_NAME if str(cfg.model) == DEFAULT_MODEL else Path(str(model_dir)).name
     config = EngineConfig(max_batch_size=cfg.max_batch_size, max_model_len=cfg.max_model_len,
                           max_num_batched_tokens=cfg.max_num_batched_tokens, max_waiting=cfg.max_waiting,
+                          kv_cache_bytes=cfg.kv_cache_bytes, kv_block_size=cfg.kv_block_size,
                           max_adapters_per_batch=cfg.max_adapters_per_batch, merge_policy=cfg.merge_policy,
                           merge_min_steps=cfg.merge_min_steps, dtype=dtype, device=str(device),
                           adapter_dtype=parse_dtype(cfg.adapter_dtype, device))
