@@ -139,6 +139,20 @@ def table(title: str, headers: list[str], rows: list[list]) -> None:
     sys.stdout.flush()
 
 
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after `warmup` untimed ones."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return

@@ -18,12 +18,10 @@ shows). Prints median ms per call and paged / slots.
 from __future__ import annotations
 
 import random
-import statistics
-import time
 
 import torch
 
-from common import parser, setup, table
+from common import median_seconds, parser, setup, table
 from peftserve.server.engine.attention import paged_decode_attention
 from peftserve.server.engine.kv_cache import blocks_for
 from peftserve.server.engine.kv_layout import RowKV, build_kv_step
@@ -33,14 +31,7 @@ HEADS, KV_HEADS, DIM = 9, 3, 64
 
 
 def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return 1e3 * median_seconds(fn, repeats, warmup=3)
 
 
 def case(rows: int, lens: list[int], block_size: int, repeats: int, gen: torch.Generator) -> list:

@@ -12,24 +12,15 @@ sampler before issue 12 drew each row with `torch.multinomial` after a per-row f
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
-from common import parser, setup, table
+from common import median_seconds, parser, setup, table
 from peftserve.server.engine import sampler
 from peftserve.server.engine.request import SamplingParams
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return 1e3 * median_seconds(fn, repeats)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import (Server, environment, hf_baseline, hf_generate, latency_summary, load_model, parser,
+from common import (Server, environment, hf_baseline, hf_generate, latency_summary, load_model, median_seconds, parser,
                     random_prompt, replay, setup, sse_generate, table, token_pool, write_json)
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.engine import LLMEngine
@@ -271,19 +271,14 @@ def matmul_ceiling(model, rows: int, repeats: int = 5) -> dict:
             for m in linears:
                 F.linear(xs[m.in_features], m.weight)
 
-    once()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
+    seconds = median_seconds(once, repeats)
     a = torch.randn(2048, 2048, dtype=dtype)
     torch.matmul(a, a)
     t = time.perf_counter()
     for _ in range(3):
         torch.matmul(a, a)
     peak = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t)
-    return {"seconds": statistics.median(times), "flops": flops, "peak_gemm_flop_s": peak}
+    return {"seconds": seconds, "flops": flops, "peak_gemm_flop_s": peak}
 
 
 def thread_probe(args, engine, hf, prompts, ours_step, bare_step):
