@@ -87,6 +87,37 @@ def test_growth_preempts_the_newest_running_sequence_which_recomputes_first():
     assert admitted == [b] and plan == [(b, 9)]
 
 
+def test_a_long_prefill_never_takes_the_budget_from_a_newer_sequences_decode():
+    sched = make(EngineConfig(max_batch_size=4, max_num_batched_tokens=8))
+    a = seq(3)
+    sched.add(a)
+    run(sched.schedule()[0])  # a decodes from now on
+    sched.running.insert(0, long := seq(40))  # an older sequence still in prefill
+    long.status = SeqStatus.RUNNING
+    plan, _, _ = sched.schedule()
+    assert sorted(((s is a, n) for s, n in plan), reverse=True) == [(True, 1), (False, 7)]
+
+
+def test_prefills_that_fill_the_pool_preempt_the_newest_not_a_planned_decode():
+    # 6 blocks of 4: a decodes (3 tokens, 1 block); b and c prefill in 8-token chunks
+    sched = make(EngineConfig(max_batch_size=4, max_num_batched_tokens=9), blocks=6, block_size=4)
+    sched.watermark = 0
+    a = seq(3)
+    sched.add(a)
+    run(sched.schedule()[0])
+    b, c = seq(24), seq(24)
+    sched.add(b)
+    sched.add(c)
+    run(sched.schedule()[0])  # a decodes, b gets an 8-token chunk (2 blocks)
+    run(sched.schedule()[0])  # a decodes, b 8 more (2 blocks): the pool is full, c still waits
+    assert sched.kv.pool.num_free == 0 and list(sched.waiting) == [c]
+    plan, admitted, preempted = sched.schedule()
+    # b's next chunk needs 2 blocks and none is free: the newest sequence not planned yet is b
+    # itself (a's decode was planned first and is never the victim), so b goes back to the queue
+    assert (a, 1) in plan and preempted == [b] and b.kv_blocks == []
+    assert admitted == [] and list(sched.waiting) == [b, c]  # no newcomer takes b's blocks; b goes first
+
+
 def test_idle_prefixes_are_reclaimed_before_anyone_is_preempted():
     held: list[list[int]] = []
     calls = []

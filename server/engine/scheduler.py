@@ -3,15 +3,15 @@ blocks they need for it.
 
 Every step, in this order:
 
-1. running sequences, oldest first: a decode token each, or the next chunk of an unfinished
-   prefill. Their blocks grow to hold the new tokens; when the pool is full, idle KV prefixes are
-   reclaimed first, then the *newest* running sequence is preempted (its blocks freed, back to
-   the head of the queue, recomputed later from its prompt and the tokens it already has), so
-   the oldest requests always make progress;
-2. waiting sequences, first-come-first-served, while there is a free running place
-   (`max_batch_size`), the step's token budget lasts, the pool holds their first chunk above a
-   small watermark (else they wait: never a failure), and the admission hook (the adapter
-   runtime's `reserve`, pure bookkeeping) agrees.
+1. running sequences, oldest first: a decode token each, then the next chunks of unfinished
+   prefills with the budget left. Their blocks grow to hold the new tokens; when the pool is
+   full, idle KV prefixes are reclaimed first, then the *newest* running sequence not planned yet
+   is preempted (its blocks freed, back to the head of the queue, recomputed later from its
+   prompt and the tokens it already has), so the oldest requests always make progress;
+2. unless someone was preempted this step, waiting sequences, first-come-first-served, while
+   there is a free running place (`max_batch_size`), the step's token budget lasts, the pool
+   holds their first chunk above a small watermark (else they wait: never a failure), and the
+   admission hook (the adapter runtime's `reserve`, pure bookkeeping) agrees.
 
 A prompt longer than the budget is prefilled in chunks over several steps.
 """
@@ -81,23 +81,29 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
-        for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING or budget <= 0:
-                continue  # preempted as someone's victim in this loop
-            want = min(budget, seq.num_tokens - seq.num_computed)  # 1 for a decode
-            n = self._grow(seq, want, preempted)
-            if n:
-                plan.append((seq, n))
-                budget -= n
-        admitted = self._admit(budget, plan)
+        # decodes first: they are cheap and keep ITL low (the budget always covers one per running
+        # sequence); then the next chunks of unfinished prefills, with what is left
+        for decoding in (True, False):
+            for seq in [s for s in self.running if s.in_prefill is not decoding]:
+                if seq.status is not SeqStatus.RUNNING or budget <= 0:
+                    continue  # preempted as someone's victim in this step
+                want = 1 if decoding else min(budget, seq.num_tokens - seq.num_computed)
+                n = self._grow(seq, want, preempted, plan)
+                if n:
+                    plan.append((seq, n))
+                    budget -= n
+        # Under pressure (someone was just preempted) nobody new starts: the blocks freed go to the
+        # running sequences, and the preempted ones are first in line next step (vLLM does the same).
+        admitted = [] if preempted else self._admit(budget, plan)
         for seq in reversed(preempted):  # first in line, in their admission order
             self.waiting.appendleft(seq)
         plan.sort(key=lambda item: item[0].adapter_slot)  # contiguous token segments per adapter
         return plan, admitted, preempted
 
-    def _grow(self, seq: Sequence, want: int, preempted: list[Sequence]) -> int:
+    def _grow(self, seq: Sequence, want: int, preempted: list[Sequence], plan: list[tuple[Sequence, int]]) -> int:
         """Give `seq` blocks for up to `want` new tokens (at least one), reclaiming idle prefixes,
-        then preempting newer running sequences; -> tokens granted, 0 if `seq` itself had to go."""
+        then preempting the newest running sequence not planned yet this step (`seq` itself when
+        it is that one); -> tokens granted, 0 if `seq` had to go."""
         while True:
             fit = self.kv.tokens_fit(seq.kv_blocks, seq.num_computed)
             if fit < 1 and self.reclaim(1):
@@ -106,7 +112,8 @@ class Scheduler:
                 n = min(want, fit)
                 self._take(seq, seq.num_computed + n)
                 return n
-            victim = self.running[-1]  # the newest; `seq` itself when nothing is newer
+            planned = {id(s) for s, _ in plan}
+            victim = next(s for s in reversed(self.running) if id(s) not in planned)  # `seq` is never planned
             self._preempt(victim, preempted)
             if victim is seq:
                 return 0
