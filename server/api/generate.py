@@ -35,6 +35,7 @@ from ..errors import (AdapterNotFound, ApiError, ContextLengthExceeded, Draining
 from ..state import ServerState, get_state
 from .auth import require_api_key
 from .json_body import validate_json
+from .output import SequenceOutput
 from .schemas import ErrorResponse, GenerateRequest, GenerateResponse
 
 log = logging.getLogger("peftserve.server.api.generate")
@@ -182,31 +183,11 @@ def _failure(state: ServerState, reason: FinishReason, code) -> ApiError:
     return engine_failure(code)
 
 
-class _Result:
-    def __init__(self):
-        self.token_ids: list[int] = []
-        self.parts: list[str] = []
-        self.finish_reason: FinishReason | None = None
-        self.error: str | None = None  # internal detail: logged, never sent
-        self.code = None  # ErrorCode of a failed request
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def add(self, ev) -> None:
-        if ev.token_id is not None:
-            self.token_ids.append(ev.token_id)
-        if ev.text:
-            self.parts.append(ev.text)
-        if ev.finish_reason is not None:
-            self.finish_reason, self.error, self.code = ev.finish_reason, ev.error, ev.code
-
-    def body(self, req: GenerateRequest, prompt_tokens: int) -> dict:
-        return GenerateResponse(
-            text=self.text, token_ids=self.token_ids, finish_reason=self.finish_reason.value, adapter=req.adapter,
-            usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(self.token_ids)},
-        ).model_dump(mode="json")
+def _body(result: SequenceOutput, req: GenerateRequest, prompt_tokens: int) -> dict:
+    return GenerateResponse(
+        text=result.text, token_ids=result.token_ids, finish_reason=result.reason.value, adapter=req.adapter,
+        usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids)},
+    ).model_dump(mode="json")
 
 
 @router.post("/generate", dependencies=[Depends(require_api_key)], response_model=None,
@@ -277,7 +258,7 @@ async def generate(request: Request) -> Response:
 
 async def _respond(state: ServerState, request: Request, stream: RequestStream, req: GenerateRequest,
                    info: dict) -> Response:
-    result = _Result()
+    result = SequenceOutput()
 
     async def collect():
         async for ev in stream:
@@ -296,20 +277,19 @@ async def _respond(state: ServerState, request: Request, stream: RequestStream, 
     if collector in done and not collector.cancelled() and collector.exception() is not None:
         raise collector.exception()
     headers = {"X-Request-ID": info["request_id"]}
-    if result.finish_reason is None:  # the client went away first
+    if result.reason is None:  # the client went away first
         _log_done(info, result, "client_disconnected")
         return Response(status_code=CLIENT_CLOSED, headers=headers)
-    _log_done(info, result, result.finish_reason.value)
-    if result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-        exc = _failure(state, result.finish_reason, result.code)
+    _log_done(info, result, result.reason.value)
+    if result.failed:
+        exc = _failure(state, result.reason, result.code)
         exc.headers = {**(exc.headers or {}), **headers}
         raise exc
-    return JSONResponse(result.body(req, info["prompt_tokens"]), headers=headers)
+    return JSONResponse(_body(result, req, info["prompt_tokens"]), headers=headers)
 
 
-def _log_done(info: dict, result: _Result, outcome: str) -> None:
-    failed = result.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
-    (log.warning if failed else log.info)("generate finished", extra={
+def _log_done(info: dict, result: SequenceOutput, outcome: str) -> None:
+    (log.warning if result.failed else log.info)("generate finished", extra={
         "request_id": info["request_id"], "seq": info["seq"], "outcome": outcome, "stream": info["stream"],
         "adapter": info["adapter"],
         "prompt_tokens": info["prompt_tokens"], "completion_tokens": len(result.token_ids),
@@ -369,7 +349,7 @@ class SSEResponse(Response):
         super().__init__(content=None, status_code=200, media_type=self.media_type, headers={
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": info["request_id"]})
         self.state, self.stream, self.req, self.info = state, stream, req, info
-        self.result = _Result()
+        self.result = SequenceOutput()
         self.outcome = "client_disconnected"
 
     def init_headers(self, headers=None) -> None:  # no content-length: the body streams
@@ -389,11 +369,11 @@ class SSEResponse(Response):
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 out.clear()
         res = self.result
-        if res.finish_reason in failed:
-            final = _failure(self.state, res.finish_reason, res.code).to_dict()
+        if res.failed:
+            final = _failure(self.state, res.reason, res.code).to_dict()
         else:
-            final = res.body(self.req, self.info["prompt_tokens"])
-        self.outcome = res.finish_reason.value
+            final = _body(res, self.req, self.info["prompt_tokens"])
+        self.outcome = res.reason.value
         out.append(_sse(final) + b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
 

@@ -37,6 +37,7 @@ from .generate import (CLIENT_CLOSED, _failure, _ids_from, _json_str, _sse, _tok
                        is_json_content_type, stream_until_disconnect, tokenize_texts_inline, unavailable)
 from .openai_errors import ParamError, invalid, model_not_found
 from .openai_schemas import ChatRequest, CompletionRequest, SamplingFields, parse_chat, parse_completion
+from .output import SequenceOutput
 
 log = logging.getLogger("peftserve.server.api.openai")
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -189,37 +190,6 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
-class Choice:
-    """One choice's accumulated output."""
-
-    def __init__(self, index: int, prompt_tokens: int):
-        self.index, self.prompt_tokens = index, prompt_tokens
-        self.token_ids: list[int] = []
-        self.parts: list[str] = []
-        self.logprobs: list[tuple[int, float, list]] = []  # (token id, logprob, top)
-        self.reason: FinishReason | None = None
-        self.error: str | None = None  # internal detail: logged, never sent
-        self.code = None  # ErrorCode of a failed choice
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def add(self, ev) -> None:
-        if ev.token_id is not None and ev.finish_reason not in (FinishReason.ERROR, FinishReason.ABORT):
-            self.token_ids.append(ev.token_id)
-            if ev.logprobs is not None:
-                self.logprobs.append((ev.token_id, ev.logprobs[0], ev.logprobs[1]))
-        if ev.text:
-            self.parts.append(ev.text)
-        if ev.finish_reason is not None:
-            self.reason, self.error, self.code = ev.finish_reason, ev.error, ev.code
-
-    @property
-    def failed(self) -> bool:
-        return self.reason in (FinishReason.ERROR, FinishReason.ABORT)
-
-
 class TokenText:
     """Token id -> its text (for logprobs), decoded one token at a time, cached per request."""
 
@@ -236,7 +206,7 @@ class TokenText:
 class Job:
     """Everything one /v1 request needs after validation (shared by both routes)."""
 
-    def __init__(self, state: ServerState, kind: str, model: str, req: SamplingFields, choices: list[Choice],
+    def __init__(self, state: ServerState, kind: str, model: str, req: SamplingFields, choices: list[SequenceOutput],
                  streams: list, handle, echo: list[str] | None = None):
         self.state, self.kind, self.model, self.req = state, kind, model, req
         self.choices, self.streams, self.handle, self.echo = choices, streams, handle, echo
@@ -317,7 +287,7 @@ class Job:
 async def respond(request: Request, job: Job) -> Response:
     """Non-streaming: all choices, raced against the client going away."""
 
-    async def collect(choice: Choice, stream) -> None:
+    async def collect(choice: SequenceOutput, stream) -> None:
         async for ev in stream:
             choice.add(ev)
         if choice.failed:  # the response fails as a whole: stop the other choices now
@@ -382,14 +352,14 @@ class OpenAIStreamResponse(Response):
             self._frame = "data: " + head + body + '"logprobs":null,"finish_reason":null}' + tail + "\n\n"
         return (self._frame % (index, _json_str(text))).encode()
 
-    def _event_bytes(self, choice: Choice, ev, offset: int) -> list[bytes]:
+    def _event_bytes(self, choice: SequenceOutput, ev, offset: int) -> list[bytes]:
         req = self.job.req
         wants_logprobs = bool(req.logprobs) if self.job.kind == "chat" else req.logprobs is not None
         if ev.text and ev.finish_reason is None and not wants_logprobs:
             return [self._text_chunk(choice.index, ev.text)]  # the common case: one plain text chunk
         return [_sse(chunk) for chunk in self._event_chunks(choice, ev, offset)]
 
-    def _event_chunks(self, choice: Choice, ev, offset: int) -> list[dict]:
+    def _event_chunks(self, choice: SequenceOutput, ev, offset: int) -> list[dict]:
         job = self.job
         usage_key = job.req.include_usage
         chunks = []
@@ -429,7 +399,7 @@ class OpenAIStreamResponse(Response):
             offsets[c.index] = len(job.echo[c.index // job.req.n]) if job.echo else 0
         out: list[bytes] = []  # events not written yet: what is already queued goes out in one write
 
-        def take(choice: Choice, ev) -> None:
+        def take(choice: SequenceOutput, ev) -> None:
             choice.add(ev)
             out.extend(self._event_bytes(choice, ev, offsets[choice.index]))
             if ev.text:
@@ -468,7 +438,7 @@ class OpenAIStreamResponse(Response):
         """n > 1 choices: one pump per stream into a shared queue; stops at the first failed choice."""
         events: asyncio.Queue = asyncio.Queue()
 
-        async def pump(choice: Choice, stream) -> None:
+        async def pump(choice: SequenceOutput, stream) -> None:
             async for batch in stream.batches():
                 events.put_nowait((choice, batch))
 
@@ -567,7 +537,7 @@ async def completions(request: Request) -> Response:
                                 "max_tokens")
         for j in range(req.n):
             jobs.append((p, sampling_params(req, max_new, req.logprobs, j)))
-            choices.append(Choice(i * req.n + j, len(p)))
+            choices.append(SequenceOutput(i * req.n + j, len(p)))
     echo = None
     if req.echo:
         echo = texts if texts else [await run_in_threadpool(_decode, state.tokenizer, p) for p in ids]
@@ -595,6 +565,6 @@ async def chat_completions(request: Request) -> Response:
     max_new = check_context(state, len(ids), prefix, req.max_new, param)
     jobs = [(ids, sampling_params(req, max_new, req.num_logprobs, j)) for j in range(req.n)]
     streams = submit_all(state, jobs, handle)
-    job = Job(state, "chat", model, req, [Choice(j, len(ids)) for j in range(req.n)], streams, handle)
+    job = Job(state, "chat", model, req, [SequenceOutput(j, len(ids)) for j in range(req.n)], streams, handle)
     job.prompt_tokens = len(ids)
     return await run_job(request, job)
