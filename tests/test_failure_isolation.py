@@ -287,7 +287,7 @@ def test_a_raising_row_becomes_a_failure_not_an_exception(monkeypatch):
 
 
 def test_the_row_by_row_fallback_draws_what_the_batch_would_have(monkeypatch):
-    """When the batched draw fails, each row is redrawn from the generator state it had before,
+    """When the batched draw fails, each row is redrawn with the uniform its generator gave the batch,
     so a seeded request's tokens do not depend on whether its batch-mates broke the batch."""
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 2
     params = [SamplingParams(temperature=0.9, top_p=0.8, seed=i) for i in range(4)]

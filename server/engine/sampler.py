@@ -99,18 +99,17 @@ def _uniform(gen: torch.Generator | None) -> float:
     return float(torch.rand((), generator=gen, dtype=torch.float64))
 
 
-def _draw(row_logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One row alone (the fallback when the batched draw raised): the same arithmetic."""
+def _draw(row_logits: torch.Tensor, params: SamplingParams, u: float) -> int:
+    """One row alone (the fallback when the batched draw raised): the same arithmetic, same uniform."""
     probs = torch.softmax(filter_logits(row_logits, params), dim=-1)  # [V]
-    u = torch.tensor([_uniform(gen)], device=probs.device)
-    return int(draw_tokens(probs[None], u)[0])
+    return int(draw_tokens(probs[None], torch.tensor([u], dtype=torch.float64, device=probs.device))[0])
 
 
-def _draw_batch(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> torch.Tensor:
-    """logits [S, V] of the sampled rows -> their token ids [S] (on the logits' device)."""
+def _draw_batch(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] of the sampled rows, their uniforms [S] (host) -> their token ids [S] (on the
+    logits' device)."""
     probs = torch.softmax(filter_logits_batch(logits, params), dim=-1)  # [S, V]
-    uniforms = torch.tensor([_uniform(g) for g in gens], dtype=torch.float64).to(probs.device)  # one copy
-    return draw_tokens(probs, uniforms)
+    return draw_tokens(probs, uniforms.to(probs.device))  # one host->device copy
 
 
 def _chunk_rows(device: torch.device, rows: int) -> int:
@@ -128,23 +127,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     hot = [row for row, p in enumerate(params) if not p.greedy]
     if not hot:
         return tokens.tolist()
-    gens = [generators[row] for row in hot]
-    states = [g.get_state() if g is not None else None for g in gens]
+    # each row's one draw from its own generator, taken first: the batch and the row-by-row
+    # fallback use the same number, so a row's token does not depend on which path ran
+    uniforms = torch.tensor([_uniform(generators[row]) for row in hot], dtype=torch.float64)  # [S]
     try:
         index = torch.tensor(hot).to(logits.device)
         hot_logits, hot_params = logits.index_select(0, index), [params[r] for r in hot]
         step = _chunk_rows(logits.device, len(hot))
-        drawn = torch.cat([_draw_batch(hot_logits[i:i + step], hot_params[i:i + step], gens[i:i + step])
+        drawn = torch.cat([_draw_batch(hot_logits[i:i + step], hot_params[i:i + step], uniforms[i:i + step])
                            for i in range(0, len(hot), step)])
         return tokens.index_copy(0, index, drawn).tolist()  # the step's one device->host copy
     except Exception as exc:  # redraw row by row: only a row that fails alone fails
         log.warning("batched sampling failed; drawing row by row", extra={"rows": len(hot), "error": repr(exc)})
     out: list[int | SampleFailure] = tokens.tolist()
-    for row, gen, state in zip(hot, gens, states):
+    for row, u in zip(hot, uniforms.tolist()):
         try:
-            if gen is not None:
-                gen.set_state(state)  # the row's draw is the one the batch would have taken
-            out[row] = _draw(logits[row], params[row], gen)
+            out[row] = _draw(logits[row], params[row], u)
         except Exception as exc:  # one row's failure must not end the step for the others
             log.error("sampling failed for one row", extra={"row": row, "error": repr(exc)})
             out[row] = SampleFailure(ErrorCode.SAMPLING_ERROR, repr(exc))
