@@ -119,22 +119,21 @@ class PrefixCache:
     def trim(self) -> None:
         """Evict unpinned prefixes, least recently used first, until the budget holds."""
         total = sum(p.nbytes for p in self.prefixes.values())
-        for key in list(self.prefixes):
-            if total <= self.max_bytes:
-                break
-            if not self.busy(key):
-                total -= self.prefixes[key].nbytes
-                self.discard(key)
+        self._evict_idle(total - self.max_bytes, lambda p: p.nbytes)
 
     def reclaim(self, blocks: int) -> int:
         """Evict unpinned prefixes, least recently used first, until `blocks` pool blocks are
         freed (the KV pool is full); -> blocks freed."""
+        return self._evict_idle(blocks, lambda p: len(p.blocks))
+
+    def _evict_idle(self, need: int, size: Callable[[KVPrefix], int]) -> int:
+        """Discard unpinned prefixes, LRU first, until their `size`s add up to `need`; -> that sum."""
         freed = 0
         for key in list(self.prefixes):
-            if freed >= blocks:
+            if freed >= need:
                 break
             if not self.busy(key):
-                freed += len(self.prefixes[key].blocks)
+                freed += size(self.prefixes[key])
                 self.discard(key)
         return freed
 
