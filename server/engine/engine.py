@@ -176,14 +176,11 @@ class LLMEngine:
         return sum(n for _, n in plan)
 
     def _on_preempted(self, seq: Sequence) -> None:
-        """The scheduler took its KV blocks back: its adapter pins go too (re-reserved on
-        readmission), and it no longer references a KV prefix."""
+        """The scheduler took its KV blocks back (and its prefix and slot references): its
+        adapter pins go too, re-reserved on readmission."""
         self.preemptions += 1
         log.info("request preempted: KV cache full", extra={"seq": seq.seq_id, "tokens": seq.num_tokens})
-        try:
-            self.adapters.release(seq)
-        finally:
-            seq.kv_prefix_blocks, seq.kv_prefix_len, seq.adapter_slot = [], 0, 0
+        self.adapters.release(seq)
 
     def _activate(self, admitted: list[Sequence]) -> None:
         """Let the adapter runtime install weights and attach KV prefixes for the newly admitted
@@ -199,7 +196,6 @@ class LLMEngine:
             failures = [(seq, exc) for seq in admitted if seq.adapter is not None]
         for seq, exc in failures:
             if isinstance(exc, KVCacheFull):  # no room for its prefix now: not its fault
-                seq.kv_prefix_blocks, seq.kv_prefix_len, seq.adapter_slot = [], 0, 0
                 self.scheduler.requeue(seq)
                 continue
             self.fail(seq, ErrorCode.ADAPTER_UNAVAILABLE, f"adapter activation failed: {exc!r}")

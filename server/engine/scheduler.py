@@ -63,14 +63,16 @@ class Scheduler:
         """An admitted sequence goes back to the head of the queue (its activation found the pool
         full); it is admitted again when blocks free up."""
         self.remove(seq)
-        self._drop_kv(seq)
+        self._back_to_waiting(seq)
         self.waiting.appendleft(seq)
 
-    def _drop_kv(self, seq: Sequence) -> None:
-        """Free its blocks; what it computed is recomputed from its tokens on readmission."""
+    def _back_to_waiting(self, seq: Sequence) -> None:
+        """Free its blocks and forget what admission gave it; what it computed is recomputed from
+        its tokens, its adapter slot and KV prefix are reserved and attached again on readmission
+        (the caller releases the runtime's pins)."""
         self.kv.free(seq.kv_blocks)
-        seq.kv_blocks = []
-        seq.num_computed = 0
+        seq.kv_blocks, seq.kv_prefix_blocks, seq.kv_prefix_len = [], [], 0
+        seq.num_computed, seq.adapter_slot = 0, 0
         seq.status = SeqStatus.WAITING
 
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence], list[Sequence]]:
@@ -120,7 +122,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
         self.running.remove(seq)
-        self._drop_kv(seq)
+        self._back_to_waiting(seq)
         seq.preemptions += 1
         preempted.append(seq)
 
