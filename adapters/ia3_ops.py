@@ -62,3 +62,37 @@ def ia3_apply_segmented_(out: torch.Tensor, x: torch.Tensor, base: Linear, segme
         else:  # PEFT: base(x) * l
             out[start:end] = out[start:end] * w.scale
     return out
+
+
+class IA3Stacks:
+    """Every slot's (IA)3 vector at one module in fixed-address buffers, for the gathered op:
+    `inp [S, in]` and `out [S, out]` (S = slots + 1), all ones except where a slot's adapter
+    scales that side, so a token of any other slot is multiplied by exactly 1. `put` / `clear`
+    write in place (a captured graph sees the change on its next replay)."""
+
+    def __init__(self, num_slots: int, in_features: int, out_features: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.inp = torch.ones(num_slots + 1, in_features, dtype=dtype, device=device)
+        self.out = torch.ones(num_slots + 1, out_features, dtype=dtype, device=device)
+
+    def fits(self, w: IA3SlotWeights) -> bool:
+        return True
+
+    def put(self, slot: int, w: IA3SlotWeights) -> None:
+        self.clear(slot)
+        (self.inp if w.feedforward else self.out)[slot].copy_(w.scale)
+
+    def clear(self, slot: int) -> None:
+        self.inp[slot].fill_(1.0)
+        self.out[slot].fill_(1.0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.inp, self.out))
+
+
+def ia3_apply_gathered(base: Linear, x: torch.Tensor, token_slots: torch.Tensor, stacks: IA3Stacks) -> torch.Tensor:
+    """out = base(x * inp[s_t]) * out[s_t] per token, in a fixed sequence of ops (no host sync):
+    the reference's three cases at once, since the side a slot does not scale holds ones.
+    x: [T, in], token_slots: [T] int64 -> [T, out]."""
+    return base(x * stacks.inp.index_select(0, token_slots)) * stacks.out.index_select(0, token_slots)

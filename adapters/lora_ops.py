@@ -163,3 +163,70 @@ def lora_add_grouped_(out: torch.Tensor, x: torch.Tensor, segments: list[tuple[i
     if acc is not out:
         out.copy_(acc)
     return out
+
+
+# -- gathered path: fixed shapes, no host sync, for captured decode steps -----------------------
+class LoraStacks:
+    """Every slot's LoRA at one module in fixed-address buffers, for the gathered op.
+
+    `A [in, S, R]` and `B [S, R, out]` (S = slots + 1, R = the largest rank the stacks take) in
+    the storage dtype, and `scale [S]` float32; laid out so that `A.view(in, S * R)` and
+    `B.view(S * R, out)` are plain matrices. A slot's adapter of rank r fills its first r rank
+    columns and the rest stays zero, so the padding adds exact zeros; slot 0 ("no adapter") and
+    empty slots are all zero. `put` / `clear` write in place: a captured graph that read these
+    buffers sees the new adapter on its next replay.
+    """
+
+    def __init__(self, num_slots: int, in_features: int, out_features: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.max_rank = max_rank
+        self.A = torch.zeros(in_features, num_slots + 1, max_rank, dtype=dtype, device=device)
+        self.B = torch.zeros(num_slots + 1, max_rank, out_features, dtype=dtype, device=device)
+        self.scale = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
+        self.slot_ids = torch.arange(num_slots + 1, device=device)  # [S]
+
+    def fits(self, w: LoraSlotWeights) -> bool:
+        return w.rank <= self.max_rank
+
+    def put(self, slot: int, w: LoraSlotWeights) -> None:
+        if not self.fits(w):
+            raise ValueError(f"LoRA rank {w.rank} exceeds the gathered path's max rank {self.max_rank}")
+        self.clear(slot)
+        self.A[:, slot, :w.rank].copy_(w.At)
+        self.B[slot, :w.rank].copy_(w.Bt)
+        self.scale[slot] = w.scale
+
+    def clear(self, slot: int) -> None:
+        self.A[:, slot].zero_()
+        self.B[slot].zero_()
+        self.scale[slot] = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
+
+
+def lora_add_gathered_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
+                       stacks: LoraStacks) -> torch.Tensor:
+    """In place: out[t] += ((x[t] @ A_s) @ B_s) * scale_s with s = token_slots[t], for every token
+    in a fixed sequence of ops whatever the slots (no host sync: what a CUDA graph can replay).
+    x: [T, in], out: [T, out], token_slots: [T] int64. Float32 math and PEFT's promotion.
+
+    Two dense matmuls over all slots at once: x @ A_all gives every token's product with every
+    slot's A ([T, S * R]); a mask keeps each token's own slot (other slots' columns become exact
+    zeros), scaled per token; that times B_all sums only its own slot's B rows. Each stack is
+    read once per step (S x R x (in + out) values) and nothing per token is materialised — for
+    decode batches T >= S / 2 that is fewer bytes than gathering each token's matrices (BGMV in
+    plain torch: T x R x (in + out) written then read). Prefill keeps the segmented/grouped ops
+    at true rank. Masking by multiplication is exact because admission keeps adapter weights
+    finite and bounded (adapters/admission.py): another slot's product is finite, times 0 is 0."""
+    in_features, slots, rank = stacks.A.shape
+    h = torch.mm(x.float(), stacks.A.view(in_features, slots * rank).float()).view(-1, slots, rank)  # [T, S, R]
+    own = (stacks.slot_ids[None, :] == token_slots[:, None]).float()  # [T, S]: 1 at the token's slot
+    h = h * (own * stacks.scale[None, :])[:, :, None]  # other slots' products -> 0, own one scaled
+    delta = torch.mm(h.view(-1, slots * rank), stacks.B.view(slots * rank, -1).float())  # [T, out]
+    if out.dtype == torch.float32:
+        out.add_(delta)
+    else:  # PEFT: bf16 result + fp32 delta promotes to fp32, then casts back
+        out.copy_(out.float().add_(delta))
+    return out

@@ -95,7 +95,12 @@ def hf_greedy(model, ids, new, device):
     return out[0, len(ids):].tolist()
 
 
-def parity(cfg, device, tmp: Path, new=12) -> dict:
+def fixed_mode(device) -> str:
+    """The fixed-shape decode mode under test: CUDA graphs on a GPU, the same step eagerly on CPU."""
+    return "graph" if torch.device(device).type == "cuda" else "static"
+
+
+def parity(cfg, device, tmp: Path, mode: str, new=12) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ps = prompts(4, 1, cfg.vocab_size)[:0] + [p[:n] for p, n in zip(prompts(4, 40, cfg.vocab_size, 3), (1, 7, 19, 40))]
@@ -113,15 +118,17 @@ def parity(cfg, device, tmp: Path, new=12) -> dict:
         ref = PeftModel.from_pretrained(make_model(cfg, torch.float32, device), tmp / name).eval()
         refs[name] = [hf_greedy(ref, p, new, device) for p in ps]
     serving = build_engine(make_model(cfg, torch.float32, device), StubTokenizer(),
-                            EngineConfig(max_batch_size=32, max_model_len=128, dtype=torch.float32, device=device),
-                            store=tmp / "store")
+                            EngineConfig(max_batch_size=32, max_model_len=128, dtype=torch.float32, device=device,
+                                         decode_mode=mode),
+                            store=tmp / f"store-{mode}")
     for name in ADAPTERS:
         serving.registry.import_dir(tmp / name, name)
     jobs = [(n, i) for i in range(len(ps)) for n in refs]
     seqs = serving.engine.generate([ps[i] for _, i in jobs], SamplingParams(max_new_tokens=new, ignore_eos=True),
                                    adapters=[serving.registry.resolve(n) if n else None for n, _ in jobs])
     ok = [seq.output_ids == refs[n][i] for (n, i), seq in zip(jobs, seqs)]
-    return {"rows": len(ok), "equal": sum(ok), "mismatched": [jobs[k] for k, good in enumerate(ok) if not good]}
+    return {"mode": mode, "rows": len(ok), "equal": sum(ok), "fixed_shape_steps": serving.engine.runner.static_steps,
+            "mismatched": [jobs[k] for k, good in enumerate(ok) if not good]}
 
 
 # -- throughput -----------------------------------------------------------------------------
@@ -138,11 +145,24 @@ def make_loras(cfg, device, n, root: Path) -> list[Path]:
     return dirs
 
 
-def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store) -> float:
-    serving = build_engine(make_model(cfg, dtype, device), StubTokenizer(),
-                            EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
-                                         max_adapters_per_batch=max(1, n_adapters), dtype=dtype, device=device),
-                            store=store)
+CAPTURE_SECONDS: list[float] = []  # graph capture time of every engine built with graphs
+
+
+def _engine_config(ps, slots, dtype, device, mode) -> EngineConfig:
+    return EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
+                        max_adapters_per_batch=slots, dtype=dtype, device=device, decode_mode=mode)
+
+
+def _built(serving):
+    static = serving.engine.runner.static
+    if static is not None and static.graphs:
+        CAPTURE_SECONDS.append(static.capture_seconds)
+    return serving
+
+
+def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store, mode="auto") -> float:
+    serving = _built(build_engine(make_model(cfg, dtype, device), StubTokenizer(),
+                                  _engine_config(ps, max(1, n_adapters), dtype, device, mode), store=store))
     for i in range(n_adapters):
         serving.registry.import_dir(lora_dirs[i], f"l{i}")
     handles = [serving.registry.resolve(f"l{i % n_adapters}") if n_adapters else None for i in range(len(ps))]
@@ -196,9 +216,8 @@ def make_kinds(cfg, root: Path) -> list[Path]:
 
 def ours_mixed(cfg, dtype, device, ps, new, kind_dirs, store) -> float:
     """Rows cycle through base and every kind: one continuous batch of mixed kinds."""
-    serving = build_engine(make_model(cfg, dtype, device), StubTokenizer(),
-                           EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
-                                        max_adapters_per_batch=8, dtype=dtype, device=device), store=store)
+    serving = _built(build_engine(make_model(cfg, dtype, device), StubTokenizer(),
+                                  _engine_config(ps, 8, dtype, device, "auto"), store=store))
     names = [None]
     for d in kind_dirs:
         serving.registry.import_dir(d, d.name)
@@ -219,6 +238,9 @@ def throughput(cfg, device, dtype, tmp: Path, batch, new, big_batch, compiled: b
     res = {}
     for n in (0, 1, 8, 32):
         res[f"ours_{n}_loras_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"s{n}"), 1)
+    for n in (0, 32):  # the same rows with every step dynamic (`--enforce-eager`): what graphs buy
+        res[f"ours_{n}_loras_eager_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"e{n}",
+                                                        mode="dynamic"), 1)
     res["ours_mixed_kinds_tok_s"] = round(ours_mixed(cfg, dtype, device, ps, new, make_kinds(cfg, tmp / "kinds"),
                                                      tmp / "mixed"), 1)
     big = prompts(big_batch, 64, cfg.vocab_size, 8)
@@ -255,7 +277,8 @@ def main():
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new,
             "prompt_tokens": 64, "shape": args.config_dir or args.shape, "weights": "random (seeded)"}
     with tempfile.TemporaryDirectory() as tmp:
-        info["parity_fp32"] = parity(cfg, args.device, Path(tmp) / "parity")
+        info["parity_fp32"] = parity(cfg, args.device, Path(tmp) / "parity", "dynamic")
+        info["parity_fp32_fixed_shape"] = parity(cfg, args.device, Path(tmp) / "parity", fixed_mode(args.device))
         print(json.dumps(info, indent=1), flush=True)
         compiled = args.device.startswith("cuda") and not args.skip_compiled
         info["throughput"] = throughput(cfg, args.device, getattr(torch, args.dtype), Path(tmp), args.batch, args.new,
@@ -265,7 +288,10 @@ def main():
                           "32_loras_vs_our_base": t["ours_32_loras_tok_s"] / t["ours_0_loras_tok_s"],
                           "mixed_kinds_vs_our_base": t["ours_mixed_kinds_tok_s"] / t["ours_0_loras_tok_s"],
                           f"batch_{args.big_batch}_vs_batch_{args.batch}":
-                              t[f"ours_base_batch_{args.big_batch}_tok_s"] / t["ours_0_loras_tok_s"]}
+                              t[f"ours_base_batch_{args.big_batch}_tok_s"] / t["ours_0_loras_tok_s"],
+                          "base_graphs_vs_eager": t["ours_0_loras_tok_s"] / t["ours_0_loras_eager_tok_s"],
+                          "32_loras_graphs_vs_eager": t["ours_32_loras_tok_s"] / t["ours_32_loras_eager_tok_s"]}
+        info["graph_capture_seconds"] = CAPTURE_SECONDS
         if compiled:
             info["ratios"]["base_vs_hf_compiled"] = t["ours_0_loras_tok_s"] / t["hf_compiled_static_cache_tok_s"]
     print(json.dumps(info, indent=1))

@@ -23,8 +23,9 @@ $py -c "import torch, transformers, peft; print('torch', torch.__version__, '| c
       '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no gpu',
       '| transformers', transformers.__version__, '| peft', peft.__version__)" | tee "$out/versions.txt"
 
-echo "== tests: paged attention (CPU and CUDA), every kind mixed vs its oracle (CPU)"
-$py -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kinds_parity.py 2>&1 \
+echo "== tests: paged attention, fixed-shape decode + CUDA graphs vs eager (CPU and CUDA), every kind vs its oracle"
+$py -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_static_decode.py \
+    tests/test_gathered_ops.py tests/test_kinds_parity.py 2>&1 \
     | tee "$out/tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "admission waits when it is full. Default: max-batch-size x max-model-len tokens, "
                             "at most 4 GiB")
         p.add_argument("--kv-block-size", type=_positive, default=d.kv_block_size, help="tokens per KV-cache block")
+        p.add_argument("--decode-mode", default=d.decode_mode, choices=["auto", "dynamic", "static", "graph"],
+                       help="decode-only steps: `graph` replays CUDA graphs captured at start-up per batch bucket, "
+                            "`static` runs the same fixed-shape step eagerly, `dynamic` sizes every step to its rows; "
+                            "auto = graph on CUDA, dynamic on CPU")
+        p.add_argument("--enforce-eager", dest="decode_mode", action="store_const", const="dynamic",
+                       help="no CUDA graphs (= --decode-mode dynamic)")
+        p.add_argument("--max-lora-rank", type=_positive, default=d.max_lora_rank,
+                       help="largest LoRA rank fixed-shape (graph) decode steps serve; rows of larger ranks run "
+                            "dynamic steps. Costs (in + out) x rank x (slots + 1) adapter-dtype values per "
+                            "wrapped linear when graphs are on")
         p.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
                        help="token budget of one engine step")
         p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
@@ -256,7 +266,8 @@ def serve(args) -> int:
                               kv_cache_bytes=args.kv_cache_bytes, kv_block_size=args.kv_block_size,
                               max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
                               merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device),
-                              adapter_dtype=parse_dtype(args.adapter_dtype, device))
+                              adapter_dtype=parse_dtype(args.adapter_dtype, device),
+                              decode_mode=args.decode_mode, max_lora_rank=args.max_lora_rank)
         max_pos = getattr(hf_model.config, "max_position_embeddings", None)
         if max_pos and args.max_model_len > max_pos:
             log.warning("max_model_len exceeds the model's max_position_embeddings",

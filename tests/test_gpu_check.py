@@ -20,8 +20,11 @@ def test_gpu_check_script_runs_at_smoke_sizes(tmp_path):
     result = json.loads((tmp_path / "gpu_quick.json").read_text())
     parity = result["parity_fp32"]
     assert parity["rows"] == parity["equal"] == 20 and parity["mismatched"] == []
+    fixed = result["parity_fp32_fixed_shape"]  # "static" here: the step a GPU captures, run eagerly
+    assert fixed["mode"] == "static" and fixed["rows"] == fixed["equal"] == 20 and fixed["fixed_shape_steps"] > 0
     rows = result["throughput"]
     for key in ("ours_0_loras_tok_s", "ours_32_loras_tok_s", "ours_mixed_kinds_tok_s", "ours_base_batch_16_tok_s",
-                "hf_static_base_tok_s", "peft_mixed_32_loras_tok_s"):
+                "hf_static_base_tok_s", "peft_mixed_32_loras_tok_s", "ours_0_loras_eager_tok_s",
+                "ours_32_loras_eager_tok_s"):
         assert rows[key] > 0, key
     assert "passed" in (tmp_path / "tests.log").read_text()

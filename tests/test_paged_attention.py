@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftserve.server.engine.attention import gather_row, paged_decode_attention, reference_decode_attention
+from peftserve.server.engine.attention import (gather_row, paged_decode_attention, reference_decode_attention,
+                                               table_decode_attention)
 from peftserve.server.engine.kv_cache import KVCache, blocks_for, pool_blocks
-from peftserve.server.engine.kv_layout import RowKV, build_kv_step
-from peftserve.server.engine.step_state import AdapterBatch
+from peftserve.server.engine.kv_layout import RowKV, build_block_table, build_kv_step
+from peftserve.server.engine.step_state import AdapterBatch, BlockTable
 
 BS = 4
 # The same checks on CUDA where there is one (benchmarks/gpu_check.sh); the CPU suite skips them.
@@ -69,6 +70,28 @@ def test_decode_attention_over_the_pool_equals_the_dense_reference(heads, kv_hea
     want = reference_decode_attention(q, list(keys), list(values), 0.3)
     tol = 1e-5 if device == "cpu" else 1e-4  # CUDA sums in another order
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_fixed_shape_decode_attention_by_block_table_equals_the_dense_reference(heads, kv_heads, device):
+    """The graph-safe form: tables padded to a wider bucket and extra padding rows (which must
+    stay finite: they attend to the null block); the real rows equal the reference."""
+    gen = torch.Generator().manual_seed(2)
+    dim = 8
+    cache = _pool(64, kv_heads, dim, gen, device)
+    rows = _rows(cache, gen, [(0, 1, -1), (3, 1, 0), (4, 1, 1), (11, 1, -1), (7, 1, 0)])
+    width = max(len(r.prefix_blocks) + blocks_for(r.own_ctx, BS) for r in rows)
+    blocks, masked = build_block_table(rows, 8, width + 3, BS)  # 3 padding rows, 3 padding entries
+    dev = torch.device(device)
+    q = torch.randn(8, heads, dim, generator=gen).to(dev)
+    got = table_decode_attention(q, cache.k[0], cache.v[0], BlockTable(blocks.to(dev), masked.to(dev)), 0.3)
+    keys, values = zip(*(_dense(cache, r) for r in rows))
+    want = reference_decode_attention(q[:len(rows)], list(keys), list(values), 0.3)
+    tol = 1e-5 if device == "cpu" else 1e-4
+    torch.testing.assert_close(got[:len(rows)], want, rtol=tol, atol=tol)
+    assert torch.isfinite(got).all()
+    assert (~masked).sum(1).tolist() == [r.ctx for r in rows] + [1] * 3  # exactly each row's keys
 
 
 def test_decode_attention_ignores_nan_in_blocks_it_does_not_own():

@@ -26,6 +26,12 @@ class AdapterRuntime(Protocol):
 
     def release(self, seq: Sequence) -> None: ...
 
+    def enable_gather(self, max_rank: int) -> None:
+        """Engine, at start-up, for fixed-shape decode steps: allocate the gathered ops' stacks."""
+
+    def gather_ready(self, slots: set[int]) -> bool:
+        """Runner, per decode step: can the gathered ops serve these adapter slots?"""
+
     def reclaim_kv(self, blocks: int) -> int:
         """Scheduler, when the KV pool is full: free up to `blocks` pool blocks held by idle KV
         prefixes (not pinned by a running sequence); -> blocks freed."""
@@ -51,6 +57,12 @@ class NoAdapters:
 
     def release(self, seq):
         pass
+
+    def enable_gather(self, max_rank):
+        pass
+
+    def gather_ready(self, slots):
+        return slots <= {0}
 
     def reclaim_kv(self, blocks):
         return 0

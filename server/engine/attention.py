@@ -6,7 +6,8 @@ then call the registered attention function. We register `peftserve` and receive
 the forward kwargs. We (1) write the new K/V at each token's (block, offset), then (2) attend:
 decode rows together over the block pool in place (`paged_decode_attention`), prefill chunks
 one by one over their gathered blocks with a causal mask offset by what the row already has
-cached (a virtual prefix included).
+cached (a virtual prefix included). A fixed-shape decode step (static_decode.py, what a CUDA
+graph replays) attends by block table instead (`table_decode_attention`).
 
 Semantics, for every query token: softmax(q . k_j * scaling) over exactly the keys j of its
 own sequence that precede it (the shared prefix, then its own tokens), times v_j — what
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .step_state import DecodeBlocks, PrefillRow, StepState
+from .step_state import BlockTable, DecodeBlocks, PrefillRow, StepState
 
 ATTN_IMPL = "peftserve"
 
@@ -60,6 +61,35 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         num.index_add_(0, rows, torch.matmul(e.to(v.dtype), v).float())  # [N, KVH, G, D]
     out = num[:bd] / den[:bd, ..., None]
     return out.reshape(bd, heads, dim).to(q.dtype)
+
+
+def table_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           table: BlockTable, scaling: float) -> torch.Tensor:
+    """q: [B, H, D] one query per decode row -> [B, H, D]; the fixed-shape form for captured steps.
+
+    Every row gathers the NB blocks of its table (shapes depend only on the bucket (B, NB), no
+    host sync), then one masked softmax per row. It reads NB blocks per row where
+    `paged_decode_attention` reads only the blocks in use: the price of a replayable step, paid
+    where launches, not bytes, bound decode (an accelerator); the CPU keeps the dynamic form.
+    Accumulates in float32, as the other forms.
+    """
+    b, heads, dim = q.shape
+    nb = table.blocks.shape[1]
+    kv_heads, bs = k_pool.shape[1], k_pool.shape[2]
+    groups = heads // kv_heads  # query head h reads KV head h // groups
+    idx = table.blocks.reshape(-1)
+
+    def gather(pool: torch.Tensor) -> torch.Tensor:  # -> [B, KVH, NB * bs, D]
+        got = pool.index_select(0, idx).view(b, nb, kv_heads, bs, dim)
+        return got.permute(0, 2, 1, 3, 4).reshape(b, kv_heads, nb * bs, dim)
+
+    k, v = gather(k_pool), gather(v_pool)
+    qg = (q * scaling).reshape(b, kv_heads, groups, dim).to(k.dtype)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float()  # [B, KVH, G, NB * bs]
+    s.masked_fill_(table.masked[:, None, None, :], float("-inf"))
+    probs = torch.softmax(s, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v).float()  # [B, KVH, G, D]
+    return out.reshape(b, heads, dim).to(q.dtype)
 
 
 def reference_decode_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -116,8 +146,10 @@ def peftserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         scaling = query.shape[-1] ** -0.5
     write_kv(cache, layer, step, key, value)
     q = query[0]  # [H, T, D]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
     k_pool, v_pool = cache.k[layer], cache.v[layer]
+    if step.table is not None:  # a fixed-shape decode step: every token is a decode row
+        return table_decode_attention(q.transpose(0, 1), k_pool, v_pool, step.table, scaling)[None], None
+    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
     if step.decode is not None:
         dec_q = q[:, step.decode_tokens].transpose(0, 1)  # [Bd, H, D]
         out[step.decode_tokens] = paged_decode_attention(dec_q, k_pool, v_pool, step.decode, scaling)

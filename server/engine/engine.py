@@ -30,6 +30,7 @@ from .request import ErrorCode, FinishReason, Sequence, SeqStatus, TokenEvent
 from .runner import ModelRunner
 from .sampler import SampleFailure, nonfinite_rows, sample
 from .scheduler import Scheduler
+from .static_decode import DecodeMode, StaticDecode, resolve_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,27 @@ class LLMEngine:
         log.info("KV cache", extra={"blocks": blocks - 1, "block_size": config.kv_block_size,
                                     "tokens": self.cache.capacity_tokens, "bytes": self.cache.nbytes})
         self.adapters = adapters or NoAdapters()
-        self.runner = ModelRunner(m, self.cache, self.adapters)
+        self.runner = ModelRunner(m, self.cache, self.adapters, self._static_decode(config))
         self.scheduler = self._new_scheduler()
         self.observer = observer
         self.eos = eos_ids(hf_model, tokenizer)
         self.preemptions = 0
+
+    def _static_decode(self, config: EngineConfig) -> StaticDecode | None:
+        """The fixed-shape decode path for the configured mode (graphs captured here, logged)."""
+        mode = resolve_mode(config.decode_mode, self.model.device)
+        if mode is DecodeMode.DYNAMIC:
+            return None
+        self.adapters.enable_gather(config.max_lora_rank)
+        static = StaticDecode(self.model, self.cache, self.adapters, config.max_batch_size, config.max_model_len, mode)
+        if mode is DecodeMode.GRAPH:
+            try:
+                static.capture()
+            except Exception:  # a model whose forward cannot be captured still serves, eagerly
+                log.exception("CUDA graph capture failed; decode steps run eagerly on the fixed buffers")
+                static.graphs.clear()
+                static.mode = DecodeMode.STATIC
+        return static
 
     # -- requests -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:

@@ -1,7 +1,9 @@
 """Paged KV cache: a pool of fixed-size blocks under a byte budget, one block table per sequence.
 
 Layout per layer: K and V of shape `[num_blocks, kv_heads, block_size, head_dim]`. Block 0 is
-the null block (never handed out, always zero): padding entries of index tensors point at it.
+the null block (never handed out): padding entries of index tensors point at it, always masked,
+and the padding rows of a fixed-shape decode step (static_decode.py) write their K/V there, so it
+holds finite values no real row ever gives weight.
 A sequence's cache is two lists of blocks:
 
 - its *own* blocks (`Sequence.kv_blocks`), holding its real tokens at own positions

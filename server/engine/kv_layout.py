@@ -32,7 +32,7 @@ class RowKV:
         return self.prefix_len + self.own_ctx
 
 
-def _valid_counts(num_blocks: int, tokens: int, block_size: int) -> list[int]:
+def valid_counts(num_blocks: int, tokens: int, block_size: int) -> list[int]:
     """Positions used in each of the first `num_blocks` blocks of a list holding `tokens`."""
     return [min(block_size, tokens - j * block_size) for j in range(num_blocks)]
 
@@ -43,10 +43,10 @@ def _decode_blocks(rows: list[RowKV], block_size: int, device: torch.device) -> 
     shared_blocks, shared_rows, shared_counts = [], [], []
     for r, row in enumerate(rows):
         nb = blocks_for(row.own_ctx, block_size)
-        for block, count in zip(row.own_blocks[:nb], _valid_counts(nb, row.own_ctx, block_size)):
+        for block, count in zip(row.own_blocks[:nb], valid_counts(nb, row.own_ctx, block_size)):
             own[block] = (r, count)
         npb = len(row.prefix_blocks)
-        for block, count in zip(row.prefix_blocks, _valid_counts(npb, row.prefix_len, block_size)):
+        for block, count in zip(row.prefix_blocks, valid_counts(npb, row.prefix_len, block_size)):
             shared_blocks.append(block)
             shared_rows.append(r)
             shared_counts.append(count)
@@ -76,6 +76,25 @@ def _prefill_row(index: int, start: int, row: RowKV, block_size: int, device: to
         own_from = len(row.prefix_blocks) * block_size
         keys = torch.cat([torch.arange(row.prefix_len), own_from + torch.arange(row.own_ctx)]).to(device)
     return PrefillRow(row=index, start=start, end=start + row.n, blocks=blocks, keys=keys, ctx=row.ctx)
+
+
+def build_block_table(rows: list[RowKV], batch: int, width: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows as fixed-shape tables for `table_decode_attention`, padded to `batch` rows of
+    `width` entries -> (blocks [batch, width] int64, masked [batch, width * block_size] bool), on
+    the host. Row r lists its prefix blocks then its own; padding entries are the null block,
+    fully masked, and padding rows see exactly one key (null block, position 0), so their
+    softmax stays finite."""
+    table = torch.full((batch, width), NULL_BLOCK, dtype=torch.long)
+    counts = torch.zeros(batch, width, dtype=torch.long)
+    counts[len(rows):, 0] = 1
+    for r, row in enumerate(rows):
+        own = blocks_for(row.own_ctx, block_size)
+        entries = row.prefix_blocks + row.own_blocks[:own]
+        table[r, :len(entries)] = torch.tensor(entries, dtype=torch.long)
+        counts[r, :len(entries)] = torch.tensor(valid_counts(len(row.prefix_blocks), row.prefix_len, block_size)
+                                                + valid_counts(own, row.own_ctx, block_size), dtype=torch.long)
+    masked = torch.arange(block_size)[None, None, :] >= counts[:, :, None]  # [batch, width, bs]
+    return table, masked.reshape(batch, width * block_size)
 
 
 def build_kv_step(rows: list[RowKV], adapters: AdapterBatch, block_size: int,

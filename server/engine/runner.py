@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .adapter_runtime import AdapterRuntime, NoAdapters
@@ -9,16 +11,23 @@ from .kv_cache import KVCache, blocks_for
 from .kv_layout import RowKV, build_kv_step
 from .model import PackedCausalLM
 from .request import Sequence
+from .static_decode import StaticDecode
 from .step_state import AdapterBatch, StepState
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: PackedCausalLM, cache: KVCache, adapters: AdapterRuntime | None = None):
+    def __init__(self, model: PackedCausalLM, cache: KVCache, adapters: AdapterRuntime | None = None,
+                 static: StaticDecode | None = None):
         self.model = model
         self.cache = cache
         # Before every forward the runtime gets the step's AdapterBatch (merge decision, then
         # the wrapped layers read it); NoAdapters when the model has no wrapped layers.
         self.adapters = adapters or NoAdapters()
+        # Fixed-shape decode steps (static_decode.py), None = every step dynamic (the CPU default)
+        self.static = static
+        self.static_steps = 0
 
     def build_step(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepState, list[int]]:
         """-> (input_ids [T], RoPE positions [T], StepState, token index of each sampling row).
@@ -64,7 +73,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Run one step; returns float32 logits [R, vocab] for the rows that sample, in plan order."""
+        """Run one step; returns float32 logits [R, vocab] for the rows that sample, in plan order.
+        A decode-only step the fixed buffers fit runs there (replayed from a graph on CUDA); if
+        that raises, the step runs again dynamically (its K/V writes are the same, idempotent),
+        so a fault of the fixed path never fails a request the dynamic one would serve."""
+        if self.static is not None and self.static.fits(plan):
+            try:
+                logits = self.static.run(plan)
+                self.static_steps += 1
+                return logits
+            except Exception:
+                log.exception("fixed-shape decode step failed; running it dynamically")
         input_ids, positions, step, sample_tokens = self.build_step(plan)
         self.adapters.prepare(step.adapters)
         embeds = self.model.embed(input_ids)  # [T, hidden]

@@ -9,22 +9,32 @@ runtime's `prepare`, which the runner calls before the forward (no module global
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
+
+
+class AdapterMode(enum.Enum):
+    """How the wrapped layers apply weight adapters in a step."""
+
+    SEGMENTS = "segments"  # per contiguous slot segment, at each adapter's true shape (host-side plan)
+    GATHER = "gather"  # every token gathers its slot's row of fixed stacks: fixed ops, no host sync
 
 
 @dataclass
 class AdapterBatch:
     """Token -> adapter slot mapping for weight adapters (LoRA, (IA)3, bottleneck).
 
-    Rows are ordered by adapter slot, so each slot's tokens form one contiguous segment.
+    SEGMENTS: rows are ordered by adapter slot, so each slot's tokens form one contiguous segment.
+    GATHER: only `token_slots` is read (a fixed-address buffer in a captured decode step).
     """
 
     token_slots: torch.Tensor  # [T] int64, 0 = no adapter
     # (slot, start, end) for every slot != 0 present in the step, over the token axis
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     plans: dict = field(default_factory=dict)  # grouped-LoRA padding plans, shared by all modules
+    mode: AdapterMode = AdapterMode.SEGMENTS
 
     @property
     def any_active(self) -> bool:
@@ -66,6 +76,16 @@ class DecodeBlocks:
 
 
 @dataclass
+class BlockTable:
+    """The decode rows' keys as fixed-shape tables (the layout a captured step can replay): row
+    r's keys are, in order, positions `[0, counts)` of blocks `blocks[r, 0], blocks[r, 1], ...`
+    (its prefix blocks, then its own). Padding entries are the null block, fully masked."""
+
+    blocks: torch.Tensor  # [B, NB] int64
+    masked: torch.Tensor  # [B, NB * block_size] bool: True = not one of the row's keys
+
+
+@dataclass
 class PrefillRow:
     """One row whose new tokens are attended on their own (a prompt chunk), with causal order."""
 
@@ -93,6 +113,8 @@ class StepState:
     decode_tokens: torch.Tensor | None = None  # [Bd] token index of each decode row
     decode: DecodeBlocks | None = None
     prefill: list[PrefillRow] = field(default_factory=list)
+    # a fixed-shape decode step (static_decode.py): every token is a decode row, attended by table
+    table: BlockTable | None = None
 
     @property
     def num_tokens(self) -> int:

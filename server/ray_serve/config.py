@@ -30,6 +30,8 @@ class RayServeConfig:
     max_waiting: int = 1024
     kv_cache_bytes: int | None = None  # per replica's KV pool (`--kv-cache-bytes`; None: EngineConfig's default)
     kv_block_size: int = 64
+    decode_mode: str = "auto"  # `--decode-mode` / `--enforce-eager`: graphs on CUDA replicas
+    max_lora_rank: int = 64
     max_adapters_per_batch: int = 32
     max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30

@@ -10,10 +10,12 @@ Two families:
   the others ((IA)3, bottleneck: a vector per module / a small bottleneck, already in the model
   dtype as PEFT runs them; `--adapter-dtype` does not change them); `install(layers, slot, weights)` puts them in a slot's entries of the
   wrapped modules; `apply(module, x, out, batch, per_slot)` is the layer-side math, run by every
-  wrapped module for the tokens of the slots holding this kind.
+  wrapped module for the tokens of the slots holding this kind. Kinds with `gathers` (LoRA,
+  (IA)3) also keep every slot in fixed-address stacks (`new_stacks`) for the gathered op of
+  fixed-shape decode steps (server/engine/static_decode.py); the others' rows run eager steps.
 - prompt kinds (`PromptKind`: prompt tuning, P-tuning, prefix tuning) hold no slot: `prefix(ver,
-  runner)` builds the per-layer KV prefix, computed once per version and copied into each
-  sequence's KV row at activation (server/runtime/slots.py).
+  runner)` builds the KV prefix in blocks of the KV pool, computed once per version and
+  referenced in place by each sequence of that version (server/runtime/slots.py).
 
 `summary(loaded)` is what GET /adapters shows of an adapter of the kind.
 
@@ -29,8 +31,8 @@ import torch
 
 from peftserve.adapters.bottleneck_ops import BottleneckSlotWeights, bottleneck_add_segmented_
 from peftserve.adapters.config import AdapterKind
-from peftserve.adapters.ia3_ops import IA3SlotWeights, ia3_apply_segmented_
-from peftserve.adapters.lora_ops import LoraSlotWeights, lora_add_grouped_
+from peftserve.adapters.ia3_ops import IA3SlotWeights, IA3Stacks, ia3_apply_gathered, ia3_apply_segmented_
+from peftserve.adapters.lora_ops import LoraSlotWeights, LoraStacks, lora_add_gathered_, lora_add_grouped_
 
 from ..engine.step_state import AdapterBatch
 from .slots import KVPrefix
@@ -82,6 +84,20 @@ class WeightKind(KindHandler):
         """In place on `out` for this kind's slots; `per_slot`: slot -> this module's entry."""
         raise NotImplementedError
 
+    # -- gathered (graph-safe) path, for decode steps with fixed shapes; optional per kind ----
+    gathers: ClassVar[bool] = False  # has `new_stacks` and a gathered op
+    gather_computes_base: ClassVar[bool] = False  # True: `gather_base` (rescales the base); else `gather_add_`
+
+    def new_stacks(self, module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        """Fixed-address buffers for every slot at `module` (with `fits`, `put`, `clear`, `nbytes`)."""
+        raise NotImplementedError
+
+    def gather_base(self, module, x: torch.Tensor, token_slots: torch.Tensor, stacks) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gather_add_(self, module, x: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor, stacks) -> None:
+        raise NotImplementedError
+
 
 class PromptKind(KindHandler):
     uses_prefix = True
@@ -122,6 +138,14 @@ class LoraKind(WeightKind):
         # module.derived[self]: stacked weights per slot tuple, emptied whenever the slots change
         lora_add_grouped_(out, x, batch.segments, per_slot, module.derived.setdefault(self, {}), batch.plans)
 
+    gathers = True
+
+    def new_stacks(self, module, num_slots, max_rank, dtype, device):
+        return LoraStacks(num_slots, module.in_features, module.out_features, max_rank, dtype, device)
+
+    def gather_add_(self, module, x, out, token_slots, stacks):
+        lora_add_gathered_(out, x, token_slots, stacks)
+
     def summary(self, loaded):
         modules = loaded.weights.modules
         ranks = sorted({m.rank for m in modules.values()})
@@ -139,6 +163,15 @@ class IA3Kind(WeightKind):
 
     def apply(self, module, x, out, batch, per_slot):
         ia3_apply_segmented_(out, x, module.base, batch.segments, per_slot)  # adapters/ia3_ops.py
+
+    gathers = True
+    gather_computes_base = True
+
+    def new_stacks(self, module, num_slots, max_rank, dtype, device):
+        return IA3Stacks(num_slots, module.in_features, module.out_features, dtype, device)
+
+    def gather_base(self, module, x, token_slots, stacks):
+        return ia3_apply_gathered(module.base, x, token_slots, stacks)
 
     def summary(self, loaded):
         modules = loaded.weights.modules

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..engine.model import decoder_parts
-from ..engine.step_state import AdapterBatch
+from ..engine.step_state import AdapterBatch, AdapterMode
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -32,10 +32,16 @@ class _SlotEntries:
 
     entries: dict  # kind handler -> {slot: that kind's weights at this module}
     derived: dict  # kind handler -> cache derived from its entries (LoRA's stacks); reset on change
+    # kind handler -> its fixed-address [slots + 1, ...] buffers for the gathered (graph-safe) op;
+    # only when gathered decode is on (DeviceRuntime.enable_gather), kept in step with `entries`
+    gathered: dict
 
     def put(self, kind, slot: int, weights) -> None:
         self.entries.setdefault(kind, {})[slot] = weights
         self.derived.pop(kind, None)
+        stacks = self.gathered.get(kind)
+        if stacks is not None and stacks.fits(weights):
+            stacks.put(slot, weights)
 
     def clear(self, slot: int) -> None:
         for kind in list(self.entries):
@@ -43,6 +49,8 @@ class _SlotEntries:
                 self.derived.pop(kind, None)
             if not self.entries[kind]:
                 del self.entries[kind]  # an empty module stays on the base-only fast path
+        for stacks in self.gathered.values():
+            stacks.clear(slot)
 
 
 class AdapterLinear(_SlotEntries, nn.Module):
@@ -55,7 +63,7 @@ class AdapterLinear(_SlotEntries, nn.Module):
         w = base.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
         self._ctx = [ctx]  # list: keep the shared context out of nn.Module child registration
-        self.entries, self.derived = {}, {}
+        self.entries, self.derived, self.gathered = {}, {}, {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,6 +75,8 @@ class AdapterLinear(_SlotEntries, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self._ctx[0].batch
+        if batch is not None and batch.mode is AdapterMode.GATHER:
+            return self._forward_gathered(x, batch.token_slots)
         if batch is None or not batch.segments or not self.entries:
             return self.base(x)
         shape = x.shape
@@ -77,6 +87,24 @@ class AdapterLinear(_SlotEntries, nn.Module):
             kind.apply(self, x2, out, batch, per_slot)
         return out.view(*shape[:-1], out.shape[-1])
 
+    def _forward_gathered(self, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+        """Every gathered kind's op, whatever the slots hold now: the same ops every step, so a
+        captured graph stays valid as adapters come and go (their stacks change in place). A kind
+        that rescales the base's input or output ((IA)3) computes the base output; additive kinds
+        (LoRA) then add to it."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [T, in]
+        out = None
+        for kind, stacks in self.gathered.items():
+            if kind.gather_computes_base:
+                out = kind.gather_base(self, x2, token_slots, stacks)
+        if out is None:
+            out = self.base(x2)
+        for kind, stacks in self.gathered.items():
+            if not kind.gather_computes_base:
+                kind.gather_add_(self, x2, out, token_slots, stacks)
+        return out.view(*shape[:-1], out.shape[-1])
+
 
 class AdapterSublayer(_SlotEntries, nn.Module):
     """Wraps a decoder layer's `self_attn` or `mlp` for per-slot sublayer kinds (bottleneck)."""
@@ -85,12 +113,13 @@ class AdapterSublayer(_SlotEntries, nn.Module):
         super().__init__()
         self.base = base
         self._ctx = [ctx]
-        self.entries, self.derived = {}, {}
+        self.entries, self.derived, self.gathered = {}, {}, {}
 
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         batch = self._ctx[0].batch
-        if batch is None or not self.entries or not batch.segments:
+        # gathered steps only run when no sublayer kind is in the batch (DeviceRuntime.gather_ready)
+        if batch is None or not self.entries or not batch.segments or batch.mode is AdapterMode.GATHER:
             return out
         y = out[0] if isinstance(out, tuple) else out  # [1, T, hidden]
         src = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [1, T, hidden]

@@ -37,7 +37,7 @@ from peftserve.adapters.config import AdapterKind
 from ..engine.kv_cache import KVCacheFull
 from ..engine.observer import DeviceResidency
 from ..engine.request import Sequence
-from ..engine.step_state import AdapterBatch
+from ..engine.step_state import AdapterBatch, AdapterMode
 from .kinds import KINDS, KindHandler, WeightDtype, WeightKind
 from .layers import AdapterLayers
 from .merge import MergePolicy, Merger
@@ -73,6 +73,10 @@ class DeviceRuntime:
         self.prefixes = PrefixCache(max_prefix_bytes)
         self.merger = Merger(merge_policy, merge_min_steps)
         self.mergeable: set[int] = set()  # slots holding a kind the merger may fold in (LoRA)
+        # Gathered decode (enable_gather): the rank the stacks take (None = off) and the slots whose
+        # adapter is wholly in the stacks, i.e. that a fixed-shape decode step can serve
+        self.gather_rank: int | None = None
+        self.gatherable: set[int] = set()
         self._pending: dict[int, object] = {}  # slot -> version reserved there, installed by activate
         self._held: dict[int, Hold] = {}  # seq_id -> its pins
         self._dropped: set[str] = set()  # deleted/replaced versions still pinned by running requests
@@ -230,8 +234,7 @@ class DeviceRuntime:
             try:
                 self._install(slot, ver)
             except BaseException as exc:  # a half-installed slot must not leak modules into its next owner
-                self.layers.clear(slot)
-                self.mergeable.discard(slot)
+                self._clear_slot(slot)
                 self.slots.unassign(slot)
                 if not isinstance(exc, Exception):
                     raise
@@ -243,8 +246,7 @@ class DeviceRuntime:
         t0 = time.perf_counter()
         if self.merger.merged_slot == slot:  # the slot's previous owner is folded into the base
             self.merger.unmerge()
-        self.layers.clear(slot)  # the previous owner's entries (taken over at reserve)
-        self.mergeable.discard(slot)
+        self._clear_slot(slot)  # the previous owner's entries (taken over at reserve)
         weights = self._take_staged(ver.key)
         if weights is None:
             weights = kind.to_device(ver, self._weight_dtype(kind), self.device)
@@ -253,9 +255,17 @@ class DeviceRuntime:
         kind.install(self.layers, slot, weights)
         if kind.mergeable:
             self.mergeable.add(slot)
+        if self._stacks_hold(kind, weights):
+            self.gatherable.add(slot)
         self.stats["loads"] += 1
         if self.observer:
             self.observer.on_adapter_load(ver, time.perf_counter() - t0)
+
+    def _clear_slot(self, slot: int) -> None:
+        """Empty a slot in every wrapped module (entries and gathered stacks) and forget its flags."""
+        self.layers.clear(slot)
+        self.mergeable.discard(slot)
+        self.gatherable.discard(slot)
 
     def _attach_prefix(self, seq: Sequence, hold: Hold, runner: ModelRunner) -> None:
         """Prompt kinds: the version's KV prefix (computed once, then cached) into seq's KV row."""
@@ -282,9 +292,39 @@ class DeviceRuntime:
         self.prefixes.trim()
         return prefix
 
+    # -- gathered decode: fixed-address stacks for fixed-shape (graph) steps -------------
+    def enable_gather(self, max_rank: int) -> None:
+        """Give every wrapped linear fixed-address `[slots + 1, ...]` stacks of each gathering kind
+        (LoRA up to rank `max_rank`, (IA)3), kept in step with installs from now on. The engine
+        calls it once, before any graph is captured: the stacks' addresses are what graphs read.
+        Memory: per linear, (in + out) x max_rank x (slots + 1) LoRA weights in the adapter dtype."""
+        if self.slots.slot_key:
+            raise RuntimeError("enable_gather must run before any adapter is installed")
+        self.gather_rank = max_rank
+        kinds = {id(k): k for k in self.kinds.values() if isinstance(k, WeightKind) and k.gathers and k.site == "linear"}
+        for lin in self.layers.linears.values():
+            for kind in kinds.values():
+                lin.gathered[kind] = kind.new_stacks(lin, self.num_slots, max_rank, self._weight_dtype(kind), self.device)
+
+    def gather_ready(self, slots: set[int]) -> bool:
+        """Can one gathered (fixed-shape) step serve rows of these slots? Slot 0 always can; an
+        adapter of a kind without stacks (bottleneck) or above the stacks' rank cannot."""
+        return self.gather_rank is not None and all(s == 0 or s in self.gatherable for s in slots)
+
+    def _stacks_hold(self, kind: KindHandler, weights) -> bool:
+        if self.gather_rank is None or not getattr(kind, "gathers", False):
+            return False
+        return all(kind in self.layers.linears[site].gathered and self.layers.linears[site].gathered[kind].fits(w)
+                   for site, w in weights.items())
+
     # -- 3. prepare (runner, before every forward) ----------------------------------------
     def prepare(self, batch: AdapterBatch) -> None:
-        """Merge or unmerge a LoRA for this step, then hand the batch to the wrapped layers."""
+        """Merge or unmerge a LoRA for this step, then hand the batch to the wrapped layers.
+        A gathered step applies every slot from the stacks: nothing may be merged then."""
+        if batch.mode is AdapterMode.GATHER:
+            self.merger.unmerge()
+            self.layers.set_batch(batch)
+            return
         target = self.merger.decide(batch, self.mergeable)
         if target != self.merger.merged_slot:
             self.merger.unmerge()
@@ -336,8 +376,7 @@ class DeviceRuntime:
         self.slots.unassign(slot)
         if self.merger.merged_slot == slot:
             self.merger.unmerge()
-        self.layers.clear(slot)
-        self.mergeable.discard(slot)
+        self._clear_slot(slot)
         self._count_eviction()
 
     def _count_eviction(self) -> None:
@@ -360,6 +399,7 @@ class DeviceRuntime:
             self.layers.clear(slot)
         self.slots.reset()
         self.mergeable.clear()
+        self.gatherable.clear()
         self._pending.clear()
         self._held.clear()
         self.prefixes.forget()  # their blocks went back with the engine's KV pool reset

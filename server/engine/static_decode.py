@@ -1,0 +1,186 @@
+"""Fixed-shape decode steps: preallocated inputs, bucketed sizes, CUDA graphs.
+
+A step in which every row decodes one token (the bulk of a serving workload) can run with no
+per-step shapes: its inputs live in buffers allocated once for the largest bucket — token ids,
+RoPE positions, the (block, offset) each token's K/V is written to, each token's adapter slot,
+and each row's block table with its key mask. `fill` copies a step's rows into the first B rows
+(B = the smallest batch bucket holding them, NB = the smallest block bucket holding the widest
+table); padding rows decode token 0 at position 0 into the null block, see one key and are
+dropped. `forward(B, NB)` then runs the model on views of those buffers, with attention by
+block table (attention.table_decode_attention) and weight adapters gathered per token from
+fixed stacks (AdapterMode.GATHER) — nothing in it syncs with the host or depends on more than
+(B, NB). The same `forward` runs:
+
+- eagerly (`DecodeMode.STATIC`): the tests hold its tokens to the dynamic step's on CPU;
+- captured once per (B, NB) bucket into a CUDA graph at start-up and replayed
+  (`DecodeMode.GRAPH`): one launch per step instead of hundreds, which is what bounds a small
+  model's decode on a GPU.
+
+Prefill and mixed prefill+decode steps, and steps with an adapter the stacks cannot hold
+(bottleneck, a LoRA above `max_lora_rank`), stay on the dynamic path (`DecodeMode.DYNAMIC`,
+the CPU's default, where the per-step shapes are cheaper than padding).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+
+import torch
+
+from .adapter_runtime import AdapterRuntime
+from .kv_cache import NULL_BLOCK, KVCache, blocks_for
+from .kv_layout import RowKV, build_block_table
+from .model import PackedCausalLM
+from .request import Sequence
+from .step_state import AdapterBatch, AdapterMode, BlockTable, StepState
+
+log = logging.getLogger(__name__)
+
+
+class DecodeMode(str, enum.Enum):
+    DYNAMIC = "dynamic"  # per-step shapes (every step; the CPU default)
+    STATIC = "static"  # decode-only steps on the fixed buffers, run eagerly
+    GRAPH = "graph"  # decode-only steps on the fixed buffers, replayed from CUDA graphs
+
+
+def resolve_mode(requested: str, device: torch.device) -> DecodeMode:
+    """"auto" = graphs on CUDA, dynamic elsewhere; graphs need CUDA."""
+    if requested == "auto":
+        return DecodeMode.GRAPH if device.type == "cuda" else DecodeMode.DYNAMIC
+    mode = DecodeMode(requested)
+    if mode is DecodeMode.GRAPH and device.type != "cuda":
+        raise ValueError("decode_mode 'graph' needs a CUDA device (use 'static' to run the same step eagerly)")
+    return mode
+
+
+def buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit`."""
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+class StaticDecode:
+    def __init__(self, model: PackedCausalLM, cache: KVCache, adapters: AdapterRuntime, max_batch: int,
+                 max_model_len: int, mode: DecodeMode):
+        self.model, self.cache, self.adapters, self.mode = model, cache, adapters, mode
+        bs = cache.block_size
+        self.max_blocks = blocks_for(max_model_len, bs) + 1  # own blocks + a prefix's partial block
+        self.batch_buckets = buckets(max_batch)
+        self.block_buckets = buckets(self.max_blocks)
+        dev, long = model.device, torch.long
+        self.ids = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax]
+        self.positions = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] RoPE positions
+        self.write_blocks = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] pool block of the new K/V
+        self.write_offsets = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] offset in it
+        self.token_slots = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] adapter slot
+        self.table = torch.zeros(max_batch, self.max_blocks, dtype=long, device=dev)  # [Bmax, NBmax]
+        self.masked = torch.ones(max_batch, self.max_blocks * bs, dtype=torch.bool, device=dev)  # [Bmax, NBmax*bs]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    # -- which steps --------------------------------------------------------------------
+    def width(self, seq: Sequence) -> int:
+        """Block-table entries of a decoding row: its prefix blocks, then its own."""
+        return len(seq.kv_prefix_blocks) + blocks_for(seq.num_computed + 1, self.cache.block_size)
+
+    def fits(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """Every row decodes its last token, the batch and tables fit the buffers, and the
+        adapter runtime's stacks hold every row's adapter."""
+        return (0 < len(plan) <= self.batch_buckets[-1]
+                and all(n == 1 and seq.num_computed + 1 == seq.num_tokens and self.width(seq) <= self.max_blocks
+                        for seq, n in plan)
+                and self.adapters.gather_ready({seq.adapter_slot for seq, _ in plan}))
+
+    # -- one step -----------------------------------------------------------------------
+    def fill(self, plan: list[tuple[Sequence, int]]) -> tuple[int, int]:
+        """Copy the rows of a fitting plan into the buffers; -> the bucket (B, NB)."""
+        rows, bs = len(plan), self.cache.block_size
+        b = bucket_for(rows, self.batch_buckets)
+        nb = bucket_for(max(self.width(seq) for seq, _ in plan), self.block_buckets)
+        # padding rows: token 0 at position 0, written to the null block, adapter slot 0
+        ids, positions, wblocks, woffsets, slots = [0] * b, [0] * b, [NULL_BLOCK] * b, [0] * b, [0] * b
+        kv_rows = []
+        for r, (seq, _) in enumerate(plan):
+            own = seq.num_computed  # own position of the new token
+            ids[r], positions[r], slots[r] = seq.all_ids[own], seq.kv_prefix_len + own, seq.adapter_slot
+            wblocks[r], woffsets[r] = seq.kv_blocks[own // bs], own % bs
+            kv_rows.append(RowKV(seq.kv_blocks, own, 1, list(seq.kv_prefix_blocks), seq.kv_prefix_len))
+        table, masked = build_block_table(kv_rows, b, nb, bs)
+        for buf, host in ((self.ids, ids), (self.positions, positions), (self.write_blocks, wblocks),
+                          (self.write_offsets, woffsets), (self.token_slots, slots)):
+            buf[:b].copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
+        self.table[:b, :nb].copy_(table, non_blocking=True)
+        self.masked[:b, :nb * bs].copy_(masked, non_blocking=True)
+        return b, nb
+
+    def forward(self, b: int, nb: int) -> torch.Tensor:
+        """The step on the buffers' first b rows and nb table entries -> float32 logits [b, vocab].
+        Shapes depend on (b, nb) only; what a graph captures and replays."""
+        bs = self.cache.block_size
+        step = StepState(
+            q_lens=[1] * b, ctx_lens=[], kv_prefix_lens=[],
+            write_blocks=self.write_blocks[:b], write_offsets=self.write_offsets[:b],
+            adapters=AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER),
+            table=BlockTable(self.table[:b, :nb], self.masked[:b, :nb * bs]),
+        )
+        hidden = self.model(self.model.embed(self.ids[:b]), self.positions[:b], step, self.cache)  # [b, hidden]
+        return self.model.logits(hidden)
+
+    def run(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """A fitting plan -> float32 logits [rows, vocab] in plan order (a view of the graph's
+        output buffer in GRAPH mode: valid until the next step)."""
+        b, nb = self.fill(plan)
+        self.adapters.prepare(AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER))
+        captured = self.graphs.get((b, nb)) if self.mode is DecodeMode.GRAPH else None
+        if captured is None:
+            return self.forward(b, nb)[:len(plan)]
+        graph, logits = captured
+        graph.replay()
+        return logits[:len(plan)]
+
+    # -- capture (CUDA) -----------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture one graph per (B, NB) bucket, largest first (smaller ones reuse its memory
+        pool); the buffers hold padding rows meanwhile. -> seconds taken (logged)."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self._fill_padding()
+        self.adapters.prepare(AdapterBatch(self.token_slots, mode=AdapterMode.GATHER))
+        for b in reversed(self.batch_buckets):
+            for nb in reversed(self.block_buckets):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: lazy inits and workspace outside the capture
+                    self.forward(b, nb)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.forward(b, nb)
+                self.graphs[(b, nb)] = (graph, logits)
+        torch.cuda.synchronize()
+        seconds = self.capture_seconds = time.perf_counter() - t0
+        log.info("decode graphs captured", extra={"graphs": len(self.graphs), "seconds": round(seconds, 2),
+                                                  "batch_buckets": self.batch_buckets,
+                                                  "block_buckets": self.block_buckets})
+        return seconds
+
+    def _fill_padding(self) -> None:
+        self.ids.zero_()
+        self.positions.zero_()
+        self.write_blocks.fill_(NULL_BLOCK)
+        self.write_offsets.zero_()
+        self.token_slots.zero_()
+        self.table.fill_(NULL_BLOCK)
+        self.masked.fill_(True)
+        self.masked[:, 0] = False
+
