@@ -123,3 +123,21 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(tmp_path, lora_dirs):  # n
     assert len(static.graphs) == len(static.batch_buckets) * len(static.block_buckets)
     assert _run(graph, jobs) == _run(eager, jobs)
     assert graph.engine.runner.static_steps >= NEW - 4
+
+
+def test_every_bucket_a_graph_would_capture_runs_on_padding_and_touches_only_the_null_block(tmp_path, lora_dirs):  # noqa: F811
+    """What `capture` records, run eagerly for every (batch, blocks) bucket with LoRAs installed:
+    the shapes hold for each bucket, the padding rows' logits are finite, and they write nowhere
+    but the null block (a graph captured at start-up must not touch live KV)."""
+    serving = _serving(tmp_path, lora_dirs, "static")
+    _run(serving, [("r4-qv", 0, SamplingParams(max_new_tokens=2, ignore_eos=True))])  # install a LoRA first
+    engine = serving.engine
+    static, cache = engine.runner.static, engine.cache
+    before = [t[1:].clone() for t in cache.k + cache.v]  # every block but the null block
+    buckets_run = 0
+    for b, nb in static.all_buckets():
+        logits = static.run_padding(b, nb)
+        assert logits.shape == (b, engine.model.vocab_size) and torch.isfinite(logits).all()
+        buckets_run += 1
+    assert buckets_run == len(static.batch_buckets) * len(static.block_buckets) > 10
+    assert all(torch.equal(t[1:], old) for t, old in zip(cache.k + cache.v, before))

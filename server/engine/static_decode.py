@@ -132,6 +132,7 @@ class StaticDecode:
             adapters=AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER),
             table=BlockTable(self.table[:b, :nb], self.masked[:b, :nb * bs]),
         )
+        self.adapters.prepare(step.adapters)  # host-side only in GATHER mode: the layers read this batch
         hidden = self.model(self.model.embed(self.ids[:b]), self.positions[:b], step, self.cache)  # [b, hidden]
         return self.model.logits(hidden)
 
@@ -139,11 +140,12 @@ class StaticDecode:
         """A fitting plan -> float32 logits [rows, vocab] in plan order (a view of the graph's
         output buffer in GRAPH mode: valid until the next step)."""
         b, nb = self.fill(plan)
-        self.adapters.prepare(AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER))
         captured = self.graphs.get((b, nb)) if self.mode is DecodeMode.GRAPH else None
         if captured is None:
             return self.forward(b, nb)[:len(plan)]
         graph, logits = captured
+        # the runtime's host-side part of the step (e.g. undo a merge: graphs apply every slot)
+        self.adapters.prepare(AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER))
         graph.replay()
         return logits[:len(plan)]
 
@@ -155,24 +157,33 @@ class StaticDecode:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self._fill_padding()
-        self.adapters.prepare(AdapterBatch(self.token_slots, mode=AdapterMode.GATHER))
-        for b in reversed(self.batch_buckets):
-            for nb in reversed(self.block_buckets):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up: lazy inits and workspace outside the capture
-                    self.forward(b, nb)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.forward(b, nb)
-                self.graphs[(b, nb)] = (graph, logits)
+        for b, nb in self.all_buckets():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy inits and workspace outside the capture
+                self.forward(b, nb)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.forward(b, nb)
+            self.graphs[(b, nb)] = (graph, logits)
         torch.cuda.synchronize()
         seconds = self.capture_seconds = time.perf_counter() - t0
         log.info("decode graphs captured", extra={"graphs": len(self.graphs), "seconds": round(seconds, 2),
                                                   "batch_buckets": self.batch_buckets,
                                                   "block_buckets": self.block_buckets})
         return seconds
+
+    def all_buckets(self) -> list[tuple[int, int]]:
+        """Every (B, NB) a step can take, largest first (the capture order)."""
+        return [(b, nb) for b in reversed(self.batch_buckets) for nb in reversed(self.block_buckets)]
+
+    @torch.inference_mode()
+    def run_padding(self, b: int, nb: int) -> torch.Tensor:
+        """Eagerly, what `capture` records for bucket (b, nb): the step over padding rows only
+        (they write the null block alone). Tests run it for every bucket on CPU."""
+        self._fill_padding()
+        return self.forward(b, nb)
 
     def _fill_padding(self) -> None:
         self.ids.zero_()
