@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import tempfile
 import time
@@ -148,6 +149,13 @@ def make_loras(cfg, device, n, root: Path) -> list[Path]:
 CAPTURE_SECONDS: list[float] = []  # graph capture time of every engine built with graphs
 
 
+def release(device) -> None:
+    """Free the previous engine's device memory (KV pool, LoRA stacks, graph pools) before the next."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _engine_config(ps, slots, dtype, device, mode) -> EngineConfig:
     return EngineConfig(max_batch_size=len(ps), max_model_len=256, max_num_batched_tokens=8192,
                         max_adapters_per_batch=slots, dtype=dtype, device=device, decode_mode=mode)
@@ -161,6 +169,7 @@ def _built(serving):
 
 
 def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store, mode="auto") -> float:
+    release(device)
     serving = _built(build_engine(make_model(cfg, dtype, device), StubTokenizer(),
                                   _engine_config(ps, max(1, n_adapters), dtype, device, mode), store=store))
     for i in range(n_adapters):
@@ -216,6 +225,7 @@ def make_kinds(cfg, root: Path) -> list[Path]:
 
 def ours_mixed(cfg, dtype, device, ps, new, kind_dirs, store) -> float:
     """Rows cycle through base and every kind: one continuous batch of mixed kinds."""
+    release(device)
     serving = _built(build_engine(make_model(cfg, dtype, device), StubTokenizer(),
                                   _engine_config(ps, 8, dtype, device, "auto"), store=store))
     names = [None]

@@ -141,3 +141,22 @@ def test_every_bucket_a_graph_would_capture_runs_on_padding_and_touches_only_the
         buckets_run += 1
     assert buckets_run == len(static.batch_buckets) * len(static.block_buckets) > 10
     assert all(torch.equal(t[1:], old) for t, old in zip(cache.k + cache.v, before))
+
+
+def test_stacks_exist_only_where_an_installed_adapter_reaches_and_growth_is_counted(tmp_path, lora_dirs):  # noqa: F811
+    """Modules no adapter targets cost no stack and no gathered op; each growth bumps the
+    generation that tells captured graphs they are stale (and nothing else does)."""
+    serving = _serving(tmp_path, lora_dirs, "static")
+    runtime = serving.runtime
+    assert runtime.gather_generation == 0 and not any(lin.gathered for lin in runtime.layers.linears.values())
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+
+    def stacked() -> set[str]:
+        return {path.rsplit(".", 1)[-1] for path, lin in runtime.layers.linears.items() if lin.gathered}
+
+    _run(serving, [("r4-qv", 0, params)])
+    assert stacked() == {"q_proj", "v_proj"} and runtime.gather_generation == 1
+    _run(serving, [("r4-qv", 1, params)])
+    assert runtime.gather_generation == 1  # installed already: nothing new
+    _run(serving, [("r8-mlp", 0, params)])
+    assert stacked() == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"} and runtime.gather_generation == 2

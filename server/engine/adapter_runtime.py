@@ -32,6 +32,8 @@ class AdapterRuntime(Protocol):
     def gather_ready(self, slots: set[int]) -> bool:
         """Runner, per decode step: can the gathered ops serve these adapter slots?"""
 
+    gather_generation: int  # changes whenever the gathered ops of a step change (graphs go stale)
+
     def reclaim_kv(self, blocks: int) -> int:
         """Scheduler, when the KV pool is full: free up to `blocks` pool blocks held by idle KV
         prefixes (not pinned by a running sequence); -> blocks freed."""
@@ -63,6 +65,8 @@ class NoAdapters:
 
     def gather_ready(self, slots):
         return slots <= {0}
+
+    gather_generation = 0
 
     def reclaim_kv(self, blocks):
         return 0

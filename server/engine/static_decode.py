@@ -85,7 +85,10 @@ class StaticDecode:
         self.table = torch.zeros(max_batch, self.max_blocks, dtype=long, device=dev)  # [Bmax, NBmax]
         self.masked = torch.ones(max_batch, self.max_blocks * bs, dtype=torch.bool, device=dev)  # [Bmax, NBmax*bs]
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
+        self.capture_seconds = 0.0  # start-up capture, then every recapture added
+        self.recaptures = 0
+        self._pool = None  # the graphs' shared memory pool
+        self._generation = adapters.gather_generation  # of the runtime's stacks the graphs were recorded with
 
     # -- which steps --------------------------------------------------------------------
     def width(self, seq: Sequence) -> int:
@@ -140,9 +143,14 @@ class StaticDecode:
         """A fitting plan -> float32 logits [rows, vocab] in plan order (a view of the graph's
         output buffer in GRAPH mode: valid until the next step)."""
         b, nb = self.fill(plan)
-        captured = self.graphs.get((b, nb)) if self.mode is DecodeMode.GRAPH else None
-        if captured is None:
+        if self.mode is not DecodeMode.GRAPH:
             return self.forward(b, nb)[:len(plan)]
+        if self.adapters.gather_generation != self._generation:  # stacks added: other ops now
+            self.graphs.clear()
+            self._generation = self.adapters.gather_generation
+        captured = self.graphs.get((b, nb))
+        if captured is None:  # first use since start-up or since the stacks changed: record it now
+            return self._capture_bucket(b, nb)[:len(plan)]
         graph, logits = captured
         # the runtime's host-side part of the step (e.g. undo a merge: graphs apply every slot)
         self.adapters.prepare(AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER))
@@ -153,26 +161,44 @@ class StaticDecode:
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture one graph per (B, NB) bucket, largest first (smaller ones reuse its memory
-        pool); the buffers hold padding rows meanwhile. -> seconds taken (logged)."""
+        pool), on padding rows. -> seconds taken (logged). Adapter stacks added later (the first
+        adapter targeting a module) make these stale: `run` then records each bucket again on
+        its next use."""
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle()
         self._fill_padding()
         for b, nb in self.all_buckets():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: lazy inits and workspace outside the capture
-                self.forward(b, nb)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.forward(b, nb)
-            self.graphs[(b, nb)] = (graph, logits)
+            self._capture_bucket(b, nb)
         torch.cuda.synchronize()
-        seconds = self.capture_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.capture_seconds = seconds
+        self.recaptures = 0
         log.info("decode graphs captured", extra={"graphs": len(self.graphs), "seconds": round(seconds, 2),
                                                   "batch_buckets": self.batch_buckets,
                                                   "block_buckets": self.block_buckets})
         return seconds
+
+    def _capture_bucket(self, b: int, nb: int) -> torch.Tensor:
+        """Run the step on the buffers as they are (a warm-up on a side stream: lazy inits and
+        workspaces stay out of the graph), then record it. -> the warm-up's logits [b, vocab]."""
+        t0 = time.perf_counter()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm = self.forward(b, nb)
+        torch.cuda.current_stream().wait_stream(side)
+        warm = warm.clone()  # owned by the current stream from here
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.forward(b, nb)
+        self.graphs[(b, nb)] = (graph, logits)
+        if self.capture_seconds:  # a recapture while serving
+            self.recaptures += 1
+            self.capture_seconds += time.perf_counter() - t0
+            log.debug("decode graph recaptured", extra={"batch": b, "blocks": nb})
+        return warm
 
     def all_buckets(self) -> list[tuple[int, int]]:
         """Every (B, NB) a step can take, largest first (the capture order)."""

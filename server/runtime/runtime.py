@@ -77,6 +77,7 @@ class DeviceRuntime:
         # adapter is wholly in the stacks, i.e. that a fixed-shape decode step can serve
         self.gather_rank: int | None = None
         self.gatherable: set[int] = set()
+        self.gather_generation = 0  # grows whenever stacks are added (the ops of a gathered step change)
         self._pending: dict[int, object] = {}  # slot -> version reserved there, installed by activate
         self._held: dict[int, Hold] = {}  # seq_id -> its pins
         self._dropped: set[str] = set()  # deleted/replaced versions still pinned by running requests
@@ -252,6 +253,7 @@ class DeviceRuntime:
             weights = kind.to_device(ver, self._weight_dtype(kind), self.device)
         else:
             self.stats["staged_installs"] += 1
+        self._grow_stacks(kind, weights)
         kind.install(self.layers, slot, weights)
         if kind.mergeable:
             self.mergeable.add(slot)
@@ -294,17 +296,28 @@ class DeviceRuntime:
 
     # -- gathered decode: fixed-address stacks for fixed-shape (graph) steps -------------
     def enable_gather(self, max_rank: int) -> None:
-        """Give every wrapped linear fixed-address `[slots + 1, ...]` stacks of each gathering kind
-        (LoRA up to rank `max_rank`, (IA)3), kept in step with installs from now on. The engine
-        calls it once, before any graph is captured: the stacks' addresses are what graphs read.
-        Memory: per linear, (in + out) x max_rank x (slots + 1) LoRA weights in the adapter dtype."""
-        if self.slots.slot_key:
-            raise RuntimeError("enable_gather must run before any adapter is installed")
+        """Keep gathering kinds' slots (LoRA up to rank `max_rank`, (IA)3) in fixed-address
+        `[slots + 1, ...]` stacks too, for fixed-shape decode steps. A wrapped linear gets its
+        stacks when the first adapter targeting it is installed (so modules no adapter targets
+        cost neither memory nor a gathered op per step: `(in + out) x max_rank x (slots + 1)`
+        adapter-dtype values per LoRA-targeted linear); each time that adds stacks,
+        `gather_generation` grows, and graphs captured before no longer match the step's ops."""
         self.gather_rank = max_rank
-        kinds = {id(k): k for k in self.kinds.values() if isinstance(k, WeightKind) and k.gathers and k.site == "linear"}
-        for lin in self.layers.linears.values():
-            for kind in kinds.values():
-                lin.gathered[kind] = kind.new_stacks(lin, self.num_slots, max_rank, self._weight_dtype(kind), self.device)
+
+    def _grow_stacks(self, kind: KindHandler, sites) -> None:
+        """Stacks of `kind` at every linear of `sites` that has none yet (before installing there)."""
+        if self.gather_rank is None or not getattr(kind, "gathers", False) or kind.site != "linear":
+            return
+        grown = False
+        for site in sites:
+            lin = self.layers.linears[site]
+            if kind not in lin.gathered:
+                lin.gathered[kind] = kind.new_stacks(lin, self.num_slots, self.gather_rank,
+                                                     self._weight_dtype(kind), self.device)
+                grown = True
+        if grown:
+            self.gather_generation += 1
+            log.info("adapter stacks added for fixed-shape decode", extra={"generation": self.gather_generation})
 
     def gather_ready(self, slots: set[int]) -> bool:
         """Can one gathered (fixed-shape) step serve rows of these slots? Slot 0 always can; an
