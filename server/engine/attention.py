@@ -92,6 +92,32 @@ def table_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return out.reshape(b, heads, dim).to(q.dtype)
 
 
+_TRITON: list = []  # [the kernel function or None], filled on the first CUDA decode step
+
+
+def _triton_kernel():
+    """The Triton form of table_decode_attention, or None where Triton is not installed (imported
+    only once a CUDA tensor reaches attention: the CPU path never imports Triton)."""
+    if not _TRITON:
+        try:
+            from .triton_attention import supported, table_decode_attention_triton
+        except ImportError:
+            _TRITON.append(None)
+        else:
+            _TRITON.append((supported, table_decode_attention_triton))
+    return _TRITON[0]
+
+
+def decode_by_table(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: BlockTable,
+                    scaling: float) -> torch.Tensor:
+    """A fixed-shape step's decode attention: the Triton kernel on CUDA when available (reads each
+    row's own entries in place), else `table_decode_attention` (plain torch, its reference)."""
+    kernel = _triton_kernel() if q.is_cuda and table.widths is not None else None
+    if kernel is not None and kernel[0](k_pool):
+        return kernel[1](q, k_pool, v_pool, table.blocks, table.masked, table.widths, scaling)
+    return table_decode_attention(q, k_pool, v_pool, table, scaling)
+
+
 def reference_decode_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                                scaling: float) -> torch.Tensor:
     """The obvious op: q [Bd, H, D]; keys/values per row `[KVH, ctx_r, D]` (dense) -> [Bd, H, D]."""
@@ -148,7 +174,7 @@ def peftserve_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     q = query[0]  # [H, T, D]
     k_pool, v_pool = cache.k[layer], cache.v[layer]
     if step.table is not None:  # a fixed-shape decode step: every token is a decode row
-        return table_decode_attention(q.transpose(0, 1), k_pool, v_pool, step.table, scaling)[None], None
+        return decode_by_table(q.transpose(0, 1), k_pool, v_pool, step.table, scaling)[None], None
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [T, H, D]
     if step.decode is not None:
         dec_q = q[:, step.decode_tokens].transpose(0, 1)  # [Bd, H, D]

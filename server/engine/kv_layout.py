@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import NULL_BLOCK, blocks_for
-from .step_state import AdapterBatch, DecodeBlocks, PrefillRow, StepState
+from .step_state import AdapterBatch, BlockTable, DecodeBlocks, PrefillRow, StepState
 
 
 @dataclass(frozen=True)
@@ -78,23 +78,25 @@ def _prefill_row(index: int, start: int, row: RowKV, block_size: int, device: to
     return PrefillRow(row=index, start=start, end=start + row.n, blocks=blocks, keys=keys, ctx=row.ctx)
 
 
-def build_block_table(rows: list[RowKV], batch: int, width: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def build_block_table(rows: list[RowKV], batch: int, width: int, block_size: int) -> BlockTable:
     """Decode rows as fixed-shape tables for `table_decode_attention`, padded to `batch` rows of
-    `width` entries -> (blocks [batch, width] int64, masked [batch, width * block_size] bool), on
-    the host. Row r lists its prefix blocks then its own; padding entries are the null block,
-    fully masked, and padding rows see exactly one key (null block, position 0), so their
+    `width` entries, on the host: blocks [batch, width], masked [batch, width * block_size],
+    widths [batch]. Row r lists its prefix blocks then its own; padding entries are the null
+    block, fully masked, and padding rows see exactly one key (null block, position 0), so their
     softmax stays finite."""
     table = torch.full((batch, width), NULL_BLOCK, dtype=torch.long)
     counts = torch.zeros(batch, width, dtype=torch.long)
     counts[len(rows):, 0] = 1
+    widths = torch.ones(batch, dtype=torch.long)
     for r, row in enumerate(rows):
         own = blocks_for(row.own_ctx, block_size)
         entries = row.prefix_blocks + row.own_blocks[:own]
         table[r, :len(entries)] = torch.tensor(entries, dtype=torch.long)
         counts[r, :len(entries)] = torch.tensor(valid_counts(len(row.prefix_blocks), row.prefix_len, block_size)
                                                 + valid_counts(own, row.own_ctx, block_size), dtype=torch.long)
+        widths[r] = len(entries)
     masked = torch.arange(block_size)[None, None, :] >= counts[:, :, None]  # [batch, width, bs]
-    return table, masked.reshape(batch, width * block_size)
+    return BlockTable(table, masked.reshape(batch, width * block_size), widths)
 
 
 def build_kv_step(rows: list[RowKV], adapters: AdapterBatch, block_size: int,

@@ -84,6 +84,7 @@ class StaticDecode:
         self.token_slots = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] adapter slot
         self.table = torch.zeros(max_batch, self.max_blocks, dtype=long, device=dev)  # [Bmax, NBmax]
         self.masked = torch.ones(max_batch, self.max_blocks * bs, dtype=torch.bool, device=dev)  # [Bmax, NBmax*bs]
+        self.widths = torch.ones(max_batch, dtype=long, device=dev)  # [Bmax] table entries each row uses
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # start-up capture, then every recapture added
         self.recaptures = 0
@@ -117,12 +118,13 @@ class StaticDecode:
             ids[r], positions[r], slots[r] = seq.all_ids[own], seq.kv_prefix_len + own, seq.adapter_slot
             wblocks[r], woffsets[r] = seq.kv_blocks[own // bs], own % bs
             kv_rows.append(RowKV(seq.kv_blocks, own, 1, list(seq.kv_prefix_blocks), seq.kv_prefix_len))
-        table, masked = build_block_table(kv_rows, b, nb, bs)
+        table = build_block_table(kv_rows, b, nb, bs)
         for buf, host in ((self.ids, ids), (self.positions, positions), (self.write_blocks, wblocks),
                           (self.write_offsets, woffsets), (self.token_slots, slots)):
             buf[:b].copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
-        self.table[:b, :nb].copy_(table, non_blocking=True)
-        self.masked[:b, :nb * bs].copy_(masked, non_blocking=True)
+        self.table[:b, :nb].copy_(table.blocks, non_blocking=True)
+        self.masked[:b, :nb * bs].copy_(table.masked, non_blocking=True)
+        self.widths[:b].copy_(table.widths, non_blocking=True)
         return b, nb
 
     def forward(self, b: int, nb: int) -> torch.Tensor:
@@ -133,7 +135,7 @@ class StaticDecode:
             q_lens=[1] * b, ctx_lens=[], kv_prefix_lens=[],
             write_blocks=self.write_blocks[:b], write_offsets=self.write_offsets[:b],
             adapters=AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER),
-            table=BlockTable(self.table[:b, :nb], self.masked[:b, :nb * bs]),
+            table=BlockTable(self.table[:b, :nb], self.masked[:b, :nb * bs], self.widths[:b]),
         )
         self.adapters.prepare(step.adapters)  # host-side only in GATHER mode: the layers read this batch
         hidden = self.model(self.model.embed(self.ids[:b]), self.positions[:b], step, self.cache)  # [b, hidden]
@@ -220,4 +222,5 @@ class StaticDecode:
         self.table.fill_(NULL_BLOCK)
         self.masked.fill_(True)
         self.masked[:, 0] = False
+        self.widths.fill_(1)
 

@@ -83,6 +83,7 @@ class BlockTable:
 
     blocks: torch.Tensor  # [B, NB] int64
     masked: torch.Tensor  # [B, NB * block_size] bool: True = not one of the row's keys
+    widths: torch.Tensor | None = None  # [B] int64 entries a row uses (the Triton kernel's loop bound)
 
 
 @dataclass
