@@ -183,6 +183,7 @@ class LoraStacks:
         self.A = torch.zeros(in_features, num_slots + 1, max_rank, dtype=dtype, device=device)
         self.B = torch.zeros(num_slots + 1, max_rank, out_features, dtype=dtype, device=device)
         self.scale = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
+        self.ranks = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)  # [S] true rank (0 = empty)
         self.slot_ids = torch.arange(num_slots + 1, device=device)  # [S]
 
     def fits(self, w: LoraSlotWeights) -> bool:
@@ -195,18 +196,45 @@ class LoraStacks:
         self.A[:, slot, :w.rank].copy_(w.At)
         self.B[slot, :w.rank].copy_(w.Bt)
         self.scale[slot] = w.scale
+        self.ranks[slot] = w.rank
 
     def clear(self, slot: int) -> None:
         self.A[:, slot].zero_()
         self.B[slot].zero_()
         self.scale[slot] = 0.0
+        self.ranks[slot] = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale))
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale, self.ranks))
+
+
+_TRITON: list = []  # [the Triton op or None], decided on the first CUDA call
+
+
+def _triton_op():
+    """adapters/lora_triton.py's kernels where Triton is installed (imported only once a CUDA
+    tensor arrives: the CPU path never imports Triton)."""
+    if not _TRITON:
+        try:
+            from .lora_triton import lora_add_gathered_triton_
+        except ImportError:
+            lora_add_gathered_triton_ = None
+        _TRITON.append(lora_add_gathered_triton_)
+    return _TRITON[0]
 
 
 def lora_add_gathered_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
+                       stacks: LoraStacks) -> torch.Tensor:
+    """The gathered op (semantics: `lora_add_gathered_torch_`): on CUDA with Triton, kernels that
+    read each token's own slot at its true rank; otherwise the plain-torch form."""
+    op = _triton_op() if x.is_cuda else None
+    if op is not None and out.stride(-1) == 1:
+        return op(out, x, token_slots, stacks)
+    return lora_add_gathered_torch_(out, x, token_slots, stacks)
+
+
+def lora_add_gathered_torch_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
                        stacks: LoraStacks) -> torch.Tensor:
     """In place: out[t] += ((x[t] @ A_s) @ B_s) * scale_s with s = token_slots[t], for every token
     in a fixed sequence of ops whatever the slots (no host sync: what a CUDA graph can replay).

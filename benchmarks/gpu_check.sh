@@ -25,7 +25,7 @@ $py -c "import torch, transformers, peft; print('torch', torch.__version__, '| c
 
 echo "== tests: paged attention, fixed-shape decode + CUDA graphs vs eager (CPU and CUDA), every kind vs its oracle"
 $py -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_static_decode.py \
-    tests/test_gathered_ops.py tests/test_triton_attention.py tests/test_kinds_parity.py 2>&1 \
+    tests/test_gathered_ops.py tests/test_triton_attention.py tests/test_triton_lora.py tests/test_kinds_parity.py 2>&1 \
     | tee "$out/tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
