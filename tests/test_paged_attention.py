@@ -83,11 +83,12 @@ def test_fixed_shape_decode_attention_by_block_table_equals_the_dense_reference(
     rows = _rows(cache, gen, [(0, 1, -1), (3, 1, 0), (4, 1, 1), (11, 1, -1), (7, 1, 0)])
     width = max(len(r.prefix_blocks) + blocks_for(r.own_ctx, BS) for r in rows)
     table = build_block_table(rows, 8, width + 3, BS)  # 3 padding rows, 3 padding entries
-    masked = table.masked
+    masked = table.masked(BS)
     assert table.widths.tolist() == [len(r.prefix_blocks) + blocks_for(r.own_ctx, BS) for r in rows] + [1] * 3
     dev = torch.device(device)
     q = torch.randn(8, heads, dim, generator=gen).to(dev)
-    got = table_decode_attention(q, cache.k[0], cache.v[0], BlockTable(table.blocks.to(dev), masked.to(dev)), 0.3)
+    on_dev = BlockTable(table.blocks.to(dev), table.counts.to(dev), table.widths.to(dev))
+    got = table_decode_attention(q, cache.k[0], cache.v[0], on_dev, 0.3)
     keys, values = zip(*(_dense(cache, r) for r in rows))
     want = reference_decode_attention(q[:len(rows)], list(keys), list(values), 0.3)
     tol = 1e-5 if device == "cpu" else 1e-4

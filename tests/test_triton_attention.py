@@ -42,9 +42,9 @@ def test_triton_decode_attention_equals_the_torch_form(heads, kv_heads, dtype):
     # a wider table than the rows use, as a bucket gives: the kernel stops at each row's width
     blocks = torch.full((8, width + 5), 0, dtype=torch.long)
     blocks[:, :width + 2] = host.blocks
-    table = BlockTable(blocks[:, :width + 2].to(dev), host.masked.to(dev), host.widths.to(dev))
+    table = BlockTable(blocks.to(dev)[:, :width + 2], host.counts.to(dev), host.widths.to(dev))  # row stride > width
     q = torch.randn(8, heads, dim, generator=gen).to(dev, dtype)
-    got = table_decode_attention_triton(q, k, v, table.blocks, table.masked, table.widths, 0.3)
+    got = table_decode_attention_triton(q, k, v, table, 0.3)
     k_ref, v_ref = k.clone(), v.clone()
     k_ref[0, :, 1:], v_ref[0, :, 1:] = 0.0, 0.0  # the torch form reads every entry (masked): keep it finite
     want = table_decode_attention(q, k_ref, v_ref, table, 0.3)

@@ -86,7 +86,7 @@ def table_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     k, v = gather(k_pool), gather(v_pool)
     qg = (q * scaling).reshape(b, kv_heads, groups, dim).to(k.dtype)
     s = torch.matmul(qg, k.transpose(-1, -2)).float()  # [B, KVH, G, NB * bs]
-    s.masked_fill_(table.masked[:, None, None, :], float("-inf"))
+    s.masked_fill_(table.masked(bs)[:, None, None, :], float("-inf"))
     probs = torch.softmax(s, dim=-1)
     out = torch.matmul(probs.to(v.dtype), v).float()  # [B, KVH, G, D]
     return out.reshape(b, heads, dim).to(q.dtype)
@@ -112,9 +112,9 @@ def decode_by_table(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     scaling: float) -> torch.Tensor:
     """A fixed-shape step's decode attention: the Triton kernel on CUDA when available (reads each
     row's own entries in place), else `table_decode_attention` (plain torch, its reference)."""
-    kernel = _triton_kernel() if q.is_cuda and table.widths is not None else None
+    kernel = _triton_kernel() if q.is_cuda else None
     if kernel is not None and kernel[0](k_pool):
-        return kernel[1](q, k_pool, v_pool, table.blocks, table.masked, table.widths, scaling)
+        return kernel[1](q, k_pool, v_pool, table, scaling)
     return table_decode_attention(q, k_pool, v_pool, table, scaling)
 
 

@@ -80,8 +80,7 @@ def _prefill_row(index: int, start: int, row: RowKV, block_size: int, device: to
 
 def build_block_table(rows: list[RowKV], batch: int, width: int, block_size: int) -> BlockTable:
     """Decode rows as fixed-shape tables for `table_decode_attention`, padded to `batch` rows of
-    `width` entries, on the host: blocks [batch, width], masked [batch, width * block_size],
-    widths [batch]. Row r lists its prefix blocks then its own; padding entries are the null
+    `width` entries, on the host: blocks, counts [batch, width], widths [batch]. Row r lists its prefix blocks then its own; padding entries are the null
     block, fully masked, and padding rows see exactly one key (null block, position 0), so their
     softmax stays finite."""
     table = torch.full((batch, width), NULL_BLOCK, dtype=torch.long)
@@ -95,8 +94,7 @@ def build_block_table(rows: list[RowKV], batch: int, width: int, block_size: int
         counts[r, :len(entries)] = torch.tensor(valid_counts(len(row.prefix_blocks), row.prefix_len, block_size)
                                                 + valid_counts(own, row.own_ctx, block_size), dtype=torch.long)
         widths[r] = len(entries)
-    masked = torch.arange(block_size)[None, None, :] >= counts[:, :, None]  # [batch, width, bs]
-    return BlockTable(table, masked.reshape(batch, width * block_size), widths)
+    return BlockTable(table, counts, widths)
 
 
 def build_kv_step(rows: list[RowKV], adapters: AdapterBatch, block_size: int,

@@ -76,15 +76,23 @@ class StaticDecode:
         self.max_blocks = blocks_for(max_model_len, bs) + 1  # own blocks + a prefix's partial block
         self.batch_buckets = buckets(max_batch)
         self.block_buckets = buckets(self.max_blocks)
-        dev, long = model.device, torch.long
-        self.ids = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax]
-        self.positions = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] RoPE positions
-        self.write_blocks = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] pool block of the new K/V
-        self.write_offsets = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] offset in it
-        self.token_slots = torch.zeros(max_batch, dtype=long, device=dev)  # [Bmax] adapter slot
-        self.table = torch.zeros(max_batch, self.max_blocks, dtype=long, device=dev)  # [Bmax, NBmax]
-        self.masked = torch.ones(max_batch, self.max_blocks * bs, dtype=torch.bool, device=dev)  # [Bmax, NBmax*bs]
-        self.widths = torch.ones(max_batch, dtype=long, device=dev)  # [Bmax] table entries each row uses
+        # Every per-step input in one int64 buffer, so a step is one host->device copy (from a
+        # pinned mirror on CUDA); the named tensors are fixed views of it, which graphs read.
+        n, w = max_batch, self.max_blocks
+        dev = model.device
+        self._flat = torch.zeros(6 * n + 2 * n * w, dtype=torch.long, device=dev)
+        pinned = dev.type == "cuda"
+        self._host = torch.zeros(self._flat.shape, dtype=torch.long, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None  # the last upload left the mirror
+        (self.ids,  # [Bmax] token ids
+         self.positions,  # [Bmax] RoPE positions
+         self.write_blocks,  # [Bmax] pool block of the new K/V
+         self.write_offsets,  # [Bmax] offset in it
+         self.token_slots,  # [Bmax] adapter slot
+         self.widths,  # [Bmax] table entries each row uses
+         self.table,  # [Bmax, NBmax] pool blocks: prefix, then own
+         self.counts) = _views(self._flat, n, w)  # [Bmax, NBmax] keys in each entry
+        self._h = _views(self._host, n, w)  # the same views of the host mirror
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # start-up capture, then every recapture added
         self.recaptures = 0
@@ -111,31 +119,43 @@ class StaticDecode:
         b = bucket_for(rows, self.batch_buckets)
         nb = bucket_for(max(self.width(seq) for seq, _ in plan), self.block_buckets)
         # padding rows: token 0 at position 0, written to the null block, adapter slot 0
-        ids, positions, wblocks, woffsets, slots = [0] * b, [0] * b, [NULL_BLOCK] * b, [0] * b, [0] * b
+        cols = [[0] * b, [0] * b, [NULL_BLOCK] * b, [0] * b, [0] * b]  # ids, positions, block, offset, slot
         kv_rows = []
         for r, (seq, _) in enumerate(plan):
             own = seq.num_computed  # own position of the new token
-            ids[r], positions[r], slots[r] = seq.all_ids[own], seq.kv_prefix_len + own, seq.adapter_slot
-            wblocks[r], woffsets[r] = seq.kv_blocks[own // bs], own % bs
+            for col, value in zip(cols, (seq.all_ids[own], seq.kv_prefix_len + own, seq.kv_blocks[own // bs],
+                                         own % bs, seq.adapter_slot)):
+                col[r] = value
             kv_rows.append(RowKV(seq.kv_blocks, own, 1, list(seq.kv_prefix_blocks), seq.kv_prefix_len))
         table = build_block_table(kv_rows, b, nb, bs)
-        for buf, host in ((self.ids, ids), (self.positions, positions), (self.write_blocks, wblocks),
-                          (self.write_offsets, woffsets), (self.token_slots, slots)):
-            buf[:b].copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
-        self.table[:b, :nb].copy_(table.blocks, non_blocking=True)
-        self.masked[:b, :nb * bs].copy_(table.masked, non_blocking=True)
-        self.widths[:b].copy_(table.widths, non_blocking=True)
+        self._wait_upload()
+        host = self._h
+        for view, col in zip(host[:5], cols):
+            view[:b] = torch.tensor(col, dtype=torch.long)
+        host[5][:b] = table.widths
+        host[6][:b, :nb] = table.blocks
+        host[7][:b, :nb] = table.counts
+        self._upload()
         return b, nb
+
+    def _wait_upload(self) -> None:
+        """The previous step's copy may still read the pinned mirror: let it finish first."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def _upload(self) -> None:
+        self._flat.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def forward(self, b: int, nb: int) -> torch.Tensor:
         """The step on the buffers' first b rows and nb table entries -> float32 logits [b, vocab].
         Shapes depend on (b, nb) only; what a graph captures and replays."""
-        bs = self.cache.block_size
         step = StepState(
             q_lens=[1] * b, ctx_lens=[], kv_prefix_lens=[],
             write_blocks=self.write_blocks[:b], write_offsets=self.write_offsets[:b],
             adapters=AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER),
-            table=BlockTable(self.table[:b, :nb], self.masked[:b, :nb * bs], self.widths[:b]),
+            table=BlockTable(self.table[:b, :nb], self.counts[:b, :nb], self.widths[:b]),
         )
         self.adapters.prepare(step.adapters)  # host-side only in GATHER mode: the layers read this batch
         hidden = self.model(self.model.embed(self.ids[:b]), self.positions[:b], step, self.cache)  # [b, hidden]
@@ -214,13 +234,16 @@ class StaticDecode:
         return self.forward(b, nb)
 
     def _fill_padding(self) -> None:
-        self.ids.zero_()
-        self.positions.zero_()
-        self.write_blocks.fill_(NULL_BLOCK)
-        self.write_offsets.zero_()
-        self.token_slots.zero_()
-        self.table.fill_(NULL_BLOCK)
-        self.masked.fill_(True)
-        self.masked[:, 0] = False
-        self.widths.fill_(1)
+        """Every row a padding row: token 0 at position 0 into the null block, one visible key."""
+        self._wait_upload()
+        self._host.zero_()  # NULL_BLOCK == 0: tables and write blocks point at the null block
+        self._h[5].fill_(1)  # widths: one entry
+        self._h[7][:, 0] = 1  # counts: its first position
+        self._upload()
 
+
+def _views(flat: torch.Tensor, n: int, w: int) -> tuple[torch.Tensor, ...]:
+    """The step inputs' fixed views of one flat buffer: six [n] columns, then two [n, w] tables."""
+    cols = flat[:6 * n].view(6, n).unbind(0)
+    tables = flat[6 * n:].view(2, n, w).unbind(0)
+    return (*cols, *tables)

@@ -78,12 +78,18 @@ class DecodeBlocks:
 @dataclass
 class BlockTable:
     """The decode rows' keys as fixed-shape tables (the layout a captured step can replay): row
-    r's keys are, in order, positions `[0, counts)` of blocks `blocks[r, 0], blocks[r, 1], ...`
-    (its prefix blocks, then its own). Padding entries are the null block, fully masked."""
+    r's keys are, in order, positions `[0, counts[r, j])` of blocks `blocks[r, j]` for j = 0, 1,
+    ... (its prefix blocks, then its own). Padding entries are the null block with count 0."""
 
     blocks: torch.Tensor  # [B, NB] int64
-    masked: torch.Tensor  # [B, NB * block_size] bool: True = not one of the row's keys
-    widths: torch.Tensor | None = None  # [B] int64 entries a row uses (the Triton kernel's loop bound)
+    counts: torch.Tensor  # [B, NB] int64: keys in each entry (valid positions from 0)
+    widths: torch.Tensor  # [B] int64: entries a row uses (the Triton kernel's loop bound)
+
+    def masked(self, block_size: int) -> torch.Tensor:
+        """[B, NB * block_size] bool: True = not one of the row's keys."""
+        b, nb = self.counts.shape
+        positions = torch.arange(block_size, device=self.counts.device)
+        return (positions[None, None, :] >= self.counts[:, :, None]).reshape(b, nb * block_size)
 
 
 @dataclass

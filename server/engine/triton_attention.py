@@ -21,8 +21,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _table_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, masked_ptr, widths_ptr, out_ptr, scaling,
-                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_tb, stride_mb,
+def _table_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, counts_ptr, widths_ptr, out_ptr, scaling,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_tb, stride_cb,
                          stride_ob, stride_oh,
                          GROUPS: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
     row = tl.program_id(0)
@@ -40,7 +40,7 @@ def _table_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, masked_ptr, widths_ptr,
         base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
         k = tl.load(k_ptr + base).to(tl.float32)  # [BS, D]
         s = tl.sum(k * q[None, :], 1)  # [BS]
-        hidden = tl.load(masked_ptr + row * stride_mb + j * BS + t) != 0
+        hidden = t >= tl.load(counts_ptr + row * stride_cb + j)  # positions past the entry's keys
         s = tl.where(hidden, float("-inf"), s)
         m_new = tl.maximum(m, tl.max(s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: keep exp finite
@@ -59,19 +59,17 @@ def supported(k_pool: torch.Tensor) -> bool:
     return bs & (bs - 1) == 0 and dim & (dim - 1) == 0
 
 
-def table_decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                                  blocks: torch.Tensor, masked: torch.Tensor, widths: torch.Tensor,
+def table_decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table,
                                   scaling: float) -> torch.Tensor:
-    """q: [B, H, D]; pools [num_blocks, KVH, bs, D] (contiguous); blocks: [B, NB] int64 (any row
-    stride); masked: [B, NB * bs] bool; widths: [B] int64 entries used per row -> [B, H, D]."""
+    """q: [B, H, D]; pools [num_blocks, KVH, bs, D] (contiguous); `table`: a BlockTable (blocks,
+    counts [B, NB] with unit column stride, any row stride; widths [B]) -> [B, H, D]."""
     b, heads, dim = q.shape
     kv_heads, bs = k_pool.shape[1], k_pool.shape[2]
     q = q.contiguous()
     out = torch.empty(b, heads, dim, dtype=torch.float32, device=q.device)
-    masked_u8 = masked.view(torch.uint8)
     _table_decode_kernel[(b, heads)](
-        q, k_pool, v_pool, blocks, masked_u8, widths, out, float(scaling),
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), blocks.stride(0),
-        masked_u8.stride(0), out.stride(0), out.stride(1),
+        q, k_pool, v_pool, table.blocks, table.counts, table.widths, out, float(scaling),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), table.blocks.stride(0),
+        table.counts.stride(0), out.stride(0), out.stride(1),
         GROUPS=heads // kv_heads, BS=bs, D=dim)
     return out.to(q.dtype)
