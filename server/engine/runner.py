@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    MAX_STATIC_FAILURES = 3
+
     def __init__(self, model: PackedCausalLM, cache: KVCache, adapters: AdapterRuntime | None = None,
                  static: StaticDecode | None = None):
         self.model = model
@@ -28,6 +30,7 @@ class ModelRunner:
         # Fixed-shape decode steps (static_decode.py), None = every step dynamic (the CPU default)
         self.static = static
         self.static_steps = 0
+        self.static_failures = 0  # in a row; at MAX_STATIC_FAILURES the fixed path is switched off
 
     def build_step(self, plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepState, list[int]]:
         """-> (input_ids [T], RoPE positions [T], StepState, token index of each sampling row).
@@ -81,9 +84,14 @@ class ModelRunner:
             try:
                 logits = self.static.run(plan)
                 self.static_steps += 1
+                self.static_failures = 0
                 return logits
             except Exception:
+                self.static_failures += 1
                 log.exception("fixed-shape decode step failed; running it dynamically")
+                if self.static_failures >= self.MAX_STATIC_FAILURES:  # broken, not unlucky: stop trying
+                    log.error("fixed-shape decode disabled after %d failures in a row", self.static_failures)
+                    self.static = None
         input_ids, positions, step, sample_tokens = self.build_step(plan)
         self.adapters.prepare(step.adapters)
         embeds = self.model.embed(input_ids)  # [T, hidden]
