@@ -27,4 +27,6 @@ def test_gpu_check_script_runs_at_smoke_sizes(tmp_path):
                 "hf_static_base_tok_s", "peft_mixed_32_loras_tok_s", "ours_0_loras_eager_tok_s",
                 "ours_32_loras_eager_tok_s"):
         assert rows[key] > 0, key
+    floor = result["memory_floor"]  # bytes per decode step over the bandwidth measured in the same run
+    assert floor["bandwidth_gb_s"] > 0 and floor["floor_tok_s"] > 0 and result["ratios"]["base_vs_memory_floor"] > 0
     assert "passed" in (tmp_path / "tests.log").read_text()
