@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest LoRA rank fixed-shape (graph) decode steps serve; rows of larger ranks run "
                             "dynamic steps. Costs (in + out) x rank x (slots + 1) adapter-dtype values per "
                             "wrapped linear when graphs are on")
+        p.add_argument("--max-bottleneck-size", type=_positive, default=d.max_bottleneck_size,
+                       help="largest bottleneck-adapter size fixed-shape (graph) decode steps serve; larger ones "
+                            "run dynamic steps")
         p.add_argument("--max-num-batched-tokens", type=_positive, default=d.max_num_batched_tokens,
                        help="token budget of one engine step")
         p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
@@ -267,7 +270,8 @@ def serve(args) -> int:
                               max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
                               merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device),
                               adapter_dtype=parse_dtype(args.adapter_dtype, device),
-                              decode_mode=args.decode_mode, max_lora_rank=args.max_lora_rank)
+                              decode_mode=args.decode_mode, max_lora_rank=args.max_lora_rank,
+                              max_bottleneck_size=args.max_bottleneck_size)
         max_pos = getattr(hf_model.config, "max_position_embeddings", None)
         if max_pos and args.max_model_len > max_pos:
             log.warning("max_model_len exceeds the model's max_position_embeddings",

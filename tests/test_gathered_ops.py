@@ -83,3 +83,36 @@ def test_gathered_ia3_equals_the_reference_for_input_and_output_scaling(dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     stacks.clear(1)
     assert torch.equal(stacks.inp[1], torch.ones(IN, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_bottleneck_equals_the_reference_for_every_activation_and_placement(dtype):
+    from peftserve.adapters.bottleneck_ops import (ACTIVATIONS, BottleneckSlotWeights, BottleneckStacks,
+                                                   bottleneck_add_gathered_, bottleneck_reference)
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = 12
+
+    def adapter(size, act, scaling, parallel):
+        r = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+        return BottleneckSlotWeights(r(size, hidden), r(size), r(hidden, size), r(hidden), act, scaling, parallel)
+
+    acts = list(ACTIVATIONS)
+    weights = {1: adapter(3, acts[0], 0.5, False), 2: adapter(8, acts[1], 2.0, True),
+               4: adapter(5, acts[2], 1.0, False), 5: adapter(6, acts[3], -1.0, True)}
+    stacks = BottleneckStacks(SLOTS, hidden, width=8, dtype=dtype, device=torch.device("cpu"))
+    for slot, w in weights.items():
+        stacks.put(slot, w)
+    token_slots = torch.tensor([0, 2, 1, 5, 4, 3, 2, 0, 5])  # slot 3 empty, slot 0 = none
+    y = torch.randn(len(token_slots), hidden, generator=gen).to(dtype)
+    x = torch.randn(len(token_slots), hidden, generator=gen).to(dtype)
+    got = bottleneck_add_gathered_(y.clone(), x, token_slots, stacks)
+    want = bottleneck_reference(y, x, token_slots, weights)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    neutral = (token_slots == 0) | (token_slots == 3)
+    assert torch.equal(got[neutral], y[neutral])
+    assert not stacks.fits(adapter(9, acts[0], 1.0, False))
+    stacks.clear(2)
+    cleared = bottleneck_add_gathered_(y.clone(), x, token_slots, stacks)
+    assert torch.equal(cleared[token_slots == 2], y[token_slots == 2])

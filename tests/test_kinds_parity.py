@@ -184,21 +184,21 @@ def test_every_kind_mixed_under_kv_pressure_shares_prefixes_and_still_matches(tm
         == engine.cache.pool.capacity  # every sequence block came back
 
 
-@pytest.mark.parametrize("with_bottleneck", [False, True])
-def test_fixed_shape_decode_steps_match_every_oracle(tmp_path, artifacts, with_bottleneck):
+@pytest.mark.parametrize("max_bottleneck_size", [256, 4])
+def test_fixed_shape_decode_steps_match_every_oracle(tmp_path, artifacts, max_bottleneck_size):
     """decode_mode="static": decode-only steps run on the fixed buffers a CUDA graph replays
-    (static_decode.py) — LoRA and (IA)3 gathered per token from fixed stacks, soft prompts and
-    prefixes read through the block table (4-token blocks: multi-block tables, partial prefix
-    tails). Steps with a bottleneck row, and prefill steps, fall back to the dynamic path. Every
-    kind's tokens stay the oracle's either way."""
-    serving = _serving(tmp_path, artifacts, kv_block_size=4, decode_mode="static")
-    names = [n for n in artifacts if with_bottleneck or n not in BOTTLENECKS]
-    jobs = [(n, i) for i in range(len(_prompts())) for n in names]
+    (static_decode.py) — LoRA, (IA)3 and bottleneck adapters gathered per token from fixed stacks,
+    soft prompts and prefixes read through the block table (4-token blocks: multi-block tables,
+    partial prefix tails). With a bottleneck size limit below these adapters' (8-16), their rows
+    make every step fall back to the dynamic path. Every kind's tokens stay the oracle's either way."""
+    serving = _serving(tmp_path, artifacts, kv_block_size=4, decode_mode="static",
+                       max_bottleneck_size=max_bottleneck_size)
+    jobs = [(n, i) for i in range(len(_prompts())) for n in artifacts]
     outs = _run(serving, jobs)
     for job, out in zip(jobs, outs):
         assert out == artifacts[job[0]][1][job[1]], job
     runner = serving.engine.runner
-    if with_bottleneck:  # bottleneck rows decode to the end in every step: no step is fixed-shape
+    if max_bottleneck_size == 4:  # bottleneck rows decode to the end in every step: no step is fixed-shape
         assert runner.static_steps == 0
     else:  # the last NEW - 1 tokens of the batch are decode-only steps: all of them fixed-shape
         assert runner.static_steps >= NEW - 2, runner.static_steps

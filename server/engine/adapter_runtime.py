@@ -26,8 +26,9 @@ class AdapterRuntime(Protocol):
 
     def release(self, seq: Sequence) -> None: ...
 
-    def enable_gather(self, max_rank: int) -> None:
-        """Engine, at start-up, for fixed-shape decode steps: allocate the gathered ops' stacks."""
+    def enable_gather(self, max_rank: int, max_bottleneck: int) -> None:
+        """Engine, at start-up, for fixed-shape decode steps: keep adapters in gathered-op stacks
+        (LoRA up to `max_rank`, bottleneck up to `max_bottleneck`)."""
 
     def gather_ready(self, slots: set[int]) -> bool:
         """Runner, per decode step: can the gathered ops serve these adapter slots?"""
@@ -60,7 +61,7 @@ class NoAdapters:
     def release(self, seq):
         pass
 
-    def enable_gather(self, max_rank):
+    def enable_gather(self, max_rank, max_bottleneck):
         pass
 
     def gather_ready(self, slots):

@@ -37,6 +37,7 @@ class EngineConfig:
     # dynamic step on CPU; "dynamic" (--enforce-eager) | "static" (fixed buffers, eager) | "graph"
     decode_mode: str = "auto"
     max_lora_rank: int = 64  # the largest LoRA rank the fixed-shape steps serve (their stacks' width)
+    max_bottleneck_size: int = 256  # the same for bottleneck adapters' size
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_num_batched_tokens < 1:
@@ -46,7 +47,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_batch_size")
         if self.kv_block_size < 1 or (self.kv_cache_bytes is not None and self.kv_cache_bytes < 1):
             raise ValueError("kv_block_size >= 1 and kv_cache_bytes >= 1 required")
-        if self.decode_mode not in ("auto", "dynamic", "static", "graph") or self.max_lora_rank < 1:
-            raise ValueError("decode_mode must be auto|dynamic|static|graph and max_lora_rank >= 1")
+        if (self.decode_mode not in ("auto", "dynamic", "static", "graph") or self.max_lora_rank < 1
+                or self.max_bottleneck_size < 1):
+            raise ValueError("decode_mode must be auto|dynamic|static|graph, max_lora_rank and max_bottleneck_size >= 1")
         if self.adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16 (got {self.adapter_dtype})")

@@ -76,7 +76,7 @@ class LLMEngine:
         mode = resolve_mode(config.decode_mode, self.model.device)
         if mode is DecodeMode.DYNAMIC:
             return None
-        self.adapters.enable_gather(config.max_lora_rank)
+        self.adapters.enable_gather(config.max_lora_rank, config.max_bottleneck_size)
         static = StaticDecode(self.model, self.cache, self.adapters, config.max_batch_size, config.max_model_len, mode)
         if mode is DecodeMode.GRAPH:
             try:

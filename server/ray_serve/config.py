@@ -32,6 +32,7 @@ class RayServeConfig:
     kv_block_size: int = 64
     decode_mode: str = "auto"  # `--decode-mode` / `--enforce-eager`: graphs on CUDA replicas
     max_lora_rank: int = 64
+    max_bottleneck_size: int = 256
     max_adapters_per_batch: int = 32
     max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30

@@ -115,7 +115,8 @@ def build_state(cfg: RayServeConfig):
                           max_adapters_per_batch=cfg.max_adapters_per_batch, merge_policy=cfg.merge_policy,
                           merge_min_steps=cfg.merge_min_steps, dtype=dtype, device=str(device),
                           adapter_dtype=parse_dtype(cfg.adapter_dtype, device),
-                          decode_mode=cfg.decode_mode, max_lora_rank=cfg.max_lora_rank)
+                          decode_mode=cfg.decode_mode, max_lora_rank=cfg.max_lora_rank,
+                          max_bottleneck_size=cfg.max_bottleneck_size)
     api_key, admin_key = cfg.keys()
     settings = ServerSettings(api_key=api_key, admin_key=admin_key, max_body_bytes=cfg.max_body_bytes,
                               body_limits={"/adapters": cfg.max_upload_bytes}, manage_engine=False,

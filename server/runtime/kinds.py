@@ -10,9 +10,9 @@ Two families:
   the others ((IA)3, bottleneck: a vector per module / a small bottleneck, already in the model
   dtype as PEFT runs them; `--adapter-dtype` does not change them); `install(layers, slot, weights)` puts them in a slot's entries of the
   wrapped modules; `apply(module, x, out, batch, per_slot)` is the layer-side math, run by every
-  wrapped module for the tokens of the slots holding this kind. Kinds with `gathers` (LoRA,
-  (IA)3) also keep every slot in fixed-address stacks (`new_stacks`) for the gathered op of
-  fixed-shape decode steps (server/engine/static_decode.py); the others' rows run eager steps.
+  wrapped module for the tokens of the slots holding this kind. Kinds with `gathers` (all three)
+  also keep every slot in fixed-address stacks (`new_stacks`) for the gathered op of
+  fixed-shape decode steps (server/engine/static_decode.py).
 - prompt kinds (`PromptKind`: prompt tuning, P-tuning, prefix tuning) hold no slot: `prefix(ver,
   runner)` builds the KV prefix in blocks of the KV pool, computed once per version and
   referenced in place by each sequence of that version (server/runtime/slots.py).
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from peftserve.adapters.bottleneck_ops import BottleneckSlotWeights, bottleneck_add_segmented_
+from peftserve.adapters.bottleneck_ops import (BottleneckSlotWeights, BottleneckStacks, bottleneck_add_gathered_,
+                                               bottleneck_add_segmented_)
 from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.ia3_ops import IA3SlotWeights, IA3Stacks, ia3_apply_gathered, ia3_apply_segmented_
 from peftserve.adapters.lora_ops import LoraSlotWeights, LoraStacks, lora_add_gathered_, lora_add_grouped_
@@ -87,9 +88,11 @@ class WeightKind(KindHandler):
     # -- gathered (graph-safe) path, for decode steps with fixed shapes; optional per kind ----
     gathers: ClassVar[bool] = False  # has `new_stacks` and a gathered op
     gather_computes_base: ClassVar[bool] = False  # True: `gather_base` (rescales the base); else `gather_add_`
+    gather_width: ClassVar[str] = "max_lora_rank"  # which GatherLimits field sizes its stacks
 
-    def new_stacks(self, module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
-        """Fixed-address buffers for every slot at `module` (with `fits`, `put`, `clear`, `nbytes`)."""
+    def new_stacks(self, module, num_slots: int, width: int, dtype: torch.dtype, device: torch.device, example):
+        """Fixed-address buffers for every slot at `module` (with `fits`, `put`, `clear`, `nbytes`),
+        `width` wide (rank, bottleneck size); `example`: the weights about to be installed there."""
         raise NotImplementedError
 
     def gather_base(self, module, x: torch.Tensor, token_slots: torch.Tensor, stacks) -> torch.Tensor:
@@ -140,8 +143,8 @@ class LoraKind(WeightKind):
 
     gathers = True
 
-    def new_stacks(self, module, num_slots, max_rank, dtype, device):
-        return LoraStacks(num_slots, module.in_features, module.out_features, max_rank, dtype, device)
+    def new_stacks(self, module, num_slots, width, dtype, device, example):
+        return LoraStacks(num_slots, module.in_features, module.out_features, width, dtype, device)
 
     def gather_add_(self, module, x, out, token_slots, stacks):
         lora_add_gathered_(out, x, token_slots, stacks)
@@ -167,7 +170,7 @@ class IA3Kind(WeightKind):
     gathers = True
     gather_computes_base = True
 
-    def new_stacks(self, module, num_slots, max_rank, dtype, device):
+    def new_stacks(self, module, num_slots, width, dtype, device, example):
         return IA3Stacks(num_slots, module.in_features, module.out_features, dtype, device)
 
     def gather_base(self, module, x, token_slots, stacks):
@@ -198,6 +201,16 @@ class BottleneckKind(WeightKind):
     def apply(self, module, x, out, batch, per_slot):
         """x: the sublayer's input [1, T, hidden]; out: its output (a private copy) [1, T, hidden]."""
         bottleneck_add_segmented_(out[0], x[0], batch.segments, per_slot)  # adapters/bottleneck_ops.py
+
+    gathers = True
+    gather_width = "max_bottleneck_size"
+
+    def new_stacks(self, module, num_slots, width, dtype, device, example):
+        return BottleneckStacks(num_slots, example.up_w.shape[0], width, dtype, device)
+
+    def gather_add_(self, module, x, out, token_slots, stacks):
+        """x: the sublayer's input [1, T, hidden]; out: its output (a private copy) [1, T, hidden]."""
+        bottleneck_add_gathered_(out[0], x[0], token_slots, stacks)
 
     def summary(self, loaded):
         return {"placement": loaded.config.placement, "num_layers": len(loaded.weights.layers)}

@@ -118,14 +118,23 @@ class AdapterSublayer(_SlotEntries, nn.Module):
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         batch = self._ctx[0].batch
-        # gathered steps only run when no sublayer kind is in the batch (DeviceRuntime.gather_ready)
-        if batch is None or not self.entries or not batch.segments or batch.mode is AdapterMode.GATHER:
+        if batch is None:
+            return out
+        if batch.mode is AdapterMode.GATHER:  # the same ops every step (stacks change in place)
+            work = self.gathered
+            if not work:
+                return out
+        elif not self.entries or not batch.segments:
             return out
         y = out[0] if isinstance(out, tuple) else out  # [1, T, hidden]
         src = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [1, T, hidden]
         y = y.clone()  # the base module may return a view of a buffer it reuses
-        for kind, per_slot in self.entries.items():
-            kind.apply(self, src, y, batch, per_slot)
+        if batch.mode is AdapterMode.GATHER:
+            for kind, stacks in work.items():
+                kind.gather_add_(self, src, y, batch.token_slots, stacks)
+        else:
+            for kind, per_slot in self.entries.items():
+                kind.apply(self, src, y, batch, per_slot)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def __getattr__(self, name: str):

@@ -295,25 +295,31 @@ class DeviceRuntime:
         return prefix
 
     # -- gathered decode: fixed-address stacks for fixed-shape (graph) steps -------------
-    def enable_gather(self, max_rank: int) -> None:
+    def enable_gather(self, max_rank: int, max_bottleneck: int = 256) -> None:
         """Keep gathering kinds' slots (LoRA up to rank `max_rank`, (IA)3) in fixed-address
         `[slots + 1, ...]` stacks too, for fixed-shape decode steps. A wrapped linear gets its
         stacks when the first adapter targeting it is installed (so modules no adapter targets
         cost neither memory nor a gathered op per step: `(in + out) x max_rank x (slots + 1)`
         adapter-dtype values per LoRA-targeted linear); each time that adds stacks,
-        `gather_generation` grows, and graphs captured before no longer match the step's ops."""
+        `gather_generation` grows, and graphs captured before no longer match the step's ops.
+        Bottleneck adapters get `[slots + 1, ...]` stacks up to size `max_bottleneck` per sublayer."""
         self.gather_rank = max_rank
+        self.gather_widths = {"max_lora_rank": max_rank, "max_bottleneck_size": max_bottleneck}
 
-    def _grow_stacks(self, kind: KindHandler, sites) -> None:
-        """Stacks of `kind` at every linear of `sites` that has none yet (before installing there)."""
-        if self.gather_rank is None or not getattr(kind, "gathers", False) or kind.site != "linear":
+    def _sites(self, kind: KindHandler) -> dict:
+        return self.layers.linears if kind.site == "linear" else self.layers.sublayers
+
+    def _grow_stacks(self, kind: KindHandler, weights) -> None:
+        """Stacks of `kind` at every site of `weights` that has none yet (before installing there)."""
+        if self.gather_rank is None or not getattr(kind, "gathers", False):
             return
         grown = False
-        for site in sites:
-            lin = self.layers.linears[site]
-            if kind not in lin.gathered:
-                lin.gathered[kind] = kind.new_stacks(lin, self.num_slots, self.gather_rank,
-                                                     self._weight_dtype(kind), self.device)
+        sites = self._sites(kind)
+        for site, w in weights.items():
+            module = sites[site]
+            if kind not in module.gathered:
+                module.gathered[kind] = kind.new_stacks(module, self.num_slots, self.gather_widths[kind.gather_width],
+                                                        self._weight_dtype(kind), self.device, w)
                 grown = True
         if grown:
             self.gather_generation += 1
@@ -327,8 +333,8 @@ class DeviceRuntime:
     def _stacks_hold(self, kind: KindHandler, weights) -> bool:
         if self.gather_rank is None or not getattr(kind, "gathers", False):
             return False
-        return all(kind in self.layers.linears[site].gathered and self.layers.linears[site].gathered[kind].fits(w)
-                   for site, w in weights.items())
+        sites = self._sites(kind)
+        return all(kind in sites[site].gathered and sites[site].gathered[kind].fits(w) for site, w in weights.items())
 
     # -- 3. prepare (runner, before every forward) ----------------------------------------
     def prepare(self, batch: AdapterBatch) -> None:
