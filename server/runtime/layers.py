@@ -10,7 +10,9 @@ the adaptive merge is the runtime's explicit step (server/runtime/runtime.py `pr
 Slot 0 is "no adapter". A module's entries are `{kind handler: {slot: weights}}`, each of the
 adapter's true shape (not `[max_slots, max_rank, ...]` buffers padded to the largest rank: on
 CPU the padding would cost memory and FLOPs for nothing, and a slot entry is swapped in with one
-dict assignment). The math is the kind's: `handler.apply` (server/runtime/kinds.py).
+dict assignment). The math is the kind's: `handler.apply` (server/runtime/kinds.py). Only where
+fixed-shape decode steps run (CUDA graphs) does a module also keep `gathered` stacks of that
+padded form, written in place on every put/clear, read by the GATHER-mode forward.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ class DeviceRuntime:
         self.prefixes = PrefixCache(max_prefix_bytes)
         self.merger = Merger(merge_policy, merge_min_steps)
         self.mergeable: set[int] = set()  # slots holding a kind the merger may fold in (LoRA)
-        # Gathered decode (enable_gather): the rank the stacks take (None = off) and the slots whose
+        # Gathered decode (enable_gather): the stacks' widths by kind (None = off) and the slots whose
         # adapter is wholly in the stacks, i.e. that a fixed-shape decode step can serve
-        self.gather_rank: int | None = None
+        self.gather_widths: dict[str, int] | None = None
         self.gatherable: set[int] = set()
         self.gather_generation = 0  # grows whenever stacks are added (the ops of a gathered step change)
         self._pending: dict[int, object] = {}  # slot -> version reserved there, installed by activate
@@ -296,14 +296,13 @@ class DeviceRuntime:
 
     # -- gathered decode: fixed-address stacks for fixed-shape (graph) steps -------------
     def enable_gather(self, max_rank: int, max_bottleneck: int = 256) -> None:
-        """Keep gathering kinds' slots (LoRA up to rank `max_rank`, (IA)3) in fixed-address
-        `[slots + 1, ...]` stacks too, for fixed-shape decode steps. A wrapped linear gets its
-        stacks when the first adapter targeting it is installed (so modules no adapter targets
-        cost neither memory nor a gathered op per step: `(in + out) x max_rank x (slots + 1)`
-        adapter-dtype values per LoRA-targeted linear); each time that adds stacks,
-        `gather_generation` grows, and graphs captured before no longer match the step's ops.
-        Bottleneck adapters get `[slots + 1, ...]` stacks up to size `max_bottleneck` per sublayer."""
-        self.gather_rank = max_rank
+        """Keep every slot of the gathering kinds (LoRA up to rank `max_rank`, (IA)3, bottleneck up
+        to size `max_bottleneck`) in fixed-address `[slots + 1, ...]` stacks too, for fixed-shape
+        decode steps. A wrapped module gets its stacks when the first adapter reaching it is
+        installed (modules no adapter targets cost neither memory nor a gathered op per step:
+        `(in + out) x max_rank x (slots + 1)` adapter-dtype values per LoRA-targeted linear); each
+        time that adds stacks, `gather_generation` grows, and graphs captured before no longer match
+        the step's ops."""
         self.gather_widths = {"max_lora_rank": max_rank, "max_bottleneck_size": max_bottleneck}
 
     def _sites(self, kind: KindHandler) -> dict:
@@ -311,7 +310,7 @@ class DeviceRuntime:
 
     def _grow_stacks(self, kind: KindHandler, weights) -> None:
         """Stacks of `kind` at every site of `weights` that has none yet (before installing there)."""
-        if self.gather_rank is None or not getattr(kind, "gathers", False):
+        if self.gather_widths is None or not getattr(kind, "gathers", False):
             return
         grown = False
         sites = self._sites(kind)
@@ -327,11 +326,11 @@ class DeviceRuntime:
 
     def gather_ready(self, slots: set[int]) -> bool:
         """Can one gathered (fixed-shape) step serve rows of these slots? Slot 0 always can; an
-        adapter of a kind without stacks (bottleneck) or above the stacks' rank cannot."""
-        return self.gather_rank is not None and all(s == 0 or s in self.gatherable for s in slots)
+        adapter wider than its stacks (LoRA rank, bottleneck size) cannot."""
+        return self.gather_widths is not None and all(s == 0 or s in self.gatherable for s in slots)
 
     def _stacks_hold(self, kind: KindHandler, weights) -> bool:
-        if self.gather_rank is None or not getattr(kind, "gathers", False):
+        if self.gather_widths is None or not getattr(kind, "gathers", False):
             return False
         sites = self._sites(kind)
         return all(kind in sites[site].gathered and sites[site].gathered[kind].fits(w) for site, w in weights.items())
