@@ -188,6 +188,8 @@ class StaticDecode:
         its next use."""
         t0 = time.perf_counter()
         self._pool = torch.cuda.graph_pool_handle()
+        self.graphs.clear()
+        self._generation = self.adapters.gather_generation  # recorded with the stacks as they are now
         self._fill_padding()
         for b, nb in self.all_buckets():
             self._capture_bucket(b, nb)
