@@ -125,6 +125,8 @@ def test_cuda_graph_steps_give_the_eager_steps_tokens(tmp_path, lora_dirs):  # n
     assert len(static.graphs) == len(static.batch_buckets) * len(static.block_buckets)
     assert _run(graph, jobs) == _run(eager, jobs)
     assert graph.engine.runner.static_steps >= NEW - 4
+    assert static.recaptures > 0  # the LoRAs' stacks made the start-up graphs stale: buckets recorded again
+    assert _run(graph, jobs) == _run(eager, jobs)  # and replayed from those, with the adapters installed
 
 
 def test_every_bucket_a_graph_would_capture_runs_on_padding_and_touches_only_the_null_block(tmp_path, lora_dirs):  # noqa: F811
