@@ -153,6 +153,20 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory for a benchmark's adapters and stores (gigabytes for lora.py), removed
+    when the process exits, unless PEFTSERVE_KEEP_BENCH_TMP=1 (then its path is printed)."""
+    import atexit
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("PEFTSERVE_KEEP_BENCH_TMP") == "1":
+        print(f"# scratch directory kept: {path}", flush=True)
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return

@@ -14,11 +14,11 @@ cost or save Python and padding.
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from pathlib import Path
 
-from common import load_model, make_peft_adapter, parser, random_prompt, setup, table, token_pool, write_json
+from common import (load_model, make_peft_adapter, parser, random_prompt, scratch_dir, setup, table, token_pool,
+                    write_json)
 from peft import LoraConfig
 
 from peftserve.server.build import build_engine
@@ -52,7 +52,7 @@ def main():
     if args.quick:
         args.requests, args.new, args.repeats = 8, 4, 1
     dtype = setup(args)
-    root = Path(tempfile.mkdtemp(prefix="peftserve-bench-modes-"))
+    root = scratch_dir("peftserve-bench-modes-")
     model, tok = load_model(args, dtype)
     rng = random.Random(args.seed)
     pool = token_pool(tok, model.config.vocab_size)

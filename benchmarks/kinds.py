@@ -20,14 +20,13 @@ a request's TTFT is the time of the groups before it + its group's first generat
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig
 
 from common import (environment, hf_baseline, hf_generate, load_model, make_peft_adapter, parser, pct, random_prompt,
-                    setup, table, token_pool, write_json)
+                    scratch_dir, setup, table, token_pool, write_json)
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
@@ -97,7 +96,7 @@ def run_peft(hf, adapters: dict, prompts, names, new_tokens) -> dict:
 def main():
     args = args_()
     dtype = setup(args)
-    root = Path(tempfile.mkdtemp(prefix="peftserve-bench-kinds-"))
+    root = scratch_dir("peftserve-bench-kinds-")
     hf, tok = hf_baseline(args, dtype)
     rng = random.Random(args.seed)
     pool = token_pool(tok, hf.config.vocab_size)

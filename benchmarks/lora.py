@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import random
-import tempfile
 
 import torch
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel
 
 from common import (Server, environment, hf_baseline, hf_generate, load_model, make_peft_adapter, parser, pct,
-                    perturbed_copy, random_prompt, setup, table, token_pool, write_json, zipf_choices)
+                    perturbed_copy, random_prompt, scratch_dir, setup, table, token_pool, write_json, zipf_choices)
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.build import build_engine
 from peftserve.server.engine.request import SamplingParams
@@ -341,7 +340,7 @@ def part_upload(args, serving, src, root, prompt):
 def main():
     args = args_()
     dtype = setup(args)
-    root = Path(tempfile.mkdtemp(prefix="peftserve-bench-lora-"))
+    root = scratch_dir("peftserve-bench-lora-")
     hf, tok = hf_baseline(args, dtype)
     pool, rng = token_pool(tok, hf.config.vocab_size), random.Random(args.seed)
     prompts = [random_prompt(rng, pool, args.prompt_len) for _ in range(args.requests)]
