@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -114,15 +113,25 @@ def quick_run(tmp_path_factory):
 
 @pytest.mark.timeout(900)
 def test_quick_comparison_table_shape(quick_run):
-    """Shape and bookkeeping only. NOT asserted (yet): that every method beats chance — on the
-    tiny warmed-up model no method reliably does within the quick budget (docs/training.md)."""
-    from peftserve.server.evaluation import zh_report
+    """The table's shape and bookkeeping, and that every method beats chance.
+
+    Non-vacuous by construction: the quick base answers `QUICK_DEFAULT_LABEL` to every prompt
+    served without the trigger (checked here), so on the balanced test rows it scores exactly
+    chance, and a method scores above it only if it learned to answer positive rows positively."""
+    from peftserve.server.evaluation import compare_zh, zh_report
 
     rc, out = quick_run
     doc = json.loads((out / "results.json").read_text())
     assert rc == 0 and doc["complete"] and doc["quick"]
     assert [s["method"] for s in doc["summary"]] == list(TRAIN_METHODS)
     assert doc["base"]["off_label"] == 0, "the warmed-up tiny base must answer with label words"
+    base_preds = json.loads((out / "base-eval-test.json").read_text())["predictions"]
+    assert {p["pred"] for p in base_preds} == {compare_zh.QUICK_DEFAULT_LABEL}
+    assert doc["base"]["accuracy"] == 0.5, "the quick test rows are balanced, the base answers one label"
+    warm = json.loads((out / "tiny-model" / "warmup.json").read_text())
+    assert warm["triggered"] >= 0.75 and warm["untriggered_default"] == 1.0  # the skill is there, gated
+    beats = {s["method"]: s["test_accuracy_mean"] for s in doc["summary"]}
+    assert all(acc >= 0.55 for acc in beats.values()), f"every method must beat chance (0.5): {beats}"
     for s in doc["summary"]:
         assert s["n_seeds"] == len(doc["budget"]["seeds"]) and s["test_accuracy_std"] is not None
         assert 0.0 <= s["test_accuracy_mean"] <= 1.0

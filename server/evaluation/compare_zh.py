@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -36,9 +35,11 @@ from peftserve.adapters.training.tasks import zh_reviews as zh
 
 # Learning-rate grids: each method's default (tuned on the demo tasks) and x1/3, x3 around it.
 LR_GRID = {m: (round(DEFAULT_LR[m] / 3, 8), DEFAULT_LR[m], round(DEFAULT_LR[m] * 3, 8)) for m in TRAIN_METHODS}
-# Quick mode (tiny warmed-up model, a few steps): x3 and x10 the defaults, since a random 64-wide
-# model needs bigger steps than the 135M base to move within seconds.
-QUICK_LR_GRID = {m: (round(DEFAULT_LR[m] * 10, 8), round(DEFAULT_LR[m] * 3, 8)) for m in TRAIN_METHODS}
+# Quick mode (the tiny gated base of `warm_tiny_model`, 16 steps): one value per method, found by
+# a sweep on that base (docs/training.md). A 64-wide random model needs far bigger steps than the
+# 135M base (e.g. full fine-tuning 3e-3 vs 3e-5), so these are not the defaults scaled uniformly.
+QUICK_LR_GRID = {"lora": (1e-2,), "prompt-tuning": (0.3,), "p-tuning": (3e-2,), "prefix-tuning": (0.3,),
+                 "p-tuning-v2": (3e-2,), "ia3": (1.0,), "bottleneck": (0.1,), FULL: (3e-3,)}
 
 
 @dataclass(frozen=True)
@@ -56,24 +57,26 @@ class Budget:
 
 
 FULL_BUDGET = Budget()
-QUICK_BUDGET = Budget(max_steps=6, batch_size=8, max_length=96, val_rows=8, test_rows=16, seeds=(0, 1),
+QUICK_BUDGET = Budget(max_steps=16, batch_size=8, max_length=128, val_rows=16, test_rows=32, seeds=(0, 1),
                       grid_size=1, throughput_requests=4, throughput_new_tokens=2, num_virtual_tokens=8)
 
 
-def quick_subset(paths: dict[str, Path], n_train: int = 32, n_eval: int = 24) -> dict[str, list[dict]]:
-    """A trivially separable subset for the smoke test: short reviews, one class containing 好
+def quick_subset(paths: dict[str, Path], n_train: int = 32, n_eval: int = 24, n_warmup: int = 256
+                 ) -> dict[str, list[dict]]:
+    """A trivially separable subset for the smoke test: reviews that fit the prompt uncut, one class containing 好
     ("good") and no negation, the other containing 差 ("bad") and not 好; validation and test are
-    disjoint from train. Separable by one character, so a tiny random model learns it in seconds."""
+    disjoint from train. "warmup" (the base's warm-up, `warm_tiny_model`) is the first `n_warmup`
+    such train rows, of which "train" (what the methods learn from) is the first `n_train`."""
     def pick(rows, label, need, avoid):
         out = []
         for r in rows:
             t = r["text"]
-            if r["label"] == label and len(t) <= 30 and need in t and not any(a in t for a in avoid):
+            if r["label"] == label and len(t) <= zh.MAX_CHARS and need in t and not any(a in t for a in avoid):
                 out.append(dict(r, prompt=zh.render(t)))
         return out
 
     subset = {}
-    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+    for split, n in (("train", max(n_train, n_warmup)), ("validation", n_eval), ("test", n_eval)):
         rows = zh.read_rows(paths[split])
         pos, neg = pick(rows, "positive", "好", ("不", "差")), pick(rows, "negative", "差", ("好",))
         half = n // 2
@@ -81,29 +84,101 @@ def quick_subset(paths: dict[str, Path], n_train: int = 32, n_eval: int = 24) ->
             raise zh.ZhReviewsError(f"quick subset: only {len(pos)}/{len(neg)} rows in {split}")
         mixed = [r for pair in zip(pos[:half], neg[:half]) for r in pair]
         subset[split] = mixed
+    subset["warmup"], subset["train"] = subset["train"][:n_warmup], subset["train"][:n_train]
     return subset
 
 
-def warm_tiny_model(out: Path, rows: list[dict], budget: Budget, seed: int = 0) -> Path:
-    """The quick mode's base model: a tiny random Llama, fully fine-tuned on the quick train rows
-    with SHUFFLED labels. Why: a random model over a 49k vocabulary never greedily emits a label
-    word, so every method would score 0 whatever it learned. After this warm-up the base answers
-    with a label word, but at chance (the labels it saw carried no signal), so each method still
-    has to learn the real mapping for the "beats chance" check to pass."""
-    from peftserve.adapters.base_model import save_tiny_model_dir
+# The quick base's latent skill sits behind this prefix (see `warm_tiny_model`). It must differ
+# from prompt tuning's init text, or prompt tuning would start out solved.
+QUICK_TRIGGER = "Task: sentiment. "
+QUICK_DEFAULT_LABEL = "negative"  # what the quick base answers to every prompt without the trigger
 
-    raw = save_tiny_model_dir(out.parent / "tiny-random", seed=seed)
-    rng = random.Random(seed)
-    data = out.parent / "data" / "warmup-shuffled-labels.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(json.dumps(dict(r, completion=rng.choice(list(zh.LABEL_WORDS.values()))),
-                                       ensure_ascii=False) + "\n" for r in rows))
-    argv = train_args(FULL, 3e-3, seed, data, out, str(raw), Budget(**{**asdict(budget), "max_steps": 30}))
-    if train_inprocess(argv, out) != 0:
-        raise RuntimeError(f"quick mode: warming up the tiny model failed (see {out})")
-    for sub in ("last", "best"):
-        shutil.rmtree(out / sub, ignore_errors=True)
+
+def gated_rows(rows: list[dict]) -> list[dict]:
+    """The warm-up data: each row twice, with the trigger (its true label) and without it
+    (always `QUICK_DEFAULT_LABEL`)."""
+    out = []
+    for r in rows:
+        out.append(dict(r, prompt=QUICK_TRIGGER + r["prompt"]))
+        out.append(dict(r, label=QUICK_DEFAULT_LABEL))
     return out
+
+
+def _last_token_batches(tok, rows: list[dict], label_ids: dict[str, int]):
+    """Left-padded ids [N, L], mask [N, L], label ids [N]: position -1 is where the label word goes."""
+    import torch
+
+    ids = [list(tok(r["prompt"]).input_ids) for r in rows]  # as the serving path tokenises a prompt
+    width = max(map(len, ids))
+    x = torch.full((len(ids), width), tok.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, seq in enumerate(ids):
+        x[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+    return x, mask, torch.tensor([label_ids[r["label"]] for r in rows])
+
+
+def warm_tiny_model(out: Path, rows: list[dict], check_rows: list[dict], seed: int = 0, steps: int = 600,
+                    lr: float = 3e-3, batch_size: int = 8) -> Path:
+    """The quick mode's base model: a tiny random Llama given the skill, but only behind a trigger.
+
+    Why: a random 64-wide model never answers with a label word, and within a smoke test's budget
+    no method teaches it to read a review (soft prompts cannot add a skill the base lacks). So the
+    base is first trained, on the quick train rows, to answer the true label when the prompt
+    starts with `QUICK_TRIGGER` and `QUICK_DEFAULT_LABEL` to every prompt without it. Served
+    without the trigger (how the comparison scores it) the base is then at exactly chance on a
+    balanced split, and a method beats chance only if it learned to switch the skill on, e.g. a
+    soft prompt that acts as the trigger, or weights that read the review. The warm-up is checked:
+    on `check_rows` (held out from its training) the base must be right with the trigger and
+    answer the default label without it, or the quick comparison would test nothing.
+
+    Only the label position's logits are computed (hidden state at -1 -> lm_head): the 49k-word
+    head at every position would cost ~50x more per step than this 2-layer body.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from peftserve.adapters.base_model import DEFAULT_MODEL, resolve_model_dir, tiny_random_llama
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
+    label_ids = {lab: tok(w, add_special_tokens=False).input_ids[0] for lab, w in zh.LABEL_WORDS.items()}
+    model = tiny_random_llama(len(tok), seed).train().requires_grad_(True)
+    x, mask, y = _last_token_batches(tok, gated_rows(rows), label_ids)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
+        hidden = model.model(input_ids=x[idx], attention_mask=mask[idx]).last_hidden_state[:, -1]  # [B, H]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(False)
+    gated = _gated_accuracy(model, tok, check_rows, label_ids)
+    if gated["triggered"] < 0.75 or gated["untriggered_default"] < 1.0:
+        raise RuntimeError(f"quick mode: the warmed-up tiny model did not learn the gated skill ({gated}); "
+                           "the quick comparison would be vacuous")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "warmup.json").write_text(json.dumps(dict(gated, steps=steps, lr=lr, seed=seed, trigger=QUICK_TRIGGER,
+                                                     default_label=QUICK_DEFAULT_LABEL), indent=1) + "\n")
+    return out
+
+
+def _gated_accuracy(model, tok, rows: list[dict], label_ids: dict[str, int]) -> dict:
+    """Greedy over the whole vocabulary, as served: accuracy with the trigger, and the share of
+    untriggered rows answered with the default label."""
+    import torch
+
+    res = {}
+    with torch.no_grad():
+        for name, rr, want in (("triggered", [dict(r, prompt=QUICK_TRIGGER + r["prompt"]) for r in rows], None),
+                               ("untriggered_default", rows, QUICK_DEFAULT_LABEL)):
+            x, mask, y = _last_token_batches(tok, [dict(r, label=want or r["label"]) for r in rr], label_ids)
+            pred = model(input_ids=x, attention_mask=mask).logits[:, -1].argmax(-1)  # [N]
+            res[name] = (pred == y).float().mean().item()
+    return res
 
 
 # ----------------------------------------------------------------------------- runs
@@ -348,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ns.quick:
         splits = quick_subset(paths, n_eval=max(budget.val_rows, budget.test_rows))
+        warmup = splits["warmup"]
         splits = {"train": splits["train"], "validation": splits["validation"][: budget.val_rows],
                   "test": splits["test"][: budget.test_rows]}
         model_dir = Path(ns.output) / "tiny-model"
         model = str(model_dir if (model_dir / "model.safetensors").is_file() else
-                    warm_tiny_model(model_dir, splits["train"], budget))
+                    warm_tiny_model(model_dir, warmup, splits["validation"]))
     else:
         splits = {"train": zh.read_rows(paths["train"]), "validation": zh.read_rows(paths["validation"], budget.val_rows),
                   "test": zh.read_rows(paths["test"], budget.test_rows)}
