@@ -32,6 +32,7 @@ base on a bf16 CPU: issue 13's memory-traffic floor), to be measured by benchmar
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -209,19 +210,15 @@ class LoraStacks:
         return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scale, self.ranks))
 
 
-_TRITON: list = []  # [the Triton op or None], decided on the first CUDA call
-
-
+@functools.cache
 def _triton_op():
-    """adapters/lora_triton.py's kernels where Triton is installed (imported only once a CUDA
-    tensor arrives: the CPU path never imports Triton)."""
-    if not _TRITON:
-        try:
-            from .lora_triton import lora_add_gathered_triton_
-        except ImportError:
-            lora_add_gathered_triton_ = None
-        _TRITON.append(lora_add_gathered_triton_)
-    return _TRITON[0]
+    """adapters/lora_triton.py's kernels where Triton is installed, else None (imported only once
+    a CUDA tensor arrives: the CPU path never imports Triton)."""
+    try:
+        from .lora_triton import lora_add_gathered_triton_
+    except ImportError:
+        return None
+    return lora_add_gathered_triton_
 
 
 def lora_add_gathered_(out: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,

@@ -16,6 +16,8 @@ own sequence that precede it (the shared prefix, then its own tokens), times v_j
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -92,20 +94,15 @@ def table_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return out.reshape(b, heads, dim).to(q.dtype)
 
 
-_TRITON: list = []  # [the kernel function or None], filled on the first CUDA decode step
-
-
+@functools.cache
 def _triton_kernel():
     """The Triton form of table_decode_attention, or None where Triton is not installed (imported
     only once a CUDA tensor reaches attention: the CPU path never imports Triton)."""
-    if not _TRITON:
-        try:
-            from .triton_attention import supported, table_decode_attention_triton
-        except ImportError:
-            _TRITON.append(None)
-        else:
-            _TRITON.append((supported, table_decode_attention_triton))
-    return _TRITON[0]
+    try:
+        from .triton_attention import supported, table_decode_attention_triton
+    except ImportError:
+        return None
+    return supported, table_decode_attention_triton
 
 
 def decode_by_table(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: BlockTable,

@@ -121,7 +121,6 @@ def build_kv_step(rows: list[RowKV], adapters: AdapterBatch, block_size: int,
             prefill.append(_prefill_row(i, start, row, block_size, device))
         start += row.n
     step = StepState(
-        q_lens=[r.n for r in rows], ctx_lens=[r.ctx for r in rows], kv_prefix_lens=[r.prefix_len for r in rows],
         write_blocks=torch.tensor(write_blocks, dtype=torch.long).to(device),
         write_offsets=torch.tensor(write_offsets, dtype=torch.long).to(device),
         adapters=adapters, decode_rows=decode_rows, prefill=prefill,

@@ -80,9 +80,9 @@ class ModelRunner:
         A decode-only step the fixed buffers fit runs there (replayed from a graph on CUDA); if
         that raises, the step runs again dynamically (its K/V writes are the same, idempotent),
         so a fault of the fixed path never fails a request the dynamic one would serve."""
-        if self.static is not None and self.static.fits(plan):
+        if self.static is not None and (bucket := self.static.bucket(plan)) is not None:
             try:
-                logits = self.static.run(plan)
+                logits = self.static.run(plan, bucket)
                 self.static_steps += 1
                 self.static_failures = 0
                 return logits

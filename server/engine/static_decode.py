@@ -104,20 +104,23 @@ class StaticDecode:
         """Block-table entries of a decoding row: its prefix blocks, then its own."""
         return len(seq.kv_prefix_blocks) + blocks_for(seq.num_computed + 1, self.cache.block_size)
 
-    def fits(self, plan: list[tuple[Sequence, int]]) -> bool:
-        """Every row decodes its last token, the batch and tables fit the buffers, and the
-        adapter runtime's stacks hold every row's adapter."""
-        return (0 < len(plan) <= self.batch_buckets[-1]
-                and all(n == 1 and seq.num_computed + 1 == seq.num_tokens and self.width(seq) <= self.max_blocks
-                        for seq, n in plan)
-                and self.adapters.gather_ready({seq.adapter_slot for seq, _ in plan}))
+    def bucket(self, plan: list[tuple[Sequence, int]]) -> tuple[int, int] | None:
+        """The (B, NB) bucket of a plan the buffers fit, else None. Fits: every row decodes its
+        last token, the batch and every row's table fit, and the adapter runtime's stacks hold
+        every row's adapter."""
+        if not 0 < len(plan) <= self.batch_buckets[-1]:
+            return None
+        if not all(n == 1 and seq.num_computed + 1 == seq.num_tokens for seq, n in plan):
+            return None
+        widest = max(self.width(seq) for seq, _ in plan)
+        if widest > self.max_blocks or not self.adapters.gather_ready({seq.adapter_slot for seq, _ in plan}):
+            return None
+        return bucket_for(len(plan), self.batch_buckets), bucket_for(widest, self.block_buckets)
 
     # -- one step -----------------------------------------------------------------------
-    def fill(self, plan: list[tuple[Sequence, int]]) -> tuple[int, int]:
-        """Copy the rows of a fitting plan into the buffers; -> the bucket (B, NB)."""
-        rows, bs = len(plan), self.cache.block_size
-        b = bucket_for(rows, self.batch_buckets)
-        nb = bucket_for(max(self.width(seq) for seq, _ in plan), self.block_buckets)
+    def fill(self, plan: list[tuple[Sequence, int]], bucket: tuple[int, int]) -> None:
+        """Copy the rows of a plan into the buffers' first B rows and NB table entries."""
+        (b, nb), bs = bucket, self.cache.block_size
         # padding rows: token 0 at position 0, written to the null block, adapter slot 0
         cols = [[0] * b, [0] * b, [NULL_BLOCK] * b, [0] * b, [0] * b]  # ids, positions, block, offset, slot
         kv_rows = []
@@ -136,7 +139,6 @@ class StaticDecode:
         host[6][:b, :nb] = table.blocks
         host[7][:b, :nb] = table.counts
         self._upload()
-        return b, nb
 
     def _wait_upload(self) -> None:
         """The previous step's copy may still read the pinned mirror: let it finish first."""
@@ -152,7 +154,6 @@ class StaticDecode:
         """The step on the buffers' first b rows and nb table entries -> float32 logits [b, vocab].
         Shapes depend on (b, nb) only; what a graph captures and replays."""
         step = StepState(
-            q_lens=[1] * b, ctx_lens=[], kv_prefix_lens=[],
             write_blocks=self.write_blocks[:b], write_offsets=self.write_offsets[:b],
             adapters=AdapterBatch(self.token_slots[:b], mode=AdapterMode.GATHER),
             table=BlockTable(self.table[:b, :nb], self.counts[:b, :nb], self.widths[:b]),
@@ -161,10 +162,11 @@ class StaticDecode:
         hidden = self.model(self.model.embed(self.ids[:b]), self.positions[:b], step, self.cache)  # [b, hidden]
         return self.model.logits(hidden)
 
-    def run(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """A fitting plan -> float32 logits [rows, vocab] in plan order (a view of the graph's
-        output buffer in GRAPH mode: valid until the next step)."""
-        b, nb = self.fill(plan)
+    def run(self, plan: list[tuple[Sequence, int]], bucket: tuple[int, int]) -> torch.Tensor:
+        """A plan and its `bucket(plan)` -> float32 logits [rows, vocab] in plan order (a view of
+        the graph's output buffer in GRAPH mode: valid until the next step)."""
+        self.fill(plan, bucket)
+        b, nb = bucket
         if self.mode is not DecodeMode.GRAPH:
             return self.forward(b, nb)[:len(plan)]
         if self.adapters.gather_generation != self._generation:  # stacks added: other ops now

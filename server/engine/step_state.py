@@ -107,11 +107,7 @@ class PrefillRow:
 
 @dataclass
 class StepState:
-    # per row (scheduled sequence), in packed order
-    q_lens: list[int]  # new tokens this step
-    ctx_lens: list[int]  # keys after this step (virtual prefix + computed + new)
-    kv_prefix_lens: list[int]  # virtual tokens in front of the row's own tokens (0 = none)
-    # per token: where each new token's K/V is written
+    # per token (rows packed in scheduled order): where each new token's K/V is written
     write_blocks: torch.Tensor  # [T] int64 pool block
     write_offsets: torch.Tensor  # [T] int64 position inside the block
     adapters: AdapterBatch

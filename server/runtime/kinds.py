@@ -75,11 +75,12 @@ class WeightKind(KindHandler):
     def to_device(self, ver, dtype: torch.dtype, device: torch.device) -> DeviceWeights:
         raise NotImplementedError
 
-    def install(self, layers: AdapterLayers, slot: int, weights: DeviceWeights) -> None:
-        """Put one slot's entries into the wrapped modules (the caller clears the slot on failure)."""
+    def install(self, layers: AdapterLayers, slot: int, weights: DeviceWeights) -> bool:
+        """Put one slot's entries into the wrapped modules (the caller clears the slot on failure).
+        -> whether every module's gathered stacks hold them too (fixed-shape steps may serve it)."""
         sites = layers.linears if self.site == "linear" else layers.sublayers
-        for key, w in weights.items():
-            sites[key].put(self, slot, w)
+        held = [sites[key].put(self, slot, w) for key, w in weights.items()]
+        return bool(held) and all(held)
 
     def apply(self, module, x: torch.Tensor, out: torch.Tensor, batch: AdapterBatch, per_slot: dict) -> None:
         """In place on `out` for this kind's slots; `per_slot`: slot -> this module's entry."""

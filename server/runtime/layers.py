@@ -38,12 +38,16 @@ class _SlotEntries:
     # only when gathered decode is on (DeviceRuntime.enable_gather), kept in step with `entries`
     gathered: dict
 
-    def put(self, kind, slot: int, weights) -> None:
+    def put(self, kind, slot: int, weights) -> bool:
+        """-> whether this module's gathered stacks of `kind` now hold the slot too (False: no
+        stacks, or weights wider than they are; such a slot is served by dynamic steps only)."""
         self.entries.setdefault(kind, {})[slot] = weights
         self.derived.pop(kind, None)
         stacks = self.gathered.get(kind)
-        if stacks is not None and stacks.fits(weights):
-            stacks.put(slot, weights)
+        if stacks is None or not stacks.fits(weights):
+            return False
+        stacks.put(slot, weights)
+        return True
 
     def clear(self, slot: int) -> None:
         for kind in list(self.entries):

@@ -254,10 +254,10 @@ class DeviceRuntime:
         else:
             self.stats["staged_installs"] += 1
         self._grow_stacks(kind, weights)
-        kind.install(self.layers, slot, weights)
+        gathered = kind.install(self.layers, slot, weights)
         if kind.mergeable:
             self.mergeable.add(slot)
-        if self._stacks_hold(kind, weights):
+        if gathered:
             self.gatherable.add(slot)
         self.stats["loads"] += 1
         if self.observer:
@@ -328,12 +328,6 @@ class DeviceRuntime:
         """Can one gathered (fixed-shape) step serve rows of these slots? Slot 0 always can; an
         adapter wider than its stacks (LoRA rank, bottleneck size) cannot."""
         return self.gather_widths is not None and all(s == 0 or s in self.gatherable for s in slots)
-
-    def _stacks_hold(self, kind: KindHandler, weights) -> bool:
-        if self.gather_widths is None or not getattr(kind, "gathers", False):
-            return False
-        sites = self._sites(kind)
-        return all(kind in sites[site].gathered and sites[site].gathered[kind].fits(w) for site, w in weights.items())
 
     # -- 3. prepare (runner, before every forward) ----------------------------------------
     def prepare(self, batch: AdapterBatch) -> None:
