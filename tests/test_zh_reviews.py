@@ -61,6 +61,18 @@ def test_corpus_with_other_bytes_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- full fine-tuning
 
 
+def test_train_args_pin_the_device(tmp_path):
+    """`--device cpu` keeps training on the CPU where a GPU is present; `cuda` lets it use the GPU."""
+    from peftserve.server.evaluation import compare_zh
+
+    def args(device):
+        return compare_zh.train_args("lora", 1e-3, 0, tmp_path / "d.jsonl", tmp_path / "o", "default",
+                                     compare_zh.FULL_BUDGET, device)
+
+    assert "--cpu" in args("cpu") and "--cpu" not in args("cuda")
+    assert compare_zh.parser().parse_args([]).device == "cpu"
+
+
 def test_full_finetuning_trains_every_weight_and_is_not_an_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 

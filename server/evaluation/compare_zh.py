@@ -199,12 +199,15 @@ def finished_report(run_dir: Path, budget: Budget, lr: float, seed: int) -> dict
     return r if ok else None
 
 
-def train_args(method: str, lr: float, seed: int, data: Path, out: Path, model: str, budget: Budget) -> list[str]:
+def train_args(method: str, lr: float, seed: int, data: Path, out: Path, model: str, budget: Budget,
+               device: str = "cpu") -> list[str]:
+    """train-adapter's argv for one run; on "cpu" it trains on the CPU even where a GPU is present
+    (otherwise accelerate places it on the GPU)."""
     return ["--method", method, "--data", str(data), "--output", str(out), "--model", model, "--lr", repr(lr),
             "--seed", str(seed), "--max-steps", str(budget.max_steps), "--batch-size", str(budget.batch_size),
             "--max-length", str(budget.max_length), "--eval-every", str(budget.max_steps),
             "--num-virtual-tokens", str(budget.num_virtual_tokens), "--eval-max-examples", "0",
-            "--no-progress", "--overwrite", "--cpu"]
+            "--no-progress", "--overwrite", *(["--cpu"] if device == "cpu" else [])]
 
 
 def train_subprocess(argv: list[str], out: Path) -> int:
@@ -258,7 +261,8 @@ class Comparison:
         from .serving_eval import LabelSpace, ServingEvaluator
 
         if self._evaluator is None:
-            self._evaluator = ServingEvaluator(self.model, max_model_len=self.budget.max_length + 64)
+            self._evaluator = ServingEvaluator(self.model, max_model_len=self.budget.max_length + 64,
+                                               device=self.ns.device)
             self.labels = LabelSpace.from_words(self._evaluator.tokenizer, zh.LABEL_WORDS)
         return self._evaluator
 
@@ -271,7 +275,8 @@ class Comparison:
             return None
         self.trained.add(run_dir)
         t0 = time.perf_counter()
-        rc = self.train(train_args(method, lr, seed, self.train_file, run_dir, self.model, self.budget), run_dir)
+        argv = train_args(method, lr, seed, self.train_file, run_dir, self.model, self.budget, self.ns.device)
+        rc = self.train(argv, run_dir)
         seconds = time.perf_counter() - t0
         report = finished_report(run_dir, self.budget, lr, seed)
         self.log(event="train", run=run_name(method, lr, seed), rc=rc, seconds=round(seconds, 1),
@@ -304,7 +309,7 @@ class Comparison:
 
         ev = self.evaluator()
         if method == FULL:  # a whole model, not an adapter: it is the base of its own engine
-            own = ServingEvaluator(run_dir, max_model_len=self.budget.max_length + 64)
+            own = ServingEvaluator(run_dir, max_model_len=self.budget.max_length + 64, device=self.ns.device)
             try:
                 result = own.classify(rows, self.labels, None, progress=None if self.ns.quick else split)
             finally:
@@ -390,6 +395,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-rows", type=int)
     p.add_argument("--seeds", help="comma list (default 0,1,2)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where training and the serving evaluation run (cuda: the first visible GPU; "
+                        "pick one with CUDA_VISIBLE_DEVICES)")
     return p
 
 
@@ -414,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(ns.threads)
+    if ns.quick:
+        ns.device = "cpu"  # the smoke test is CPU-sized: a tiny model on a handful of rows
     budget = budget_from(ns)
     ns.output = ns.output or f"runs/compare-{zh.TASK}{'-quick' if ns.quick else ''}"
     try:

@@ -48,11 +48,11 @@ class LabelSpace:
         return next((lab for lab, t in self.token_ids.items() if t == token_id), None)
 
 
-def engine_config(max_model_len: int = 256, max_batch_size: int = 32):
+def engine_config(max_model_len: int = 256, max_batch_size: int = 32, device: str = "cpu"):
     from peftserve.server.engine.config import EngineConfig
 
     return EngineConfig(max_batch_size=max_batch_size, max_model_len=max_model_len,
-                        max_num_batched_tokens=max(512, max_batch_size), max_adapters_per_batch=4)
+                        max_num_batched_tokens=max(512, max_batch_size), max_adapters_per_batch=4, device=device)
 
 
 class ServingEvaluator:
@@ -64,16 +64,16 @@ class ServingEvaluator:
     """
 
     def __init__(self, model: str | Path, *, max_model_len: int = 256, max_batch_size: int = 32,
-                 store: Path | None = None):
+                 store: Path | None = None, device: str = "cpu"):
         from peftserve.adapters.base_model import load_base_model
         from peftserve.server.build import build_engine
 
-        hf_model, self.tokenizer, self.model_dir = load_base_model(model)
+        hf_model, self.tokenizer, self.model_dir = load_base_model(model, device=device)
         self._tmp = None
         if store is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="peftserve-eval-store-")
             store = Path(self._tmp.name)
-        self.serving = build_engine(hf_model, self.tokenizer, engine_config(max_model_len, max_batch_size),
+        self.serving = build_engine(hf_model, self.tokenizer, engine_config(max_model_len, max_batch_size, device),
                                      store=Path(store))
 
     def add_adapter(self, path: Path, name: str) -> None:
