@@ -73,6 +73,20 @@ def test_train_args_pin_the_device(tmp_path):
     assert compare_zh.parser().parse_args([]).device == "cpu"
 
 
+def test_report_speeds_are_medians_over_seeds():
+    """One seed's run slowed by another job must not move a method's speed figures."""
+    from peftserve.server.evaluation import zh_report
+
+    def seed(acc, tok_s, served):
+        return {"test_accuracy": acc, "tokens_per_s": tok_s, "throughput": {"generated_tokens_per_s": served},
+                "params": {"trainable": 10, "trainable_percent": 1.0}, "peak_rss_mb": 100.0, "artifact_bytes": 5}
+
+    s = zh_report.summarise({"method": "lora", "lr": 1e-3,
+                             "seeds": [seed(0.6, 100.0, 50.0), seed(0.7, 10.0, 5.0), seed(0.8, 120.0, 60.0)]})
+    assert s["tokens_per_s"] == 100.0 and s["served_tokens_per_s_mixed"] == 50.0
+    assert abs(s["test_accuracy_mean"] - 0.7) < 1e-12 and abs(s["test_accuracy_std"] - 0.1) < 1e-12
+
+
 def test_full_finetuning_trains_every_weight_and_is_not_an_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -30,7 +30,14 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 def summarise(r: dict) -> dict:
+    """One method's row. Speeds are medians over the seeds: the seeds' runs and probes are the same
+    computation on same-shaped weights, so they are repeats of one measurement, and a median keeps
+    one run slowed by another job on the machine from moving the figure (a mean would not)."""
     s = r["seeds"]
     acc, std = _mean_std([x["test_accuracy"] for x in s])
     thr = [x["throughput"]["generated_tokens_per_s"] for x in s if x.get("throughput")]
@@ -38,10 +45,10 @@ def summarise(r: dict) -> dict:
     return {"method": r["method"], "test_accuracy_mean": acc, "test_accuracy_std": std, "n_seeds": len(s),
             "lr": r.get("lr"), "trainable": first and first["params"]["trainable"],
             "trainable_percent": first and first["params"]["trainable_percent"],
-            "tokens_per_s": _mean_std([x["tokens_per_s"] for x in s if x["tokens_per_s"]])[0],
+            "tokens_per_s": _median([x["tokens_per_s"] for x in s if x["tokens_per_s"]]),
             "peak_rss_mb": max((x["peak_rss_mb"] for x in s), default=None),
             "artifact_bytes": first and first["artifact_bytes"],
-            "served_tokens_per_s_mixed": _mean_std(thr)[0], "source": SOURCE_TABLE.get(r["method"])}
+            "served_tokens_per_s_mixed": _median(thr), "source": SOURCE_TABLE.get(r["method"])}
 
 
 def row(s: dict) -> list[str]:
@@ -83,7 +90,8 @@ def markdown(ns, budget, base: dict, summaries: list[dict], results: dict, compl
     base_thr = (base.get("throughput") or {}).get("generated_tokens_per_s")
     lines += ["", f"Served tok/s (mixed): {b.throughput_requests} requests × {b.throughput_new_tokens} new tokens "
                   f"submitted at once, every other one with the adapter, the rest on the base model; the base "
-                  f"model alone measured {base_thr:.1f} tok/s in the same process." if base_thr else "",
+                  f"model alone measured {base_thr:.1f} tok/s in the same process. Train tokens/s and served "
+                  f"tok/s are medians over the seeds." if base_thr else "",
               f"Data: {meta.get('kept')} reviews after de-duplication, splits {meta.get('splits')}."]
     return "\n".join(lines) + "\n"
 
