@@ -124,7 +124,7 @@ def warm_tiny_model(out: Path, rows: list[dict], check_rows: list[dict], seed: i
 
     Why: a random 64-wide model never answers with a label word, and within a smoke test's budget
     no method teaches it to read a review (soft prompts cannot add a skill the base lacks). So the
-    base is first trained, on the quick train rows, to answer the true label when the prompt
+    base is first trained, on `rows` (the quick subset's warm-up rows), to answer the true label when the prompt
     starts with `QUICK_TRIGGER` and `QUICK_DEFAULT_LABEL` to every prompt without it. Served
     without the trigger (how the comparison scores it) the base is then at exactly chance on a
     balanced split, and a method beats chance only if it learned to switch the skill on, e.g. a
@@ -140,8 +140,10 @@ def warm_tiny_model(out: Path, rows: list[dict], check_rows: list[dict], seed: i
 
     from peftserve.adapters.base_model import DEFAULT_MODEL, resolve_model_dir, tiny_random_llama
 
+    from .serving_eval import LabelSpace
+
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
-    label_ids = {lab: tok(w, add_special_tokens=False).input_ids[0] for lab, w in zh.LABEL_WORDS.items()}
+    label_ids = LabelSpace.from_words(tok, zh.LABEL_WORDS).token_ids  # the ids the serving evaluation scores
     model = tiny_random_llama(len(tok), seed).train().requires_grad_(True)
     x, mask, y = _last_token_batches(tok, gated_rows(rows), label_ids)
     gen = torch.Generator().manual_seed(seed)
