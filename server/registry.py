@@ -48,6 +48,7 @@ from peftserve.adapters.spec import BaseModelSpec
 from peftserve.adapters.combine import CombinationCache, check_items, combination_key
 from peftserve.adapters.errors import InvalidCombination
 
+from .engine.intra_op import hands_back
 from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
                      AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
 from .runtime.kinds import KINDS
@@ -153,6 +154,7 @@ class AdapterRegistry:
         (self.store / ".staging").mkdir(parents=True, exist_ok=True)
 
     # -- queries --------------------------------------------------------------------------
+    @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
     def resolve(self, selector) -> AdapterVersion:
         """A name -> its current version; a list of {name, weight} -> the combined LoRA."""
         if isinstance(selector, (list, tuple)):
@@ -211,6 +213,7 @@ class AdapterRegistry:
             break
         return ver, handle
 
+    @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
     def _stage(self, ver: AdapterVersion) -> None:
         stage = getattr(self.device, "stage", None)
         if stage is None or ver.is_combination:
@@ -300,6 +303,7 @@ class AdapterRegistry:
         return len(self._current)
 
     # -- mutations ------------------------------------------------------------------------
+    @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
     def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterVersion:
         """Validate (outside the lock: slow), then commit to disk and memory atomically."""
         check_name(name)
@@ -392,6 +396,7 @@ class AdapterRegistry:
         return self.add(name or Path(path).name, config, weights, replace=True)
 
     # -- one store shared by several processes (server/ray_serve) -------------------------
+    @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
     def refresh(self, name: str) -> AdapterVersion | None:
         """Bring `name` in line with the store's `CURRENT`, which another process sharing the
         directory may have replaced or deleted since this registry last looked. -> the current

@@ -28,6 +28,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator
 
+from . import intra_op
 from .engine import LLMEngine
 from .observer import EngineSnapshot
 from .request import ErrorCode, FinishReason, SamplingParams, Sequence, SeqStatus, TokenEvent
@@ -71,6 +72,9 @@ class AsyncEngine:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        # The engine thread is where torch's intra-op parallelism should run at full speed: the
+        # starting thread (which loaded the model) gives its OpenMP team back (intra_op.py).
+        intra_op.release()
         self.state = EngineState.RUNNING
         self._thread = threading.Thread(target=self._run, name="peftserve-engine", daemon=True)
         self._thread.start()
@@ -151,6 +155,7 @@ class AsyncEngine:
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         """The supervisor: run the loop; when it dies, fail what it held, reset, back off, rerun."""
+        intra_op.own()
         while True:
             try:
                 self._loop()

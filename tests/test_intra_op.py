@@ -1,0 +1,126 @@
+"""One OpenMP team per process (server/engine/intra_op.py): helper threads and the thread that
+starts the engine hand their libgomp teams back; the engine thread keeps its own.
+
+Checked by counting the process's OS threads (/proc/self/task) in a fresh interpreter with two
+torch threads, where a parallel op makes libgomp start one worker for the calling thread. Each
+check first shows the team exists (so a count that does not move cannot pass by accident)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftserve.server.engine import intra_op
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not Path("/proc/self/task").is_dir(),
+    reason="needs torch's OpenMP backend and /proc (Linux)")
+
+PRELUDE = r"""
+import json, os, threading, torch
+from peftserve.server.engine import intra_op
+torch.set_num_threads(2)
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def parallel_op():
+    torch.ones(1 << 20).add_(1)  # far above ATen's grain size: runs on the calling thread's team
+"""
+
+HELPER = PRELUDE + r"""
+out = {}
+def helper():
+    before = tasks()
+    parallel_op()
+    out["team"] = tasks() - before
+    out["released"] = intra_op.release()
+    out["after_release"] = tasks() - before
+    parallel_op()
+    out["team_again"] = tasks() - before
+    intra_op.own()
+    out["owner_released"] = intra_op.release()
+    out["owner_after"] = tasks() - before
+t = threading.Thread(target=helper)
+t.start(); t.join()
+print(json.dumps(out))
+"""
+
+START = PRELUDE + r"""
+from peftserve.server.engine.async_engine import AsyncEngine
+
+class IdleEngine:  # what AsyncEngine needs of an engine that never gets work
+    config = None
+    def snapshot(self, **_):
+        return None
+    def has_work(self):
+        return False
+
+base = tasks()
+parallel_op()
+team = tasks() - base
+aeng = AsyncEngine(IdleEngine(), idle_wait_s=0.01)
+aeng.start()  # the engine thread blocks on its command queue: no torch op of its own yet
+started = tasks() - base
+aeng.stop()
+print(json.dumps({"team": team, "after_start": started}))
+"""
+
+
+def run(script: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_release_frees_the_calling_threads_team_but_not_the_owners():
+    got = run(HELPER)
+    assert got["team"] == 1, got  # guard: the parallel op did start a worker for this thread
+    assert got["released"] is True and got["after_release"] == 0, got
+    assert got["team_again"] == 1, got  # a later op simply builds a new team
+    assert got["owner_released"] is False and got["owner_after"] == 1, got
+
+
+def test_starting_the_engine_thread_hands_the_starters_team_back():
+    got = run(START)
+    assert got["team"] == 1, got  # guard: the main thread had a team
+    assert got["after_start"] == 1, got  # its worker is gone; the engine thread is the one new thread
+
+
+def test_registry_entry_points_on_worker_threads_release(tmp_path, monkeypatch):
+    """add / resolve run on worker threads in the server: each hands its thread's team back
+    when it returns (the staging job `add` queues does too, on its own thread)."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftserve.adapters.spec import BaseModelSpec
+    from peftserve.server.registry import AdapterRegistry, RegistrySettings
+    from tests.tiny import tiny_llama
+
+    peft = get_peft_model(tiny_llama(0), LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "lora")
+    config = (tmp_path / "lora" / "adapter_config.json").read_bytes()
+    weights = (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
+    calls: list[str] = []
+    real = intra_op.release
+    monkeypatch.setattr(intra_op, "release", lambda: calls.append(threading.current_thread().name) or real())
+    reg = AdapterRegistry(BaseModelSpec.from_model(tiny_llama(0)), RegistrySettings(store=tmp_path / "store"))
+
+    seen = {}
+
+    def worker():
+        reg.add("a", config, weights)
+        seen["add"] = calls.count("api-worker")
+        reg.resolve("a")
+        seen["resolve"] = calls.count("api-worker") - seen["add"]
+
+    t = threading.Thread(target=worker, name="api-worker")
+    t.start()
+    t.join()
+    assert seen["add"] >= 1 and seen["resolve"] >= 1, (seen, calls)
