@@ -53,6 +53,33 @@ t.start(); t.join()
 print(json.dumps(out))
 """
 
+HELPER_JOB = PRELUDE + r"""
+out = {}
+@intra_op.hands_back
+def job():
+    before = tasks()
+    x = torch.ones(1 << 20).add_(1)
+    out["team_in_job"] = tasks() - before
+    out["threads_in_job"] = torch.get_num_threads()
+    out["sum"] = float(x.sum())
+def engine_like():
+    intra_op.own()
+    out["owner_serial"] = intra_op.serial()
+    before = tasks()
+    parallel_op()
+    out["owner_team"] = tasks() - before
+    out["owner_threads"] = torch.get_num_threads()
+def after_job():
+    job()
+    out["threads_after_job"] = torch.get_num_threads()
+for target in (after_job, engine_like):
+    t = threading.Thread(target=target)
+    t.start(); t.join()
+job()  # on the main thread too (a start-up preload): it keeps its count afterwards
+out["main_threads"] = torch.get_num_threads()
+print(json.dumps(out))
+"""
+
 START = PRELUDE + r"""
 from peftserve.server.engine.async_engine import AsyncEngine
 
@@ -86,6 +113,16 @@ def test_release_frees_the_calling_threads_team_but_not_the_owners():
     assert got["released"] is True and got["after_release"] == 0, got
     assert got["team_again"] == 1, got  # a later op simply builds a new team
     assert got["owner_released"] is False and got["owner_after"] == 1, got
+
+
+def test_helper_jobs_run_their_torch_ops_without_a_team():
+    got = run(HELPER_JOB)
+    assert got["team_in_job"] == 0 and got["threads_in_job"] == 1, got
+    assert got["sum"] == 2.0 * (1 << 20), got
+    assert got["threads_after_job"] == 2, got  # the count is the job's, not the thread's from then on
+    # the owner and every other thread keep the process-wide count (guard: the owner's op did start a team)
+    assert got["owner_serial"] is None and got["owner_team"] == 1 and got["owner_threads"] == 2, got
+    assert got["main_threads"] == 2, got
 
 
 def test_starting_the_engine_thread_hands_the_starters_team_back():
