@@ -48,6 +48,7 @@ from peftserve.adapters.spec import BaseModelSpec
 from peftserve.adapters.combine import CombinationCache, check_items, combination_key
 from peftserve.adapters.errors import InvalidCombination
 
+from .durable_write import write_durable
 from .engine.intra_op import hands_back
 from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
                      AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
@@ -650,10 +651,7 @@ def _hash_and_write_current(current_tmp: Path, config_bytes: bytes, weights_byte
 def _write_file(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durable(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

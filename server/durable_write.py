@@ -1,0 +1,84 @@
+"""Write a file's bytes durably (written and fsync'd), fast for the adapter store's large files.
+
+Why not just `write` + `fsync`: an upload's weights are written while the client waits for its
+201 (upload -> first token). A buffered write into the page cache first allocates and faults in
+a page per 4 KiB, which on the VMs we measured costs more than the disk: 7.4 MB took 18-23 ms
+to write + fsync buffered, vs 4.5 ms for the same bytes written with O_DIRECT from a buffer that
+is already resident (copying into a fresh buffer alone costs 7.5 ms of page faults). So large
+files are copied into a per-thread, page-aligned, reused buffer (`_DirectBuffer`, kept up to
+`KEEP_BYTES`) and written with O_DIRECT, then the file is cut to its length and fsync'd (the
+size and the metadata become durable too).
+
+Anything the direct path cannot do — a filesystem without O_DIRECT (tmpfs answers EINVAL), a
+short write, a file beyond what the buffer keeps — falls back to the plain buffered write +
+fsync. Either way, when `write_durable` returns, `path` holds exactly `data` on stable storage.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size (<= 4 KiB)
+DIRECT_MIN_BYTES = 1 << 20  # below this the page-cache path costs little
+KEEP_BYTES = 64 << 20  # largest buffer a writer thread keeps (the store writes on 2 threads)
+_local = threading.local()
+
+
+class _DirectBuffer:
+    """A page-aligned anonymous mapping, grown on demand and reused by one thread."""
+
+    def __init__(self):
+        self.map: mmap.mmap | None = None
+
+    def hold(self, data) -> int:
+        """Copy `data` to the buffer's start -> len(data) rounded up to ALIGN (the bytes past
+        len(data) are stale: the caller cuts the file to len(data))."""
+        n = len(data)
+        padded = -(-n // ALIGN) * ALIGN
+        if self.map is None or len(self.map) < padded:
+            if self.map is not None:
+                self.map.close()
+            self.map = mmap.mmap(-1, padded)  # anonymous mappings are page-aligned
+        self.map[:n] = data
+        return padded
+
+
+def write_durable(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+    """Create/truncate `path`, write `data`, fsync. Raises OSError like a plain write would."""
+    n = len(data)
+    if DIRECT_MIN_BYTES <= n <= KEEP_BYTES and hasattr(os, "O_DIRECT"):
+        try:
+            _write_direct(path, data)
+            return
+        except OSError:
+            pass  # no O_DIRECT here (or a short write): the plain path below rewrites the whole file
+    _write_buffered(path, data)
+
+
+def _write_buffered(path, data) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_direct(path, data) -> None:
+    buf = getattr(_local, "buffer", None)
+    if buf is None:
+        buf = _local.buffer = _DirectBuffer()
+    padded = buf.hold(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o644)
+    try:
+        with memoryview(buf.map) as whole, whole[:padded] as view:
+            if os.write(fd, view) != padded:  # a short O_DIRECT write cannot go on at an unaligned offset
+                raise OSError("short O_DIRECT write")
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
