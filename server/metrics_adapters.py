@@ -32,7 +32,7 @@ class AdapterMetrics:
                                registry=r)
         self.upload_bytes = Histogram("peftserve_adapter_upload_bytes", "Size of accepted adapter uploads.",
                                       buckets=BYTES_BUCKETS, registry=r)
-        self.upload_seconds = Histogram("peftserve_adapter_upload_seconds", "Upload handling time (validate + store).",
+        self.upload_seconds = Histogram("peftserve_adapter_upload_seconds", "Upload handling time once the body has arrived (parse, validate, store).",
                                         buckets=LOAD_BUCKETS, registry=r)
         self.state = None
         r.register(_AdapterCollector(self))

@@ -86,8 +86,13 @@ async def upload(request: Request):
         raise UnsupportedMediaType("POST /adapters takes multipart/form-data (name, adapter_config, adapter_model)")
     reg = _registry(request)
     metrics = get_state(request).metrics
-    t0 = time.perf_counter()
     try:
+        # The whole body first (the size middleware bounds it while it streams in): the handling
+        # time (peftserve_adapter_upload_seconds) then starts once the upload has arrived, so it
+        # measures our work, not the client's network, and the multipart parser reads it as one
+        # chunk instead of one callback per 64 KiB received.
+        await request.body()
+        t0 = time.perf_counter()
         # Limits leave room for one repeat of each part, so that a duplicate is reported as such.
         async with request.form(max_files=4, max_fields=4) as form:
             _refuse_ambiguous_parts(form)
