@@ -64,7 +64,8 @@ def build_runtime(hf_model, config: EngineConfig, observer=None) -> DeviceRuntim
     layers = AdapterLayers(hf_model)
     return DeviceRuntime(layers, config.max_adapters_per_batch, dtype=config.dtype, device=hf_model.device,
                          merge_policy=MergePolicy(config.merge_policy), merge_min_steps=config.merge_min_steps,
-                         observer=observer, adapter_dtype=config.adapter_dtype)
+                         observer=observer, adapter_dtype=config.adapter_dtype,
+                         max_adapter_bytes=config.max_adapter_bytes)
 
 
 def _registry(spec: BaseModelSpec, store: Path, settings: RegistrySettings | None,

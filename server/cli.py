@@ -146,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token budget of one engine step")
         p.add_argument("--max-waiting", type=_non_negative, default=d.max_waiting,
                        help="queued requests before 429 queue_full")
-        p.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch)
+        p.add_argument("--max-adapters-per-batch", type=_positive, default=d.max_adapters_per_batch,
+                       help="device slots: distinct weight adapters (LoRA, (IA)3, bottleneck) installed at once")
+        p.add_argument("--max-adapter-bytes", type=_bytes, default=d.max_adapter_bytes,
+                       help="device memory all installed weight adapters may take together (e.g. 2GiB; their "
+                            "entries at the storage dtype, a LoRA's transposed copies included): least recently "
+                            "used idle adapters are evicted to make room, requests wait while running ones "
+                            "hold it. Default 2 GiB")
         p.add_argument("--max-cpu-adapters", type=_positive, default=100_000,
                        help="count cap of adapters kept in host memory (--max-cpu-bytes is the budget that binds)")
         p.add_argument("--max-cpu-bytes", type=_positive, default=2 << 30,
@@ -267,7 +273,8 @@ def serve(args) -> int:
         config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                               kv_cache_bytes=args.kv_cache_bytes, kv_block_size=args.kv_block_size,
-                              max_adapters_per_batch=args.max_adapters_per_batch, merge_policy=args.merge_policy,
+                              max_adapters_per_batch=args.max_adapters_per_batch,
+                              max_adapter_bytes=args.max_adapter_bytes, merge_policy=args.merge_policy,
                               merge_min_steps=args.merge_min_steps, dtype=dtype, device=str(device),
                               adapter_dtype=parse_dtype(args.adapter_dtype, device),
                               decode_mode=args.decode_mode, max_lora_rank=args.max_lora_rank,

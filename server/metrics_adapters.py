@@ -93,6 +93,13 @@ class _AdapterCollector:
             errors.add_metric([reason], reg.store_errors.get(reason, 0))
         out = [g, tiers, mem, budget, hits, combos, errors]
         if device_tier:
+            out.append(GaugeMetricFamily("peftserve_adapter_device_bytes",
+                                         "Device memory reserved by installed weight adapters (LoRA, (IA)3, bottleneck).",
+                                         value=snap.adapter_device_bytes))
+            if snap.adapter_device_budget is not None:
+                out.append(GaugeMetricFamily("peftserve_adapter_device_budget_bytes",
+                                             "Device-memory budget of installed weight adapters (--max-adapter-bytes).",
+                                             value=snap.adapter_device_budget))
             out.append(_lora_info(snap))
         return out
 

@@ -208,6 +208,9 @@ async def test_metrics_and_adapter_listing_read_only_the_snapshot_while_a_step_i
         assert gauge(text, "peftserve_kv_cache_usage_perc") == snap.kv_blocks_used / snap.kv_blocks_total
         assert gauge(text, "peftserve_kv_cache_blocks", state="used") == snap.kv_blocks_used
         assert gauge(text, "peftserve_adapters_resident", tier="device") == 1
+        # the device byte budget as reserved by the engine thread (published, not walked here)
+        assert gauge(text, "peftserve_adapter_device_bytes") == snap.adapter_device_bytes > 0
+        assert gauge(text, "peftserve_adapter_device_budget_bytes") == server.engine.engine.config.max_adapter_bytes
         info = samples(text)["peftserve_lora_requests_info"][0].labels
         assert info == {"running_lora_adapters": "qv", "waiting_lora_adapters": "", "max_lora": "4"}
         assert samples(text)["vllm:lora_requests_info"][0].labels == info

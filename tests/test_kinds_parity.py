@@ -146,6 +146,9 @@ def test_every_kind_in_one_mixed_batch(tmp_path, artifacts):
         assert out == artifacts[job[0]][1][job[1]], job
     # soft prompts / prefixes were computed once per adapter version and then shared
     assert serving.runtime.stats["prefix_computes"] == 5
+    # the device byte budget reserves what each weight kind's installed entries really take
+    runtime = serving.runtime
+    assert runtime.resident >= 3 and runtime.slots.resident_bytes == runtime.device_bytes()
 
 
 def test_every_kind_mixed_under_kv_pressure_shares_prefixes_and_still_matches(tmp_path, artifacts):

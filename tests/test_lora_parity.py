@@ -76,8 +76,9 @@ def reference(lora_dirs):
     return out
 
 
-def _serving(tmp_path, lora_dirs, slots=8, batch=32):
-    cfg = EngineConfig(max_batch_size=batch, max_model_len=128, max_num_batched_tokens=64, max_adapters_per_batch=slots)
+def _serving(tmp_path, lora_dirs, slots=8, batch=32, **config):
+    cfg = EngineConfig(max_batch_size=batch, max_model_len=128, max_num_batched_tokens=64, max_adapters_per_batch=slots,
+                       **config)
     serving = build_engine(tiny_llama(0), StubTokenizer(), cfg, store=tmp_path / "store")
     for name, d in lora_dirs.items():
         serving.registry.import_dir(d, name)
@@ -117,6 +118,56 @@ def test_more_adapters_than_slots_wait_and_still_match(tmp_path, lora_dirs, refe
         assert out == reference[job], job
     assert serving.runtime.stats["evictions"] > 0
     assert serving.runtime.resident <= 2
+
+
+def test_a_device_byte_budget_evicts_and_waits_and_still_matches(tmp_path, lora_dirs, reference):
+    """--max-adapter-bytes smaller than the adapters together (8 slots, room for about two):
+    LRU idle adapters are evicted for bytes, requests wait while running ones hold the room,
+    every output still equals PEFT's, and the reserved bytes are exactly what the installed
+    entries take (the budget counts real bytes, not a guess)."""
+    probe = _serving(tmp_path / "probe", lora_dirs)
+    runtime = probe.runtime
+    need = {name: runtime.kinds[v.kind].device_nbytes(v, torch.float32)
+            for name in lora_dirs for v in [probe.registry.resolve(name)]}
+    budget = sum(sorted(need.values())[-2:])
+    assert budget < sum(need.values())  # guard: the adapters do not all fit
+    serving = _serving(tmp_path, lora_dirs, max_adapter_bytes=budget)
+    runtime = serving.runtime
+    seen = []
+    activate = runtime.activate
+
+    def checked(admitted, runner):
+        out = activate(admitted, runner)
+        seen.append((runtime.slots.resident_bytes, runtime.device_bytes()))
+        return out
+
+    runtime.activate = checked
+    jobs = [(name, i) for name in lora_dirs for i in (0, 3)]
+    for job, out in zip(jobs, _run(serving, jobs)):
+        assert out == reference[job], job
+    assert runtime.stats["evictions"] > 0
+    assert seen and all(reserved <= budget and installed == reserved for reserved, installed in seen), seen
+
+
+def test_room_for_picks_lru_victims_waits_on_pins_and_lets_a_lone_giant_in():
+    from peftserve.server.runtime.slots import DeviceSlots
+
+    slots = DeviceSlots(4, max_bytes=100)
+    for slot, (key, n) in enumerate([("a", 40), ("b", 30), ("c", 20)], start=1):
+        slots.assign(slot, key, n)
+        slots.pin(slot)
+        slots.unpin(slot)  # idle, in LRU order a, b, c
+    assert slots.room_for(10) == []  # 90 + 10 fits
+    assert slots.room_for(50) == [1]  # evict a (oldest): 50 + 50
+    assert slots.room_for(85) == [1, 2, 3]  # everything idle goes
+    slots.pin(1)  # a now runs
+    assert slots.room_for(61) is None  # a's 40 cannot be evicted: wait
+    assert slots.room_for(60) == [2, 3]
+    lone = DeviceSlots(2, max_bytes=100)
+    assert lone.room_for(500) == []  # larger than the budget, nothing resident: it runs alone
+    lone.assign(1, "x", 500)
+    lone.pin(1)
+    assert lone.room_for(1) is None
 
 
 def test_segmented_op_matches_reference():

@@ -117,9 +117,10 @@ def test_serve_ray_cli_takes_every_serve_flag():
     cfg = RayServeConfig.from_dict(config_from_args(args))
     assert (cfg.replicas, cfg.max_resident_adapters, cfg.max_batch_size, cfg.adapter_store, cfg.affinity) == \
         (3, 5, 4, "/s", False)
-    args = build_parser().parse_args(["serve-ray", "--kv-cache-bytes", "1GiB", "--kv-block-size", "32"])
+    args = build_parser().parse_args(["serve-ray", "--kv-cache-bytes", "1GiB", "--kv-block-size", "32",
+                                      "--max-adapter-bytes", "512MiB"])
     cfg = RayServeConfig.from_dict(config_from_args(args))
-    assert (cfg.kv_cache_bytes, cfg.kv_block_size) == (1 << 30, 32)
+    assert (cfg.kv_cache_bytes, cfg.kv_block_size, cfg.max_adapter_bytes) == (1 << 30, 32, 512 << 20)
 
 
 def test_no_serve_flag_is_silently_dropped_by_serve_ray():

@@ -28,6 +28,10 @@ class EngineConfig:
     # grouped stacks (~3x); 32 LoRAs of ranks 8..64 read 442 MB (fp32) per decode step. 8 slots thrash
     # with 32 adapters in the traffic (issue 13).
     max_adapters_per_batch: int = 32
+    # Device bytes all installed weight adapters may take together (their entries at the storage
+    # dtype: a LoRA's A, B and transposes; not the derived stacks). Bounds the device tier by memory, whatever the slot
+    # count: 32 r8-64 q,k,v,o LoRAs of the default model take 0.9 GB in float32. None = no bound.
+    max_adapter_bytes: int | None = 2 << 30
     merge_policy: str = "never"  # "single-adapter": fold a lone LoRA into the base weights
     merge_min_steps: int = 4  # consecutive single-adapter steps before merging
     dtype: torch.dtype = torch.float32
@@ -50,5 +54,7 @@ class EngineConfig:
         if (self.decode_mode not in ("auto", "dynamic", "static", "graph") or self.max_lora_rank < 1
                 or self.max_bottleneck_size < 1):
             raise ValueError("decode_mode must be auto|dynamic|static|graph, max_lora_rank and max_bottleneck_size >= 1")
+        if self.max_adapter_bytes is not None and self.max_adapter_bytes < 1:
+            raise ValueError("max_adapter_bytes >= 1 (or None for no byte bound) required")
         if self.adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16 (got {self.adapter_dtype})")

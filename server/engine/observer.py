@@ -68,6 +68,8 @@ class EngineSnapshot:
     adapter_slots_total: int | None = None
     device_versions: frozenset[str] = frozenset()  # version keys installed in a device slot
     pinned_versions: frozenset[str] = frozenset()  # ... of which a running sequence uses these
+    adapter_device_bytes: int = 0  # device bytes reserved by the installed weight adapters
+    adapter_device_budget: int | None = None  # --max-adapter-bytes (None: no byte bound)
     steps: int = 0  # engine steps that processed tokens since the AsyncEngine was made
     resets: int = 0  # supervisor resets of the engine's per-request state (crashed loops)
 
@@ -104,6 +106,8 @@ class DeviceResidency:
     versions: frozenset[str]  # version keys installed in a slot
     pinned: frozenset[str]  # ... of which a running sequence uses these
     prefix_blocks: int = 0  # KV pool blocks held by cached KV prefixes
+    device_bytes: int = 0  # bytes reserved by the installed weight adapters
+    device_budget: int | None = None  # their byte budget (None: none)
 
 
 def device_residency(residency: DeviceResidency | None) -> dict:
@@ -111,4 +115,5 @@ def device_residency(residency: DeviceResidency | None) -> dict:
     if residency is None:
         return {}
     return {"adapter_slots_total": residency.slots_total, "device_versions": residency.versions,
-            "pinned_versions": residency.pinned, "kv_prefix_blocks": residency.prefix_blocks}
+            "pinned_versions": residency.pinned, "kv_prefix_blocks": residency.prefix_blocks,
+            "adapter_device_bytes": residency.device_bytes, "adapter_device_budget": residency.device_budget}

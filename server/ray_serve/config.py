@@ -34,6 +34,7 @@ class RayServeConfig:
     max_lora_rank: int = 64
     max_bottleneck_size: int = 256
     max_adapters_per_batch: int = 32
+    max_adapter_bytes: int | None = 2 << 30  # device memory of installed weight adapters, per replica
     max_cpu_adapters: int = 100_000  # RegistrySettings': max_cpu_bytes binds
     max_cpu_bytes: int = 2 << 30
     merge_policy: str = "never"

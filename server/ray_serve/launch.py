@@ -17,7 +17,7 @@ log = logging.getLogger("peftserve.server.ray_serve.launch")
 # serve flags that carry over into RayServeConfig under the same name (dashes -> underscores)
 _SHARED = ("model", "dtype", "adapter_dtype", "device", "max_batch_size", "max_model_len", "max_num_batched_tokens", "max_waiting",
            "kv_cache_bytes", "kv_block_size", "decode_mode", "max_lora_rank", "max_bottleneck_size",
-           "max_adapters_per_batch", "max_cpu_adapters", "max_cpu_bytes", "merge_policy", "merge_min_steps",
+           "max_adapters_per_batch", "max_adapter_bytes", "max_cpu_adapters", "max_cpu_bytes", "merge_policy", "merge_min_steps",
            "adapter_store", "api_key", "admin_key", "max_body_bytes", "max_upload_bytes", "threads", "ui", "docs",
            "max_combinations", "strict_base", "vllm_metric_names")
 

@@ -61,15 +61,17 @@ class DeviceRuntime:
     def __init__(self, layers: AdapterLayers, num_slots: int, dtype: torch.dtype, device: torch.device,
                  merge_policy: MergePolicy = MergePolicy.NEVER, merge_min_steps: int = 4,
                  max_prefix_bytes: int = 512 << 20, observer=None,
-                 kinds: Mapping[AdapterKind, KindHandler] = KINDS, adapter_dtype: torch.dtype = torch.float32):
+                 kinds: Mapping[AdapterKind, KindHandler] = KINDS, adapter_dtype: torch.dtype = torch.float32,
+                 max_adapter_bytes: int | None = None):
         """observer: `on_adapter_load(ver, seconds)`, `on_adapter_evict()` (metrics) or None.
         adapter_dtype: storage dtype of kinds with `weight_dtype == "adapter"` (LoRA); the others
-        are stored in the model dtype `dtype`."""
+        are stored in the model dtype `dtype`. max_adapter_bytes: device bytes all installed weight
+        adapters may take together (None: only `num_slots` bounds them)."""
         self.layers = layers
         self.kinds = dict(kinds)
         self.dtype, self.device = dtype, device  # where and how weight adapters are installed
         self.adapter_dtype = adapter_dtype
-        self.slots = DeviceSlots(num_slots)
+        self.slots = DeviceSlots(num_slots, max_adapter_bytes)
         self.prefixes = PrefixCache(max_prefix_bytes)
         self.merger = Merger(merge_policy, merge_min_steps)
         self.mergeable: set[int] = set()  # slots holding a kind the merger may fold in (LoRA)
@@ -119,7 +121,8 @@ class DeviceRuntime:
         keys = self.slots.slot_key
         return DeviceResidency(self.num_slots, frozenset(keys.values()),
                                frozenset(k for slot, k in keys.items() if self.slots.busy(slot)),
-                               sum(len(p.blocks) for p in self.prefixes.prefixes.values()))
+                               sum(len(p.blocks) for p in self.prefixes.prefixes.values()),
+                               self.slots.resident_bytes, self.slots.max_bytes)
 
     # -- 0. stage (any thread) -------------------------------------------------------------
     def stage(self, ver) -> bool:
@@ -194,15 +197,31 @@ class DeviceRuntime:
         if slot is not None:
             self.stats["hits"] += 1
         else:
+            nbytes = self._device_nbytes(ver)
+            victims = self.slots.room_for(nbytes)
+            if victims is None:
+                return None  # pinned adapters of running requests hold the byte budget: wait
+            for victim in victims:
+                self._evict(victim)
             slot, evicted = self.slots.free_slot()
             if slot is None:
                 return None  # all slots pinned by running requests of other adapters: wait
             if evicted is not None:
                 self._count_eviction()
-            self.slots.assign(slot, ver.key)
+            self.slots.assign(slot, ver.key, nbytes)
             self._pending[slot] = ver
         self.slots.pin(slot)
         return slot
+
+    def _device_nbytes(self, ver) -> int:
+        """What `ver`'s install will take of the byte budget. Reserve runs in the scheduler, where
+        an exception would stop the step for everyone: a version whose weights cannot be measured
+        counts its host size (its install then fails for its own requests alone)."""
+        kind = self.kinds[ver.kind]
+        try:
+            return kind.device_nbytes(ver, self._weight_dtype(kind))
+        except Exception:
+            return int(getattr(ver, "nbytes", 0) or 0)
 
     # -- 2. activate (engine, newly admitted sequences) -----------------------------------
     def activate(self, admitted: list[Sequence], runner: ModelRunner) -> list[tuple[Sequence, Exception]]:

@@ -3,8 +3,11 @@ KV prefixes of prompt adapters. Pure bookkeeping: nothing here copies weights or
 (server/runtime/runtime.py does, in `activate`).
 
 - Weight adapters (LoRA, (IA)3, bottleneck) live in one of `num_slots` device slots (slot 0 =
-  none). A slot is pinned while any running sequence uses it; unpinned slots are evicted LRU.
-  When every slot is pinned by other adapters, a new adapter's request waits (never fails).
+  none), and together in at most `max_bytes` of device memory (`--max-adapter-bytes`: the
+  entries' bytes, reserved when the slot is). A slot is pinned while any running sequence uses
+  it; unpinned slots are evicted LRU, for a free slot or for bytes. When pinned adapters leave
+  no slot or no room, a new adapter's request waits (never fails); one adapter larger than the
+  whole budget still runs, alone.
 - Prompt adapters become a per-layer KV prefix computed once per adapter *version* (content
   hash, never the name) into blocks of the engine's paged KV pool, and referenced in place by
   every sequence of that version (`Sequence.kv_prefix_blocks`): after the first request a
@@ -31,10 +34,12 @@ class KVPrefix:
 class DeviceSlots:
     """slot <-> version key, pins and the LRU order of unpinned resident slots."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, max_bytes: int | None = None):
         self.num_slots = num_slots
+        self.max_bytes = max_bytes  # None: slots alone bound the device tier
         self.slot_key: dict[int, str] = {}  # slot -> adapter version key
         self.key_slot: dict[str, int] = {}
+        self.slot_bytes: dict[int, int] = {}  # slot -> device bytes reserved for its adapter
         self.pins: dict[int, int] = {}  # slot -> running sequences using it
         self.lru: OrderedDict[int, None] = OrderedDict()  # unpinned resident slots, oldest first
 
@@ -50,12 +55,33 @@ class DeviceSlots:
         slot, _ = self.lru.popitem(last=False)  # least recently used unpinned slot
         return slot, self.unassign(slot)
 
-    def assign(self, slot: int, key: str) -> None:
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.slot_bytes.values())
+
+    def room_for(self, nbytes: int) -> list[int] | None:
+        """Unpinned slots to evict, least recently used first, so that `nbytes` more fit the byte
+        budget; None when they cannot (pinned adapters hold the room: wait). Nothing changes here."""
+        if self.max_bytes is None:
+            return []
+        resident, victims = self.resident_bytes, []
+        for slot in self.lru:
+            if resident + nbytes <= self.max_bytes:
+                break
+            victims.append(slot)
+            resident -= self.slot_bytes.get(slot, 0)
+        if resident + nbytes <= self.max_bytes or resident == 0:  # resident == 0: it runs alone
+            return victims
+        return None
+
+    def assign(self, slot: int, key: str, nbytes: int = 0) -> None:
         self.slot_key[slot], self.key_slot[key] = key, slot
+        self.slot_bytes[slot] = nbytes
 
     def unassign(self, slot: int) -> str:
         key = self.slot_key.pop(slot)
         del self.key_slot[key]
+        self.slot_bytes.pop(slot, None)
         self.pins.pop(slot, None)
         self.lru.pop(slot, None)
         return key
@@ -78,6 +104,7 @@ class DeviceSlots:
     def reset(self) -> None:
         self.slot_key.clear()
         self.key_slot.clear()
+        self.slot_bytes.clear()
         self.pins.clear()
         self.lru.clear()
 
