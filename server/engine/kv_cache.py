@@ -36,7 +36,7 @@ NULL_BLOCK = 0
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """K and V of one token over all layers."""
-    return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * kv_heads * head_dim * dtype.itemsize
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

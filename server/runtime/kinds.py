@@ -78,7 +78,7 @@ class WeightKind(KindHandler):
     def device_nbytes(self, ver, dtype: torch.dtype) -> int:
         """Bytes its installed entries will take in `dtype` (the device byte budget reserves this
         before the install). Default: the host weights (float32 as validated) at `dtype`'s size."""
-        return int(ver.nbytes) * _itemsize(dtype) // 4
+        return int(ver.nbytes) * dtype.itemsize // 4
 
     def install(self, layers: AdapterLayers, slot: int, weights: DeviceWeights) -> bool:
         """Put one slot's entries into the wrapped modules (the caller clears the slot on failure).
@@ -118,10 +118,6 @@ class PromptKind(KindHandler):
         return {"num_virtual_tokens": int(loaded.weights.num_virtual_tokens)}
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def host_weights(ver):
     """The validated host-memory weights of a version (the request's handle holds them)."""
     if ver.loaded is None:
@@ -149,7 +145,7 @@ class LoraKind(WeightKind):
 
     def device_nbytes(self, ver, dtype):
         # LoraSlotWeights holds A and B and their transposed copies (LoraSlotWeights.nbytes)
-        return 2 * int(ver.nbytes) * _itemsize(dtype) // 4
+        return 2 * int(ver.nbytes) * dtype.itemsize // 4
 
     def apply(self, module, x, out, batch, per_slot):
         # module.derived[self]: stacked weights per slot tuple, emptied whenever the slots change
@@ -205,7 +201,7 @@ class BottleneckKind(WeightKind):
         # the host tensors keep the file's dtype (bf16 files stay bf16): count elements, not bytes
         layers = host_weights(ver).weights.layers
         return sum(x.numel() for by_pos in layers.values() for t in by_pos.values()
-                   for x in (t.down_weight, t.down_bias, t.up_weight, t.up_bias)) * _itemsize(dtype)
+                   for x in (t.down_weight, t.down_bias, t.up_weight, t.up_bias)) * dtype.itemsize
 
     def to_device(self, ver, dtype, device):
         loaded = host_weights(ver)
