@@ -15,10 +15,11 @@ own bounds). Every violation, and any malformed body, raises `FormError` (-> 400
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import FormData
 
 
 class FormError(ValueError):
@@ -33,21 +34,6 @@ class FilePart:
     data: memoryview | bytes
 
 
-@dataclass
-class Form:
-    items: list[tuple[str, str | FilePart]] = field(default_factory=list)
-
-    def getlist(self, name: str) -> list[str | FilePart]:
-        return [v for k, v in self.items if k == name]
-
-    def get(self, name: str) -> str | FilePart | None:
-        values = self.getlist(name)
-        return values[0] if values else None
-
-    def keys(self) -> set[str]:
-        return {k for k, _ in self.items}
-
-
 def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
@@ -56,12 +42,12 @@ def _decode(raw: bytes) -> str:
 
 
 class _Collector:
-    """python-multipart callbacks -> Form (one part at a time)."""
+    """python-multipart callbacks -> the (name, value) items of the form, one part at a time."""
 
     def __init__(self, body: bytes, max_files: int, max_fields: int, max_field_bytes: int):
         self.body, self.view = body, memoryview(body)
         self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
-        self.form = Form()
+        self.items: list[tuple[str, str | FilePart]] = []
         self.files = self.fields = 0
         self._reset()
 
@@ -114,14 +100,15 @@ class _Collector:
         else:
             value = b"".join(self.pieces)
         if self.filename is None:
-            self.form.items.append((self.name, _decode(bytes(value))))
+            self.items.append((self.name, _decode(bytes(value))))
         else:
-            self.form.items.append((self.name, FilePart(self.filename, value)))
+            self.items.append((self.name, FilePart(self.filename, value)))
 
 
 def parse_form(body: bytes, content_type: str, *, max_files: int, max_fields: int,
-               max_field_bytes: int = 1 << 20) -> Form:
-    """The parts of a multipart/form-data `body` (bytes: immutable, so views into it are safe)."""
+               max_field_bytes: int = 1 << 20) -> FormData:
+    """The parts of a multipart/form-data `body` (bytes: immutable, so views into it are safe), as
+    starlette's multidict (every repeat kept: the route refuses them)."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -136,4 +123,4 @@ def parse_form(body: bytes, content_type: str, *, max_files: int, max_fields: in
         parser.finalize()
     except FormParserError as exc:
         raise FormError(f"invalid multipart data: {exc}") from None
-    return collector.form
+    return FormData(collector.items)
