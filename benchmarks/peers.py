@@ -357,10 +357,9 @@ def floor_of(base_n: int, adapter_n: int, flags: str) -> tuple[float, str, str]:
     return b / (b + a), dtype, adtype
 
 
-def best_vllm(res: dict, case: str) -> tuple[float, str] | None:
-    """The best vLLM-CPU tok/s of a row over the dtypes it ran with, and that dtype."""
-    got = [(v[case]["tok_s"], d) for d, v in res.get("vllm", {}).items() if case in v]
-    return max(got) if got else None
+def best_vllm(res: dict, case: str) -> float | None:
+    """The best vLLM-CPU tok/s of a row over the dtypes it ran with."""
+    return max((v[case]["tok_s"] for v in res.get("vllm", {}).values() if case in v), default=None)
 
 
 def render(res: dict, args, base_n: int, adapter_n: int) -> str:
@@ -372,7 +371,7 @@ def render(res: dict, args, base_n: int, adapter_n: int) -> str:
         extra = []
         peer = best_vllm(res, case)
         if peer:
-            extra.append(f"{x[case]['tok_s'] / peer[0]:.2f}x")
+            extra.append(f"{x[case]['tok_s'] / peer:.2f}x")
         if with_base:
             extra.append(f"{x[case]['tok_s'] / x['base']['tok_s']:.2f}x of its own base")
         return s + (f" ({'; '.join(extra)})" if extra else "")
