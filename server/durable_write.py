@@ -9,9 +9,14 @@ files are copied into a per-thread, page-aligned, reused buffer (`_DirectBuffer`
 `KEEP_BYTES`) and written with O_DIRECT, then the file is cut to its length and fsync'd (the
 size and the metadata become durable too).
 
+`sync_dir(path)` makes a directory's entries durable (a created, renamed or removed name):
+fsyncing a file does not persist its name, and a rename is only durable once its directory is
+fsync'd.
+
 Anything the direct path cannot do — a filesystem without O_DIRECT (tmpfs answers EINVAL), a
 short write, a file beyond what the buffer keeps — falls back to the plain buffered write +
 fsync. Either way, when `write_durable` returns, `path` holds exactly `data` on stable storage.
+`write_all_durable` does the same for several files, fsyncing them together (see there why).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+
+import numpy as np
 
 ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size (<= 4 KiB)
 DIRECT_MIN_BYTES = 1 << 20  # below this the page-cache path costs little
@@ -41,34 +48,59 @@ class _DirectBuffer:
             if self.map is not None:
                 self.map.close()
             self.map = mmap.mmap(-1, padded)  # anonymous mappings are page-aligned
-        self.map[:n] = data
+        # numpy's copy releases the GIL (a slice assignment into the mmap holds it for the ~1 ms
+        # of a 7.4 MB memcpy, while validation of the same upload waits for it on another core)
+        np.copyto(np.frombuffer(self.map, dtype=np.uint8, count=n), np.frombuffer(data, dtype=np.uint8))
         return padded
 
 
 def write_durable(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
     """Create/truncate `path`, write `data`, fsync. Raises OSError like a plain write would."""
+    write_all_durable([(path, data)])
+
+
+def write_all_durable(files: list[tuple[str | os.PathLike, bytes | bytearray | memoryview]]) -> None:
+    """`write_durable` for several files: all written first, then all fsync'd. Why: each fsync of
+    a freshly written file commits the filesystem's journal, and a commit waits for the one
+    before it; measured beside an upload's validation, a small file's write + fsync ahead of the
+    weights' took 4-6 ms. Written first, the files' metadata share one commit, and the later
+    fsyncs find little left to do. Raises OSError like a plain write would (files may then be
+    partly written: the caller discards them)."""
+    fds: list[int] = []
+    try:
+        for path, data in files:
+            fds.append(_write(path, data))
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _write(path, data) -> int:
+    """Create/truncate `path` and write `data` -> the open descriptor (not yet fsync'd)."""
     n = len(data)
     if DIRECT_MIN_BYTES <= n <= KEEP_BYTES and hasattr(os, "O_DIRECT"):
         try:
-            _write_direct(path, data)
-            return
+            return _write_direct(path, data)
         except OSError:
             pass  # no O_DIRECT here (or a short write): the plain path below rewrites the whole file
-    _write_buffered(path, data)
+    return _write_buffered(path, data)
 
 
-def _write_buffered(path, data) -> None:
+def _write_buffered(path, data) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         view, done = memoryview(data).cast("B"), 0
         while done < len(view):
             done += os.write(fd, view[done:])
-        os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
-def _write_direct(path, data) -> None:
+def _write_direct(path, data) -> int:
     buf = getattr(_local, "buffer", None)
     if buf is None:
         buf = _local.buffer = _DirectBuffer()
@@ -79,6 +111,16 @@ def _write_direct(path, data) -> None:
             if os.write(fd, view) != padded:  # a short O_DIRECT write cannot go on at an unaligned offset
                 raise OSError("short O_DIRECT write")
         os.ftruncate(fd, len(data))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory: its entries (names created or renamed into it) become durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -64,3 +64,26 @@ def test_the_direct_path_is_taken_where_the_filesystem_has_it(tmp_path, monkeypa
     data = os.urandom(dw.DIRECT_MIN_BYTES + 1)
     dw.write_durable(tmp_path / "f", data)
     assert not fallbacks and (tmp_path / "f").read_bytes() == data
+
+
+def test_several_files_are_all_written_then_all_fsynced(tmp_path, monkeypatch):
+    """write_all_durable: one journal commit for all (every write before the first fsync), each
+    file fsync'd, each holding exactly its bytes (one direct, one buffered)."""
+    events = []
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, b: events.append(("write", fd)) or real_write(fd, b))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", fd)) or real_fsync(fd))
+    files = [(tmp_path / "big", os.urandom(dw.DIRECT_MIN_BYTES + 5)), (tmp_path / "small", b"{}")]
+    dw.write_all_durable(files)
+    kinds = [e for e, _ in events]
+    assert kinds.index("fsync") > max(i for i, k in enumerate(kinds) if k == "write")
+    assert len({fd for e, fd in events if e == "fsync"}) == 2
+    assert all(path.read_bytes() == data for path, data in files)
+
+
+def test_sync_dir_fsyncs_the_directory(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    dw.sync_dir(tmp_path)
+    assert synced == [str(tmp_path)]
