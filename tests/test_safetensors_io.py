@@ -7,21 +7,37 @@ import json
 import pickle
 import random
 import struct
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as st_load
 
 from peftserve.adapters.errors import AdapterError
-from peftserve.adapters.safetensors_io import read_safetensors, write_safetensors
+from peftserve.adapters.safetensors_io import borrowed_safetensors, read_safetensors, write_safetensors
 from peftserve.server.errors import http_status
 
 MB = 1 << 20
 
 
+READER = "owned"
+
+
+@pytest.fixture(autouse=True, params=["owned", "borrowed"])
+def reader(request, monkeypatch):
+    """Every test runs against both readers: `read_safetensors` (owned copies) and
+    `borrowed_safetensors` (views, valid inside its block): the same checks, the same result."""
+    monkeypatch.setattr(sys.modules[__name__], "READER", request.param)
+    return request.param
+
+
 def read(data, **kw):
     kw.setdefault("max_bytes", 16 * MB)
-    return read_safetensors(data, **kw)
+    if READER == "owned":
+        return read_safetensors(data, **kw)
+    with borrowed_safetensors(data, **kw) as tensors:
+        return {k: v.clone() for k, v in tensors.items()}
 
 
 def raw_file(header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> bytes:
@@ -285,3 +301,67 @@ def test_random_corruption_never_crashes():
             assert http_status(exc) in (413, 415, 422)
         else:
             assert all(torch.isfinite(t).all() for t in out.values())
+
+
+# ------------------------------------------------------------------------------------------
+# borrowed views: where they point
+
+
+def _inside(t: torch.Tensor, buf) -> bool:
+    start = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    return start <= t.data_ptr() < start + len(memoryview(buf).cast("B"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_borrowed_views_alias_an_aligned_buffer_and_equal_the_owned_copies(dtype):
+    tensors = {"a": torch.randn(3, 4).to(dtype), "b": torch.randn(7).to(dtype)}
+    data = write_safetensors(tensors)
+    owned = read_safetensors(data, max_bytes=MB)
+    with borrowed_safetensors(data, max_bytes=MB) as views:
+        assert all(_inside(v, data) for v in views.values())  # no copy was made
+        assert all(torch.equal(views[k], owned[k]) for k in tensors)
+    assert not any(_inside(v, data) for v in owned.values())  # guard: owned copies really are copies
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_borrowed_views_of_a_misaligned_buffer_are_aligned_copies(shift):
+    """A file part at an odd offset of a multipart body: never a misaligned float view (compiled
+    loops may assume element alignment), so the region is copied once into scratch memory."""
+    tensors = {"a": torch.randn(5, 3), "b": torch.randn(2, 2).to(torch.bfloat16)}
+    body = bytearray(b"#" * (64 + shift) + write_safetensors(tensors) + b"--")
+    data = memoryview(body)[64 + shift: len(body) - 2]
+    assert np.frombuffer(data, dtype=np.uint8).ctypes.data % 4 != 0  # guard: really misaligned
+    with borrowed_safetensors(data, max_bytes=MB) as views:
+        assert views and all(v.data_ptr() % v.element_size() == 0 for v in views.values())
+        assert not any(_inside(v, body) for v in views.values())
+        assert all(torch.equal(views[k], tensors[k]) for k in tensors)
+
+
+def test_borrowed_scratch_reuse_never_changes_what_an_owner_copied():
+    """Two misaligned reads in a row share the scratch buffer: copies taken from the first
+    block stay as they were."""
+    first, second = {"w": torch.randn(64, 8)}, {"w": torch.randn(64, 8)}
+    kept = []
+    for tensors in (first, second):
+        body = b"x" + write_safetensors(tensors)
+        with borrowed_safetensors(memoryview(body)[1:], max_bytes=MB) as views:
+            kept.append(views["w"].clone())
+    assert torch.equal(kept[0], first["w"]) and torch.equal(kept[1], second["w"])
+
+
+def test_a_header_seen_before_is_not_parsed_again_and_errors_are_never_remembered(monkeypatch):
+    import peftserve.adapters.safetensors_io as sio
+
+    sio._layout_cached.cache_clear()
+    parsed = []
+    real = sio._parse_entry
+    monkeypatch.setattr(sio, "_parse_entry", lambda *a: parsed.append(a[0]) or real(*a))
+    data = write_safetensors({"a": torch.randn(3, 4), "b": torch.randn(5)})
+    first = read(data)
+    assert sorted(parsed) == ["a", "b"]
+    again = read(data[:8] + data[8:-4] + struct.pack("<f", 7.0))  # same header, other values
+    assert sorted(parsed) == ["a", "b"]  # not parsed again ...
+    assert torch.equal(again["a"], first["a"]) and again["b"][-1] == 7.0  # ... and the values are the new file's
+    expect(data + b"\0" * 4, "invalid_safetensors")  # same header, a longer region: checked again (tiling)
+    expect(data + b"\0" * 4, "invalid_safetensors")  # and still refused: the error was not kept
+    assert parsed.count("a") >= 3
