@@ -33,7 +33,7 @@ from .errors import (
 from .ia3 import load_ia3
 from .lora import load_lora
 from .prompt_learning import load_prompt_learning
-from .safetensors_io import read_safetensors
+from .safetensors_io import borrowed_safetensors, read_safetensors
 from .spec import BaseModelSpec
 
 # The two files of an adapter directory (PEFT's save_pretrained names): the one definition.
@@ -66,11 +66,25 @@ class LoadedAdapter:
 def content_hash(config_bytes: bytes, weights_bytes: bytes | memoryview) -> str:
     """sha256 of the config length (8 bytes LE), the config, then the weights: the length prefix
     makes the (config, weights) split unambiguous."""
-    h = hashlib.sha256()
-    h.update(len(config_bytes).to_bytes(8, "little"))
-    h.update(config_bytes)
-    h.update(weights_bytes)
-    return h.hexdigest()
+    hasher = ContentHasher(config_bytes)
+    hasher.update(weights_bytes)
+    return hasher.hexdigest()
+
+
+class ContentHasher:
+    """`content_hash` as the weights arrive (the upload route hashes them while the body streams
+    in): the config first, then `update` with each piece of the weights, in order."""
+
+    def __init__(self, config_bytes: bytes):
+        self._sha = hashlib.sha256()
+        self._sha.update(len(config_bytes).to_bytes(8, "little"))
+        self._sha.update(config_bytes)
+
+    def update(self, piece: bytes | memoryview) -> None:
+        self._sha.update(piece)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def _short_name(name: str) -> str:
@@ -143,15 +157,18 @@ _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-hash")
 
 
 def _parse_weights(kind: AdapterKind, cfg: Any, weights_bytes, spec: BaseModelSpec, limits: AdapterLimits) -> Any:
-    tensors = read_safetensors(weights_bytes, max_bytes=limits.max_bytes, max_header_bytes=limits.max_header_bytes)
-    if kind is AdapterKind.LORA:
-        weights = load_lora(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
-    elif kind is AdapterKind.IA3:
-        weights = load_ia3(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
-    elif kind in PROMPT_LEARNING_KINDS:
-        weights = load_prompt_learning(cfg, tensors, spec)
-    else:
-        weights = _load_bottleneck(cfg, tensors, spec)
+    bounds = {"max_bytes": limits.max_bytes, "max_header_bytes": limits.max_header_bytes}
+    if kind is AdapterKind.LORA:  # copies every tensor itself: read without a copy of our own
+        with borrowed_safetensors(weights_bytes, **bounds) as tensors:
+            weights = load_lora(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
+    else:  # these loaders keep the tensors they are given: they get owned copies
+        tensors = read_safetensors(weights_bytes, **bounds)
+        if kind is AdapterKind.IA3:
+            weights = load_ia3(cfg, tensors, spec, regex_budget_s=limits.regex_budget_s)
+        elif kind in PROMPT_LEARNING_KINDS:
+            weights = load_prompt_learning(cfg, tensors, spec)
+        else:
+            weights = _load_bottleneck(cfg, tensors, spec)
     check_numerics(kind, weights, cfg, spec.dtype)  # finite but overflowing weights -> 422
     return weights
 

@@ -11,13 +11,17 @@ key forms it writes are:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 
 import torch
 
 from .config import LoraConfig
 from .errors import MISSING_WEIGHTS, SHAPE_MISMATCH, UNKNOWN_MODULE, UNSUPPORTED_ADAPTER, AdapterError
+from .host_arena import ARENA
 from .spec import BaseModelSpec, RegexBudget, check_fan_in_fan_out, get_pattern_key, resolve_targets
+from .transposed_copy import CopyPlan, copy_transposed, layout_key, plan_copy
 
 KEY_PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
@@ -37,8 +41,8 @@ _UNSERVED_FRAGMENTS = {
 class LoraModule:
     """One adapted Linear: delta(x) = (x @ A.T) @ B.T * scale."""
 
-    A: torch.Tensor  # [r, in]  float32, CPU
-    B: torch.Tensor  # [out, r] float32, CPU
+    A: torch.Tensor  # [r, in]  float32, CPU (from `load_lora`: the transposed view of a contiguous [in, r])
+    B: torch.Tensor  # [out, r] float32, CPU (from `load_lora`: the transposed view of a contiguous [r, out])
     scale: float
 
     @property
@@ -79,15 +83,16 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], spec: BaseModelSpec,
-                     targets: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+                     targets: set[str]) -> dict[str, dict[str, str]]:
+    """-> module path -> {"A": tensor name, "B": tensor name}."""
+    grouped: dict[str, dict[str, str]] = {}
+    for key in tensors:
         path, which = _split_key(key)
         if path not in spec.linear_modules:
             raise AdapterError(UNKNOWN_MODULE, f"tensor {key!r}: base model has no linear module {path!r}")
         if path not in targets:
             raise AdapterError(UNKNOWN_MODULE, f"tensor {key!r}: module {path!r} is not targeted by the config")
-        grouped.setdefault(path, {})[which] = t
+        grouped.setdefault(path, {})[which] = key
     return grouped
 
 
@@ -114,7 +119,54 @@ def _check_pair(path: str, a: torch.Tensor, b: torch.Tensor, r: int, in_f: int, 
 
 def load_lora(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, *,
               regex_budget_s: float = 1.0) -> LoraAdapterWeights:
-    """Validate LoRA tensors against the config and base model; return float32 CPU weights."""
+    """Validate LoRA tensors against the config and base model; return float32 CPU weights, copied
+    (`tensors` may be borrowed views of the caller's buffer: see safetensors_io.borrowed_safetensors).
+
+    The checks depend on the config, the base model and the tensors' names and shapes, not their
+    values: adapters of one configuration share them, so a `_Plan` is kept per layout (a
+    platform's adapters mostly share one) and a repeat pays only the copy.
+
+    The one copy: every A and B, transposed, into one float32 buffer (warm when one was prepared:
+    host_arena.py) by runs of evenly spaced same-shape tensors (transposed_copy.py). `A`/`B` are
+    the transposed views of those copies: [in, r] / [r, out] is the layout the serving matmuls
+    read (LoraSlotWeights.At/Bt are these very tensors for a float32 adapter dtype)."""
+    key = (spec, _config_key(cfg), layout_key(tensors))
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+    if plan is None:
+        plan = _plan(cfg, tensors, spec, regex_budget_s)  # raises AdapterError: nothing is kept
+        with _PLANS_LOCK:
+            _PLANS[key] = plan
+            while len(_PLANS) > _MAX_PLANS:
+                _PLANS.popitem(last=False)
+    copies = copy_transposed(plan.copy, tensors, ARENA.take(plan.copy.numel))
+    return LoraAdapterWeights(modules={path: LoraModule(A=copies[a].T, B=copies[b].T, scale=scale)
+                                       for path, a, b, scale in plan.modules})
+
+
+@dataclass(frozen=True)
+class _Plan:
+    modules: tuple[tuple[str, str, str, float], ...]  # (module path, lora_A name, lora_B name, scale), spec order
+    copy: CopyPlan
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # (spec, config, layout) -> plan, least recent first
+_PLANS_LOCK = threading.Lock()
+_MAX_PLANS = 32
+
+
+def _config_key(cfg: LoraConfig) -> tuple:
+    """Every field of the config but the informational ones, hashable (dicts as item tuples:
+    their order matters, the first matching pattern wins)."""
+    return tuple((f.name, tuple(v.items()) if isinstance(v, dict) else v)
+                 for f in fields(cfg) if f.name not in ("base_model_name_or_path", "warnings")
+                 for v in [getattr(cfg, f.name)])
+
+
+def _plan(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, regex_budget_s: float) -> _Plan:
+    """Every check of a LoRA checkpoint against its config and the base model (values aside)."""
     rx = RegexBudget(regex_budget_s)
     targets = resolve_targets(spec, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,
                               layers_to_transform=cfg.layers_to_transform, layers_pattern=cfg.layers_pattern,
@@ -122,7 +174,7 @@ def load_lora(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModel
     check_fan_in_fan_out(spec, targets, cfg.fan_in_fan_out)
     grouped = _group_by_module(tensors, spec, set(targets))
 
-    modules: dict[str, LoraModule] = {}
+    modules = []
     for path in targets:  # spec order: deterministic
         pair = grouped.get(path, {})
         if set(pair) != {"A", "B"}:
@@ -131,11 +183,8 @@ def load_lora(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModel
                                "for a module the config targets")
         r, alpha = _module_rank_alpha(cfg, path, rx)
         in_f, out_f = spec.linear_modules[path]
-        _check_pair(path, pair["A"], pair["B"], r, in_f, out_f)
+        _check_pair(path, tensors[pair["A"]], tensors[pair["B"]], r, in_f, out_f)
         scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-        modules[path] = LoraModule(
-            A=pair["A"].to(torch.float32).contiguous(),
-            B=pair["B"].to(torch.float32).contiguous(),
-            scale=float(scale),
-        )
-    return LoraAdapterWeights(modules=modules)
+        modules.append((path, pair["A"], pair["B"], float(scale)))
+    names = [n for _, a, b, _ in modules for n in (a, b)]
+    return _Plan(tuple(modules), plan_copy(tensors, names))

@@ -196,6 +196,88 @@ def test_lora_half_precision_weights_are_cast_to_float32(spec, lora_ckpt):
     assert mod.A.dtype == torch.float32 and mod.B.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_lora_weights_are_one_owned_copy_in_the_matmul_layout(spec, lora_ckpt, dtype, shift):
+    """The upload's tensors are read without a copy (aligned) or through scratch memory
+    (misaligned) and copied once, transposed: A.T / B.T contiguous (the layout the matmuls
+    read, so a CPU install copies nothing), equal to the file's values, owning their memory."""
+    from peftserve.adapters.lora_ops import LoraSlotWeights
+
+    config_bytes, weights_bytes = lora_ckpt
+    data = edit_weights(weights_bytes, lambda t: {k: v.to(dtype) for k, v in t.items()})
+    body = bytearray(b"#" * shift + data)
+    upload = memoryview(body)[shift:]
+    loaded = load_adapter(config_bytes, upload, spec)
+    want = read_safetensors(data, max_bytes=1 << 30)
+    body[shift + 8 + int.from_bytes(data[:8], "little"):] = b"\xff" * (len(data) - 8 - int.from_bytes(data[:8], "little"))
+    for path, mod in loaded.weights.modules.items():  # the upload's bytes are gone: ours are not
+        for which, t in (("A", mod.A), ("B", mod.B)):
+            assert t.dtype == torch.float32 and t.T.is_contiguous(), (path, which)
+            assert torch.equal(t, want[f"base_model.model.{path}.lora_{which}.weight"].float()), (path, which)
+        slot = LoraSlotWeights(mod.A, mod.B, mod.scale)
+        assert slot.At.data_ptr() == mod.A.T.data_ptr() and slot.Bt.data_ptr() == mod.B.T.data_ptr()
+
+
+def test_lora_loads_take_the_prepared_arena_and_never_share_it(spec, lora_ckpt):
+    """adapters/host_arena.py: after `replenish`, the next load of that size takes the warm
+    spare; a load of a much smaller size does not (its slack bound); two loads never share
+    memory, and reusing nothing changes an earlier adapter."""
+    from peftserve.adapters.host_arena import HostArena
+    import peftserve.adapters.lora as lora_mod
+
+    config_bytes, weights_bytes = lora_ckpt
+    arena = HostArena()
+    real = lora_mod.ARENA
+    try:
+        lora_mod.ARENA = arena
+        first = load_adapter(config_bytes, weights_bytes, spec)
+        assert arena.stats == {"warm": 0, "cold": 1}
+        arena.replenish()
+        arena.drain()
+        spare = arena._spare
+        assert spare is not None
+        second = load_adapter(config_bytes, edit_weights(weights_bytes, lambda t: {k: v * 3 for k, v in t.items()}), spec)
+        assert arena.stats == {"warm": 1, "cold": 1} and arena._spare is None
+        def in_spare(t):
+            return spare.data_ptr() <= t.data_ptr() < spare.data_ptr() + spare.numel() * 4
+
+        for path, mod in second.weights.modules.items():
+            assert in_spare(mod.A) and in_spare(mod.B), path
+            assert not in_spare(first.weights.modules[path].A), path
+            assert torch.equal(mod.A, first.weights.modules[path].A * 3), path
+        arena.replenish()
+        arena.drain()
+        assert arena.take(arena._spare.numel() // 2).numel() == arena._spare.numel() // 2  # too big a spare: cold
+        assert arena.stats["cold"] == 2
+    finally:
+        lora_mod.ARENA = real
+
+
+def test_lora_checks_are_planned_once_per_layout_and_config(spec, lora_ckpt, monkeypatch):
+    """Adapters of one layout and config share their checks (lora._Plan): a repeat is not
+    planned again and loads its own values; another config is planned anew; a refusal is never
+    remembered."""
+    import peftserve.adapters.lora as lora_mod
+
+    config_bytes, weights_bytes = lora_ckpt
+    lora_mod._PLANS.clear()
+    planned = []
+    real = lora_mod._plan
+    monkeypatch.setattr(lora_mod, "_plan", lambda *a: planned.append(1) or real(*a))
+    first = load_adapter(config_bytes, weights_bytes, spec)
+    tripled = load_adapter(config_bytes, edit_weights(weights_bytes, lambda t: {k: v * 3 for k, v in t.items()}), spec)
+    assert len(planned) == 1
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(tripled.weights.modules[q].B, first.weights.modules[q].B * 3)
+    doubled_alpha = load_adapter(edit_config(config_bytes, lora_alpha=16), weights_bytes, spec)
+    assert len(planned) == 2 and doubled_alpha.weights.modules[q].scale == 2 * first.weights.modules[q].scale
+    wrong_rank = edit_config(config_bytes, r=8)
+    for _ in range(2):
+        expect("shape_mismatch", load_adapter, wrong_rank, weights_bytes, spec)
+    assert len(planned) == 4
+
+
 def test_content_hash_tracks_bytes(spec, lora_ckpt):
     config_bytes, weights_bytes = lora_ckpt
     a = load_adapter(config_bytes, weights_bytes, spec)
