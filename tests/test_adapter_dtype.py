@@ -64,7 +64,8 @@ def test_bf16_storage_installs_half_the_bytes(tmp_path, lora_dirs):
     entries = [w for lin in serving.runtime.layers.linears.values() for per in lin.entries.values()
                for w in per.values()]
     assert entries and all(w.A.dtype == w.At.dtype == torch.bfloat16 for w in entries)
-    assert all(w.nbytes == 2 * (w.A.numel() + w.B.numel()) * 2 for w in entries)  # A, B, At, Bt at 2 bytes
+    assert all(w.At.data_ptr() == w.A.data_ptr() for w in entries)  # At is A's memory: no copy
+    assert all(w.nbytes == (w.A.numel() + w.B.numel()) * 2 for w in entries)  # A (= At), B (= Bt) at 2 bytes
     fp32 = _serving(tmp_path, lora_dirs, torch.float32, "fp32")
     _run(fp32, [("r16-rslora", 0)])
     assert serving.runtime.device_bytes() * 2 == fp32.runtime.device_bytes() == sum(w.nbytes for w in entries) * 2

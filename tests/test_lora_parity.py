@@ -181,6 +181,29 @@ def test_segmented_op_matches_reference():
     torch.testing.assert_close(fast, lora_delta_reference(x, token_slots, weights))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segments", [[(1, 0, 6)], [(1, 0, 2), (3, 2, 5)], [(3, 1, 6)]],
+                         ids=["every-row", "two", "inner"])
+def test_segmented_op_is_pefts_arithmetic_bit_for_bit(dtype, segments):
+    """PEFT's order of operations, rounding for rounding: the delta in float32 scaled on its own,
+    added to the base output promoted to float32, cast back once. The segment covering every
+    row (a lone request's prefill) takes the no-slicing path; it must not change a bit."""
+    g = torch.Generator().manual_seed(2)
+    # scales that round (a power of two would hide where the scaling happens)
+    weights = {1: LoraSlotWeights(torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 0.3),
+               3: LoraSlotWeights(torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), 1.7)}
+    x = torch.randn(6, 16, generator=g).to(dtype)
+    base = torch.randn(6, 8, generator=g).to(dtype)
+    want = base.clone()
+    for slot, s, e in segments:
+        w = weights[slot]
+        delta = (x[s:e].float() @ w.At) @ w.Bt * w.scale
+        want[s:e] = (want[s:e].float() + delta).to(dtype)
+    got = lora_add_segmented_(base.clone(), x, segments, weights)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base)  # guard: the op added something
+
+
 def test_weighted_combination_equals_peft_cat(tmp_path, lora_dirs):
     names, weights = ["r4-qv", "r16-rslora", "r8-mlp"], [0.7, 0.3, -0.5]
     model = PeftModel.from_pretrained(tiny_llama(0), lora_dirs[names[0]], adapter_name=names[0])
@@ -199,6 +222,15 @@ def test_weighted_combination_equals_peft_cat(tmp_path, lora_dirs):
         ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=NEW, do_sample=False)[0, len(p):].tolist()
         assert s.output_ids == ref
+    # the byte budget's reservation is what the install really takes: a combination's A and B
+    # are plain [r, in] / [out, r] (their transposes are copies), a loaded LoRA's are views of them
+    runtime = serving.runtime
+    for ver in (mix, serving.registry.resolve(names[0])):
+        kind = runtime.kinds[ver.kind]
+        entries = kind.to_device(ver, torch.float32, torch.device("cpu")).values()
+        assert kind.device_nbytes(ver, torch.float32) == sum(w.nbytes for w in entries) > 0
+    assert kind.device_nbytes(mix, torch.float32) == 2 * mix.loaded.nbytes  # guard: both layouts seen
+    assert kind.device_nbytes(ver, torch.float32) == ver.loaded.nbytes
 
 
 def test_adaptive_merge_equals_unmerged_path(tmp_path, lora_dirs, reference):

@@ -24,13 +24,13 @@ class EngineConfig:
     # device adapter slots (distinct adapters in one step). A slot costs nothing until an adapter is
     # installed in it (entries are the adapter's true shape: server/runtime/layers.py): a slot bounds
     # resident adapter bytes, it reserves nothing. A rank-64 q,k,v,o LoRA of the default model is 29.5 MB
-    # of float32 weights (14.7 MB with --adapter-dtype bfloat16), held as A, B, their transposes and the
-    # grouped stacks (~3x); 32 LoRAs of ranks 8..64 read 442 MB (fp32) per decode step. 8 slots thrash
+    # of float32 weights (14.7 MB with --adapter-dtype bfloat16), held once in the matmul layout (A and B
+    # are views of it) plus the grouped stacks (~2x); 32 LoRAs of ranks 8..64 read 442 MB (fp32) per decode step. 8 slots thrash
     # with 32 adapters in the traffic (issue 13).
     max_adapters_per_batch: int = 32
     # Device bytes all installed weight adapters may take together (their entries at the storage
-    # dtype: a LoRA's A, B and transposes; not the derived stacks). Bounds the device tier by memory, whatever the slot
-    # count: 32 r8-64 q,k,v,o LoRAs of the default model take 0.9 GB in float32. None = no bound.
+    # dtype: a LoRA's weights once, in the matmul layout; not the derived stacks). Bounds the device tier by memory,
+    # whatever the slot count: 32 r8-64 q,k,v,o LoRAs of the default model take 442 MB in float32. None = no bound.
     max_adapter_bytes: int | None = 2 << 30
     merge_policy: str = "never"  # "single-adapter": fold a lone LoRA into the base weights
     merge_min_steps: int = 4  # consecutive single-adapter steps before merging

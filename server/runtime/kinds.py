@@ -144,8 +144,11 @@ class LoraKind(WeightKind):
                 for p, m in modules.items()}
 
     def device_nbytes(self, ver, dtype):
-        # LoraSlotWeights holds A and B and their transposed copies (LoraSlotWeights.nbytes)
-        return 2 * int(ver.nbytes) * dtype.itemsize // 4
+        # LoraSlotWeights holds A and B and their transposed copies (LoraSlotWeights.nbytes); a
+        # loaded LoRA's A and B already are the transposed views of the matmul layout, so those
+        # are the same memory, while a combination's (adapters/combine.py) are copied
+        modules = host_weights(ver).weights.modules.values()
+        return sum(t.numel() * dtype.itemsize * (1 if t.T.is_contiguous() else 2) for m in modules for t in (m.A, m.B))
 
     def apply(self, module, x, out, batch, per_slot):
         # module.derived[self]: stacked weights per slot tuple, emptied whenever the slots change

@@ -105,8 +105,8 @@ class DeviceRuntime:
         return key in self.slots.key_slot
 
     def device_bytes(self) -> int:
-        """Bytes of the installed weight-kind entries (in their storage dtype: LoRA's A, B and
-        transposes at `--adapter-dtype`; (IA)3 and bottleneck at the model dtype), not counting
+        """Bytes of the installed weight-kind entries (in their storage dtype: LoRA's A, B (and
+        their transposes, where those are copies) at `--adapter-dtype`; (IA)3 and bottleneck at the model dtype), not counting
         derived caches (LoRA's grouped stacks). Walks every wrapped module: for reports, not steps."""
         total = 0
         for module in (*self.layers.linears.values(), *self.layers.sublayers.values()):
