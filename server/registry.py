@@ -43,12 +43,13 @@ from peftserve.adapters.artifact import (AdapterLimits, LoadedAdapter, content_h
                                          read_inside)
 from peftserve.adapters.config import AdapterKind
 from peftserve.adapters.errors import AdapterError
+from peftserve.adapters.host_arena import ARENA
 from peftserve.adapters.spec import BaseModelSpec
 
 from peftserve.adapters.combine import CombinationCache, check_items, combination_key
 from peftserve.adapters.errors import InvalidCombination
 
-from .durable_write import write_durable
+from .durable_write import sync_dir, write_all_durable, write_durable
 from .engine.intra_op import hands_back
 from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
                      AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
@@ -305,8 +306,11 @@ class AdapterRegistry:
 
     # -- mutations ------------------------------------------------------------------------
     @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
-    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterVersion:
-        """Validate (outside the lock: slow), then commit to disk and memory atomically."""
+    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
+            digest: str | None = None) -> AdapterVersion:
+        """Validate (outside the lock: slow), then commit to disk and memory atomically. `digest`:
+        `content_hash(config_bytes, weights_bytes)` when the caller has it already (the upload
+        route hashes the weights while they stream in); computed here otherwise."""
         check_name(name)
         if not replace and name in self._current:  # cheap early answer; re-checked under lock
             raise AdapterExistsError(name)
@@ -315,23 +319,36 @@ class AdapterRegistry:
         current_tmp = staging.with_name(f"{staging.name}.{CURRENT_FILE}")
         try:
             # The staging write (and its fsync) and the content hash, with the new CURRENT file
-            # written and fsync'd from it, overlap validation: upload -> first token is bounded by
-            # the slowest of them, not their sum, and the commit is two renames. Nothing is
-            # committed unless all succeed, and staging is removed either way.
+            # written and fsync'd from it, overlap validation, and the device copy of the validated
+            # weights is prepared while the disk finishes: upload -> first token is bounded by the
+            # slowest of them, not their sum, and the commit is two renames. Nothing is committed
+            # unless all succeed, and staging is removed either way.
             writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
-            hashing = _WRITER.submit(_hash_and_write_current, current_tmp, config_bytes, weights_bytes)
+            if digest is None:
+                hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
+                naming = _chain(hashing, _write_current, current_tmp)  # CURRENT, once the hash is known
+            else:
+                hashing = Future()
+                hashing.set_result(digest)
+                naming = _WRITER.submit(_write_current, current_tmp, digest)
             try:
                 loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,
                                       strict_base=self.settings.strict_base, hashing=hashing)
+                ver = self._new_version(name, loaded)
+                # A new adapter is usually asked for at once: its first request then finds the
+                # install prepared. Done here, before the answer, because done after it the copy
+                # ran beside that first request and slowed it more than it saved (both need the
+                # GIL and the 2 cores). On a failure below the staged copy stays a bounded cache
+                # entry of validated weights (the device tier keeps a few, oldest dropped first).
+                self._stage(ver)
             finally:
-                write_error = writing.exception() or hashing.exception()
+                write_error = writing.exception() or hashing.exception() or naming.exception()
             if write_error is not None:
                 raise write_error
             with self._lock:
                 old = self._current.get(name)
                 if old is not None and not replace:
                     raise AdapterExistsError(name)
-                ver = self._new_version(name, loaded)
                 if old is not None and old.version == ver.version:
                     return old  # identical content: nothing changes
                 self._commit(name, ver.version, staging, current_tmp)
@@ -344,9 +361,7 @@ class AdapterRegistry:
             current_tmp.unlink(missing_ok=True)
         for gone in ([old] if old is not None else []) + stale:
             self._on_drop(gone)
-        # A new adapter is usually asked for at once: prepare its install in the background (the
-        # upload's answer does not wait), so its first request finds it staged.
-        _STAGER.submit(self._stage, ver)
+        ARENA.replenish()  # the next upload's copy finds warm memory (adapters/host_arena.py)
         log.info("adapter registered", extra={"adapter": name, "version": ver.version, "kind": ver.kind.value})
         return ver
 
@@ -495,6 +510,11 @@ class AdapterRegistry:
             if current_tmp.read_text() != version:  # written from the same bytes' hash: cannot differ
                 raise RuntimeError(f"prepared {CURRENT_FILE} does not name version {version}")
             os.replace(current_tmp, adir / CURRENT_FILE)
+            # Durable before the answer: the renames (the version directory, CURRENT) live in
+            # the adapter's directory, a new adapter's directory in the store's.
+            sync_dir(adir)
+            if new_name:
+                sync_dir(self.store)
         except BaseException:  # e.g. disk full: leave the store as it was
             if new_name:
                 shutil.rmtree(adir, ignore_errors=True)
@@ -600,6 +620,8 @@ class AdapterRegistry:
             return load_adapter(config, weights, self.spec, self.settings.limits, hashing=hashed)
         except AdapterError as exc:  # hash-verified but refused (e.g. a stricter check than at upload)
             raise StoreError("invalid", f"stored adapter no longer loads: [{exc.code}] {exc.message}") from None
+        finally:
+            ARENA.replenish()
 
     def _count_store_error(self, reason: str) -> None:
         self.store_errors[reason] = self.store_errors.get(reason, 0) + 1
@@ -633,29 +655,33 @@ class AdapterRegistry:
 _RETRY = object()  # _load_cold: the name moved on while its old version was read
 
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-store")
-_STAGER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-stage")
 
 
 def _write_pair(staging: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
-    _write_file(staging / CONFIG_FILE, config_bytes)
-    _write_file(staging / WEIGHTS_FILE, weights_bytes)
+    # The staging directory is private (a fresh uuid) and renamed into the store only once all
+    # is fsync'd: its files need no write-then-rename of their own.
+    write_all_durable([(staging / WEIGHTS_FILE, weights_bytes), (staging / CONFIG_FILE, config_bytes)])
+    sync_dir(staging)  # the two names: the directory is renamed into the store as it is
 
 
-def _hash_and_write_current(current_tmp: Path, config_bytes: bytes, weights_bytes: bytes) -> str:
-    """-> the content hash; writes (and fsyncs) the CURRENT file the commit will rename into place."""
-    digest = content_hash(config_bytes, weights_bytes)
-    _write_file(current_tmp, digest[:16].encode())
-    return digest
+def _write_current(current_tmp: Path, digest: str) -> None:
+    """Write (and fsync) the CURRENT file the commit will rename into place (a private name)."""
+    write_durable(current_tmp, digest[:16].encode())
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write_durable(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _chain(first: Future, then, *args) -> Future:
+    """A future of `then(*args, first.result())`, run on the thread that completes `first`
+    (no pool thread waits for it). Validation needs the hash, not the CURRENT file's fsync."""
+    done: Future = Future()
+
+    def run(f: Future) -> None:
+        try:
+            done.set_result(then(*args, f.result()))
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    first.add_done_callback(run)
+    return done
 
 
 def version_info(reg: AdapterRegistry, ver: AdapterVersion, device_resident: bool = False) -> dict:

@@ -46,9 +46,7 @@ def test_adapter_install_failure_fails_only_that_request(tmp_path, monkeypatch):
     monkeypatch.setattr(lora, "to_device", failing)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     seqs = [Sequence([1, 2, 3], params, lambda e: None, adapter=a) for a in (serving.registry.resolve("a"), bad, None)]
-    from peftserve.server.registry import _STAGER
-    _STAGER.submit(lambda: None).result()  # the uploads' background staging is done ...
-    serving.runtime._discard_staged()  # ... and dropped: activate copies (and fails) on the engine thread
+    serving.runtime._discard_staged()  # the uploads' staged copies dropped: activate copies (and fails) on the engine thread
     _run(serving.engine, seqs)
     assert [s.finish_reason for s in seqs] == [FinishReason.LENGTH, FinishReason.ERROR, FinishReason.LENGTH]
     assert serving.engine.snapshot().kv_blocks_requests == 0

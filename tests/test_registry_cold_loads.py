@@ -182,10 +182,7 @@ def test_uploaded_adapter_serves_first_request_without_disk_read(make_registry, 
 def _staged_serving(tmp_path, names=("a", "b")):
     from tests.test_engine_faults import _serving
 
-    serving = _serving(tmp_path, names)
-    from peftserve.server.registry import _STAGER
-    _STAGER.submit(lambda: None).result(TIMEOUT)  # uploads stage in the background: let them finish
-    return serving
+    return _serving(tmp_path, names)  # an upload is staged before its answer: nothing to wait for
 
 
 def test_upload_is_staged_and_its_first_request_installs_the_staged_copy(tmp_path, monkeypatch):
@@ -193,7 +190,7 @@ def test_upload_is_staged_and_its_first_request_installs_the_staged_copy(tmp_pat
 
     serving = _staged_serving(tmp_path)
     rt, reg = serving.runtime, serving.registry
-    assert set(rt._staged) == {reg.get("a").key, reg.get("b").key}  # both uploads were staged
+    assert set(rt._staged) == {reg.get("a").key, reg.get("b").key}  # both uploads were staged by `add`
     calls = []
     real = rt.kinds[reg.get("a").kind].to_device
     monkeypatch.setattr(type(rt.kinds[reg.get("a").kind]), "to_device",
@@ -253,3 +250,37 @@ def test_install_waits_for_a_staging_in_flight_instead_of_copying_again(tmp_path
     taker.join(TIMEOUT)
     stager.join(TIMEOUT)
     assert got["value"] is not None and len(calls) == 1 and not rt._staged
+
+
+# -- durability: the 201 comes after the version is on stable storage, names included -----------
+def test_an_upload_is_durable_before_add_returns(make_registry, lib, monkeypatch):
+    """Every file fsync'd before its directory is renamed into the store; then the directories
+    holding the renamed names fsync'd (a rename is durable only once its directory is): the
+    adapter's directory after both renames (version directory, CURRENT), the store's for a new
+    adapter's directory. A replace of an existing name needs no store-level sync."""
+    import os
+    from pathlib import Path
+
+    events = []
+    real_replace, real_sync, real_fsync = os.replace, registry_mod.sync_dir, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(registry_mod, "sync_dir", lambda p: events.append(("sync", Path(p).name)) or real_sync(p))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    reg = make_registry()
+    art = lib.get("qv")
+    ver = reg.add("fresh", art.config, art.weights)
+    names = [(e, Path(x).name if e == "fsync" else x) for e, x in events]
+    files = {x for e, x in names if e == "fsync"}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    moved = names.index(("rename", ver.version))  # the staging directory into the store
+    assert names.index(("rename", "CURRENT")) > moved
+    staged_sync = [i for i, (e, x) in enumerate(names) if e == "sync" and x not in ("fresh", "store")]
+    assert staged_sync and max(staged_sync) < moved  # the staging directory's names synced before
+    assert all(names.index(("fsync", f)) < moved for f in ("adapter_model.safetensors", "adapter_config.json"))
+    last_rename = names.index(("rename", "CURRENT"))
+    assert ("sync", "fresh") in names[last_rename:] and ("sync", "store") in names[last_rename:]
+    events.clear()
+    reg.add("fresh", art.config, scaled_variant(art, 2.0), replace=True)
+    syncs = [x for e, x in events if e == "sync"]
+    assert "fresh" in syncs and "store" not in syncs
