@@ -86,3 +86,52 @@ def test_a_body_cut_inside_a_part_returns_no_such_part():
         except FormError:
             continue
         assert form.get("adapter_model") is None, cut
+
+
+# -- FormReader: the body parsed (and the weights hashed) as it streams in -----------------------
+def _chunks(body: bytes, rng: random.Random) -> list[bytes]:
+    out, at = [], 0
+    while at < len(body):
+        n = rng.choice([1, 2, 7, 64, 1000, 65536, len(body)])
+        out.append(body[at: at + n])
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_body_fed_in_any_chunks_gives_the_one_piece_form_and_the_content_hash(seed):
+    from peftserve.adapters.artifact import content_hash
+    from peftserve.server.api.multipart import FormReader
+
+    rng = random.Random(seed)
+    alphabet = [b"\r", b"\n", b"--", b"\r\n--", b"x", rng.randbytes(50)]
+    weights = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 4000)))
+    config = b'{"r": 8, "x": "' + rng.randbytes(8).hex().encode() + b'"}'
+    body, ctype = encode({"name": "a"}, {"adapter_config": ("c.json", config),
+                                         "adapter_model": ("m.safetensors", weights)})
+    reader = FormReader(ctype, max_files=4, max_fields=4, hash_parts=("adapter_config", "adapter_model"))
+    for chunk in _chunks(body, rng):
+        reader.feed(chunk)
+    form = reader.finish()
+    whole = parse_form(body, ctype, max_files=4, max_fields=4)
+    assert bytes(form.get("adapter_model").data) == bytes(whole.get("adapter_model").data) == weights
+    assert bytes(form.get("adapter_config").data) == config and form.get("name") == "a"
+    assert reader.digest() == content_hash(config, weights)
+
+
+@pytest.mark.parametrize("order", ["weights-first", "config-twice", "config-as-field", "no-weights"])
+def test_no_digest_where_the_stream_cannot_give_the_right_one(order):
+    from peftserve.server.api.multipart import FormReader
+
+    config, weights = b'{"r": 8}', b"w" * 5000
+    files = {"weights-first": [("adapter_model", ("m", weights)), ("adapter_config", ("c", config))],
+             "config-twice": [("adapter_config", ("c", config)), ("adapter_config", ("c", config)),
+                              ("adapter_model", ("m", weights))],
+             "config-as-field": [("adapter_model", ("m", weights))],
+             "no-weights": [("adapter_config", ("c", config))]}[order]
+    data = {"adapter_config": config.decode()} if order == "config-as-field" else None
+    body, ctype = encode(data, files)
+    reader = FormReader(ctype, max_files=4, max_fields=4, hash_parts=("adapter_config", "adapter_model"))
+    reader.feed(body)
+    reader.finish()
+    assert reader.digest() is None
