@@ -25,7 +25,7 @@ from ..errors import (AdaptersDisabled, BadRequest, InsufficientStorage, Invalid
 from ..registry import check_name, version_info
 from ..state import get_state
 from .auth import require_admin_key
-from .multipart import FilePart, FormError, FormReader
+from .multipart import FilePart, FormError, parse_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_admin_key)])
@@ -81,16 +81,13 @@ async def upload(request: Request):
     reg = _registry(request)
     metrics = get_state(request).metrics
     try:
-        # The form is parsed as the body streams in (the size middleware bounds it meanwhile),
-        # and the weights are hashed then too when the config came first (multipart.FormReader):
-        # work that overlaps the transfer. The handling time (peftserve_adapter_upload_seconds)
-        # starts once the upload has arrived, so it measures our work, not the client's network.
+        # The whole body first (the size middleware bounds it while it streams in): the handling
+        # time (peftserve_adapter_upload_seconds) then starts once the upload has arrived, so it
+        # measures our work, not the client's network; the form is then parsed from it in memory.
+        body = await request.body()
+        t0 = time.perf_counter()
         try:  # limits leave room for one repeat of each part, so that a duplicate is reported as such
-            reader = FormReader(ctype, max_files=4, max_fields=4, hash_parts=("adapter_config", "adapter_model"))
-            async for chunk in request.stream():
-                reader.feed(chunk)
-            t0 = time.perf_counter()
-            form = reader.finish()
+            form = parse_form(body, ctype, max_files=4, max_fields=4)
         except FormError as exc:
             raise BadRequest(str(exc)) from None
         _refuse_ambiguous_parts(form)
@@ -105,8 +102,7 @@ async def upload(request: Request):
         config_bytes = bytes(_read_upload(form, "adapter_config", 1 << 20))
         weights_bytes = _read_upload(form, "adapter_model", limit)  # a view into the body: no copy
         try:
-            ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE,
-                                          reader.digest())
+            ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
         except OSError as exc:  # the registry already cleaned up: nothing was committed
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage("the adapter store is out of space") from None

@@ -21,8 +21,6 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import FormData
 
-from peftserve.adapters.artifact import ContentHasher
-
 
 class FormError(ValueError):
     pass
@@ -44,14 +42,12 @@ def _decode(raw: bytes) -> str:
 
 
 class _Collector:
-    """python-multipart callbacks -> the form's parts, one at a time, as pieces of the body: a
-    (start, end) range of the whole body (the chunks joined) or, for the rare piece the parser
-    hands over from its own lookbehind buffer, the bytes themselves."""
+    """python-multipart callbacks -> the (name, value) items of the form, one part at a time."""
 
-    def __init__(self, reader: "FormReader", max_files: int, max_fields: int, max_field_bytes: int):
-        self.reader = reader
+    def __init__(self, body: bytes, max_files: int, max_fields: int, max_field_bytes: int):
+        self.body, self.view = body, memoryview(body)
         self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
-        self.parts: list[tuple[str, str | None, list]] = []  # (name, filename or None, pieces)
+        self.items: list[tuple[str, str | FilePart]] = []
         self.files = self.fields = 0
         self._reset()
 
@@ -59,7 +55,7 @@ class _Collector:
         self.header_name, self.header_value, self.disposition = b"", b"", b""
         self.name: str | None = None
         self.filename: str | None = None
-        self.pieces: list[tuple[int, int] | bytes] = []
+        self.pieces: list[memoryview | bytes] = []
         self.size = 0
 
     def on_part_begin(self) -> None:
@@ -90,138 +86,41 @@ class _Collector:
             self.fields += 1
             if self.fields > self.max_fields:
                 raise FormError(f"too many fields (at most {self.max_fields})")
-        self.reader.part_begins(self.name, self.filename is not None)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self.size += end - start
         if self.filename is None and self.size > self.max_field_bytes:
             raise FormError(f"field {self.name!r} exceeds {self.max_field_bytes} bytes")
-        chunk = self.reader.chunk
-        if data is chunk:  # from the chunk itself: a range of the whole body
-            at = self.reader.chunk_start
-            self.pieces.append((at + start, at + end))
-        else:  # from the parser's lookbehind buffer: a copy of the piece
-            self.pieces.append(bytes(data[start:end]))
-        self.reader.part_data(memoryview(data)[start:end])
+        # from the body itself: a view; from the parser's lookbehind buffer: a copy of the piece
+        self.pieces.append(self.view[start:end] if data is self.body else bytes(data[start:end]))
 
     def on_part_end(self) -> None:
-        self.parts.append((self.name, self.filename, self.pieces))
-        self.reader.part_ends(self.name, self.filename is not None)
-
-
-class FormReader:
-    """A multipart/form-data body parsed as it arrives: `feed` each chunk, then `finish`.
-
-    One parser pass yields the form (file parts as views into the joined body, as
-    `parse_form` always did) and, optionally, the adapter's content hash
-    (adapters/artifact.ContentHasher) over the very bytes the form hands out: when the
-    `hash_parts` (config, weights) file parts come in that order, each once, the weights are
-    hashed while the rest of the body is still on the wire, off the upload -> first token path.
-    `digest()` is that hash, or None (another order, a repeat, no such parts).
-    """
-
-    def __init__(self, content_type: str, *, max_files: int, max_fields: int, max_field_bytes: int = 1 << 20,
-                 hash_parts: tuple[str, str] | None = None):
-        _, params = parse_options_header(content_type)
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise FormError("missing boundary in multipart/form-data")
-        self.collector = _Collector(self, max_files, max_fields, max_field_bytes)
-        callbacks = {name: getattr(self.collector, name) for name in (
-            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
-            "on_headers_finished")}
-        try:
-            self.parser = MultipartParser(boundary, callbacks)
-        except FormParserError as exc:
-            raise FormError(f"invalid multipart data: {exc}") from None
-        self.chunks: list[bytes] = []
-        self.chunk, self.chunk_start, self.size = b"", 0, 0
-        self.hash_parts = hash_parts
-        self._config: bytes | None = None  # the config part, once complete (hash_parts[0])
-        self._hasher: ContentHasher | None = None  # while the weights part streams in
-        self._digest: str | None = None
-        self._spoiled = hash_parts is None  # an order or a repeat the digest cannot stand for
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        self.chunks.append(chunk)
-        self.chunk, self.chunk_start = chunk, self.size
-        self.size += len(chunk)
-        try:
-            self.parser.write(chunk)
-        except FormParserError as exc:
-            raise FormError(f"invalid multipart data: {exc}") from None
-
-    def finish(self) -> FormData:
-        """The parts of the whole body, as starlette's multidict (every repeat kept: the route
-        refuses them). File parts: a read-only memoryview into the body (bytes: immutable, so
-        views are safe) when they arrived in one piece of it, joined bytes otherwise."""
-        try:
-            self.parser.finalize()
-        except FormParserError as exc:
-            raise FormError(f"invalid multipart data: {exc}") from None
-        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks = [body]
-        view = memoryview(body)
-        items: list[tuple[str, str | FilePart]] = []
-        for name, filename, pieces in self.collector.parts:
-            if len(pieces) == 1 and isinstance(pieces[0], tuple):
-                value = view[pieces[0][0]: pieces[0][1]]
-            else:
-                value = b"".join(p if isinstance(p, bytes) else view[p[0]: p[1]] for p in pieces)
-            items.append((name, _decode(bytes(value)) if filename is None else FilePart(filename, value)))
-        return FormData(items)
-
-    def digest(self) -> str | None:
-        return None if self._spoiled else self._digest
-
-    # -- the content hash, from the collector's callbacks ---------------------------------
-    def part_begins(self, name: str, is_file: bool) -> None:
-        if self._spoiled or name not in self.hash_parts:
-            return
-        config_name, weights_name = self.hash_parts
-        if not is_file or self._digest is not None or self._hasher is not None:
-            self._spoiled = True  # a plain field of that name, or a part after the weights
-        elif name == weights_name:
-            if self._config is None:
-                self._spoiled = True  # the weights before the config: hashed after the body, elsewhere
-            else:
-                self._hasher = ContentHasher(self._config)
-        elif self._config is not None:
-            self._spoiled = True  # a second config
-
-    def part_data(self, piece: memoryview) -> None:
-        if self._hasher is not None:
-            self._hasher.update(piece)
-
-    def part_ends(self, name: str, is_file: bool) -> None:
-        if self._spoiled or name not in self.hash_parts or not is_file:
-            return
-        if name == self.hash_parts[0]:
-            self._config = self._part_bytes(self.collector.parts[-1][2])
-        elif self._hasher is not None:
-            self._digest, self._hasher = self._hasher.hexdigest(), None
-
-    def _part_bytes(self, pieces: list) -> bytes:
-        """A complete part's bytes before the body is joined (the config part: small)."""
-        out = []
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                out.append(piece)
-                continue
-            start, end, at = piece[0], piece[1], 0
-            for chunk in self.chunks:
-                lo, hi = max(start, at), min(end, at + len(chunk))
-                if lo < hi:
-                    out.append(chunk[lo - at: hi - at])
-                at += len(chunk)
-        return b"".join(out)
+        if len(self.pieces) == 1 and isinstance(self.pieces[0], memoryview):
+            value = self.pieces[0]
+        else:
+            value = b"".join(self.pieces)
+        if self.filename is None:
+            self.items.append((self.name, _decode(bytes(value))))
+        else:
+            self.items.append((self.name, FilePart(self.filename, value)))
 
 
 def parse_form(body: bytes, content_type: str, *, max_files: int, max_fields: int,
                max_field_bytes: int = 1 << 20) -> FormData:
-    """The parts of a whole multipart/form-data `body` (`FormReader` fed with one chunk)."""
-    reader = FormReader(content_type, max_files=max_files, max_fields=max_fields, max_field_bytes=max_field_bytes)
-    reader.feed(body)
-    return reader.finish()
+    """The parts of a multipart/form-data `body` (bytes: immutable, so views into it are safe), as
+    starlette's multidict (every repeat kept: the route refuses them)."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise FormError("missing boundary in multipart/form-data")
+    collector = _Collector(body, max_files, max_fields, max_field_bytes)
+    callbacks = {name: getattr(collector, name) for name in (
+        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
+        "on_headers_finished")}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as exc:
+        raise FormError(f"invalid multipart data: {exc}") from None
+    return FormData(collector.items)
