@@ -66,25 +66,11 @@ class LoadedAdapter:
 def content_hash(config_bytes: bytes, weights_bytes: bytes | memoryview) -> str:
     """sha256 of the config length (8 bytes LE), the config, then the weights: the length prefix
     makes the (config, weights) split unambiguous."""
-    hasher = ContentHasher(config_bytes)
-    hasher.update(weights_bytes)
-    return hasher.hexdigest()
-
-
-class ContentHasher:
-    """`content_hash` as the weights arrive (the upload route hashes them while the body streams
-    in): the config first, then `update` with each piece of the weights, in order."""
-
-    def __init__(self, config_bytes: bytes):
-        self._sha = hashlib.sha256()
-        self._sha.update(len(config_bytes).to_bytes(8, "little"))
-        self._sha.update(config_bytes)
-
-    def update(self, piece: bytes | memoryview) -> None:
-        self._sha.update(piece)
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+    h = hashlib.sha256()
+    h.update(len(config_bytes).to_bytes(8, "little"))
+    h.update(config_bytes)
+    h.update(weights_bytes)
+    return h.hexdigest()
 
 
 def _short_name(name: str) -> str:

@@ -306,11 +306,8 @@ class AdapterRegistry:
 
     # -- mutations ------------------------------------------------------------------------
     @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
-    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
-            digest: str | None = None) -> AdapterVersion:
-        """Validate (outside the lock: slow), then commit to disk and memory atomically. `digest`:
-        `content_hash(config_bytes, weights_bytes)` when the caller has it already (the upload
-        route hashes the weights while they stream in); computed here otherwise."""
+    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterVersion:
+        """Validate (outside the lock: slow), then commit to disk and memory atomically."""
         check_name(name)
         if not replace and name in self._current:  # cheap early answer; re-checked under lock
             raise AdapterExistsError(name)
@@ -324,13 +321,8 @@ class AdapterRegistry:
             # slowest of them, not their sum, and the commit is two renames. Nothing is committed
             # unless all succeed, and staging is removed either way.
             writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
-            if digest is None:
-                hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
-                naming = _chain(hashing, _write_current, current_tmp)  # CURRENT, once the hash is known
-            else:
-                hashing = Future()
-                hashing.set_result(digest)
-                naming = _WRITER.submit(_write_current, current_tmp, digest)
+            hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
+            naming = _chain(hashing, _write_current, current_tmp)  # CURRENT, once the hash is known
             try:
                 loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,
                                       strict_base=self.settings.strict_base, hashing=hashing)
