@@ -15,6 +15,7 @@ cost: one idle spare of the last load's size (at most MAX_BYTES) stays resident.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +31,7 @@ class HostArena:
         self.max_bytes, self.slack = max_bytes, slack
         self._spare: torch.Tensor | None = None  # [n] float32, resident
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault", initializer=_idle_priority)
         self._wanted: int | None = None  # the size last taken: the next spare's
         self.stats = {"warm": 0, "cold": 0}
 
@@ -67,6 +68,16 @@ class HostArena:
     def drain(self) -> None:
         """Wait for the spare being prepared (tests)."""
         self._pool.submit(lambda: None).result()
+
+
+def _idle_priority() -> None:
+    """The prefault thread runs at the lowest priority (Linux: a thread's nice value is its own):
+    it must not take a core from the request it prepares for, e.g. the first request of the
+    adapter just uploaded, which arrives while the spare is being faulted in."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # no per-thread priority here: it only runs sooner
+        pass
 
 
 ARENA = HostArena()

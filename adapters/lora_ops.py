@@ -55,8 +55,9 @@ class LoraSlotWeights:
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"LoRA storage dtype must be one of {STORAGE_DTYPES}, not {self.dtype}")
-        object.__setattr__(self, "A", self.A.to(self.dtype))
-        object.__setattr__(self, "B", self.B.to(self.dtype))
+        if self.A.dtype != self.dtype or self.B.dtype != self.dtype:  # (a no-op `.to` still costs ~1 us)
+            object.__setattr__(self, "A", self.A.to(self.dtype))
+            object.__setattr__(self, "B", self.B.to(self.dtype))
         if self.dtype == torch.float16 and not (torch.isfinite(self.A).all() and torch.isfinite(self.B).all()):
             # the admission check (adapters/admission.py) bounds the float32 weights; float16 storage
             # overflows above 65504: refuse the install (its rows fail alone) rather than serve inf

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pickle
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -250,6 +251,9 @@ def test_lora_loads_take_the_prepared_arena_and_never_share_it(spec, lora_ckpt):
         arena.drain()
         assert arena.take(arena._spare.numel() // 2).numel() == arena._spare.numel() // 2  # too big a spare: cold
         assert arena.stats["cold"] == 2
+        if hasattr(os, "getpriority") and hasattr(threading, "get_native_id"):  # the prefault thread yields to requests
+            nice = arena._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+            assert nice == 19
     finally:
         lora_mod.ARENA = real
 

@@ -140,8 +140,9 @@ class LoraKind(WeightKind):
         # dtype = the adapter dtype, float32 by default whatever the base dtype; bf16/fp16 only
         # store A and B, the math stays float32 (see adapters/lora_ops.py: PEFT semantics, CPU speed)
         modules = host_weights(ver).weights.modules
-        return {p: LoraSlotWeights(m.A.to(device), m.B.to(device), float(m.scale), dtype=dtype)
-                for p, m in modules.items()}
+        if device.type == "cpu":  # the host tensors themselves (in the matmul layout: see adapters/lora.py)
+            return {p: LoraSlotWeights(m.A, m.B, m.scale, dtype=dtype) for p, m in modules.items()}
+        return {p: LoraSlotWeights(m.A.to(device), m.B.to(device), m.scale, dtype=dtype) for p, m in modules.items()}
 
     def device_nbytes(self, ver, dtype):
         # LoraSlotWeights holds A and B and their transposed copies (LoraSlotWeights.nbytes); a
