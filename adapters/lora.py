@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -82,7 +83,7 @@ def _split_key(key: str) -> tuple[str, str]:
     raise AdapterError(UNKNOWN_MODULE, f"unexpected tensor {key!r} in a LoRA checkpoint")
 
 
-def _group_by_module(tensors: dict[str, torch.Tensor], spec: BaseModelSpec,
+def _group_by_module(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec,
                      targets: set[str]) -> dict[str, dict[str, str]]:
     """-> module path -> {"A": tensor name, "B": tensor name}."""
     grouped: dict[str, dict[str, str]] = {}
@@ -117,7 +118,7 @@ def _check_pair(path: str, a: torch.Tensor, b: torch.Tensor, r: int, in_f: int, 
         raise AdapterError(SHAPE_MISMATCH, f"{path}: lora_B is {list(b.shape)}, module out_features is {out_f}")
 
 
-def load_lora(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, *,
+def load_lora(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, *,
               regex_budget_s: float = 1.0) -> LoraAdapterWeights:
     """Validate LoRA tensors against the config and base model; return float32 CPU weights, copied
     (`tensors` may be borrowed views of the caller's buffer: see safetensors_io.borrowed_safetensors).
@@ -165,7 +166,7 @@ def _config_key(cfg: LoraConfig) -> tuple:
                  for v in [getattr(cfg, f.name)])
 
 
-def _plan(cfg: LoraConfig, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, regex_budget_s: float) -> _Plan:
+def _plan(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, regex_budget_s: float) -> _Plan:
     """Every check of a LoRA checkpoint against its config and the base model (values aside)."""
     rx = RegexBudget(regex_budget_s)
     targets = resolve_targets(spec, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,

@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -194,7 +194,7 @@ def read_safetensors(
     mv, base, region_len, entries = _validate(data, max_bytes, max_header_bytes)
     if sys.byteorder == "little":
         raw = bytearray(mv[base: base + region_len])  # independent of the caller's buffer
-        return _views(raw, entries, check_finite)
+        return dict(_views(raw, entries, check_finite))
     tensors: dict[str, torch.Tensor] = {}
     for e in sorted(entries, key=lambda e: e.name):
         t = _materialise(mv, base, e)
@@ -211,9 +211,9 @@ def borrowed_safetensors(
     max_bytes: int,
     max_header_bytes: int = 1 << 20,
     check_finite: bool = True,
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[Mapping[str, torch.Tensor]]:
     """The same validation and result as `read_safetensors`, without its copy: the tensors are
-    read-only views, valid inside the `with` block only. The caller copies what it keeps (the LoRA
+    read-only views, valid inside the `with` block only (a `RegionViews` for a single-dtype file). The caller copies what it keeps (the LoRA
     loader copies every tensor once anyway, into the transposed layout the serving matmuls read).
 
     Why: upload -> first token. The owned copy of a 7.4 MB upload costs ~4 ms, mostly faulting in
@@ -328,8 +328,9 @@ _CACHED_HEADER_BYTES = 256 << 10
 _layout_cached = functools.lru_cache(maxsize=16)(_layout)
 
 
-def _views(raw, entries: list[_Entry], check_finite: bool) -> dict[str, torch.Tensor]:
-    """Tensors viewing the (validated, contiguously tiled) data region at the start of `raw`.
+def _views(raw, entries: list[_Entry], check_finite: bool) -> Mapping[str, torch.Tensor]:
+    """Tensors viewing the (validated, contiguously tiled) data region at the start of `raw`:
+    for the usual file (one dtype) a `RegionViews`, else a dict.
 
     Why one region and views: an upload's latency matters (upload -> first token). One copy at
     most (the caller's choice) and, when every tensor has the same dtype, one finiteness pass
@@ -337,21 +338,55 @@ def _views(raw, entries: list[_Entry], check_finite: bool) -> dict[str, torch.Te
     """
     dtypes = {e.dtype for e in entries}
     region_len = sum(e.end - e.start for e in entries)
-    whole = None
     if len(dtypes) == 1 and region_len:  # the usual file: every tensor views one [n] tensor's storage
         code = next(iter(dtypes))
         whole = torch.frombuffer(raw, dtype=SUPPORTED_DTYPES[code], count=region_len // _ITEMSIZE[code])
         if check_finite and not all_finite(whole):
             bad = next(e.name for e in sorted(entries, key=lambda e: e.name) if not all_finite(_view(raw, e)))
             raise AdapterError(NON_FINITE, f"tensor {bad!r} contains NaN or Inf")
-        check_finite = False
+        return RegionViews(whole, entries)
     tensors: dict[str, torch.Tensor] = {}
     for e in sorted(entries, key=lambda e: e.name):
-        t = _view(raw, e) if whole is None or e.start == e.end else _part(whole, e)
+        t = _view(raw, e)
         if check_finite and not all_finite(t):
             raise AdapterError(NON_FINITE, f"tensor {e.name!r} contains NaN or Inf")
         tensors[e.name] = t
     return tensors
+
+
+class RegionViews(Mapping):
+    """{name: tensor} over a single-dtype region (by name), each view made when first asked for.
+
+    Why lazily: a reader that keeps a plan per layout (the LoRA loader) touches a few tensors of
+    a layout it has seen, not all of them (240 for an r16 q,k,v,o LoRA, ~3 us each). `layout()`
+    describes every tensor without making it: what `transposed_copy.layout_key` computes from
+    the views themselves (a test holds the two equal)."""
+
+    def __init__(self, whole: torch.Tensor, entries: list[_Entry]):
+        self._whole = whole  # [n]: the region; every non-empty view shares its storage
+        self._entries = {e.name: e for e in sorted(entries, key=lambda e: e.name)}
+        self._made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._made.get(name)
+        if t is None:
+            e = self._entries[name]
+            t = self._made[name] = (_part(self._whole, e) if e.start != e.end
+                                    else torch.empty(e.shape, dtype=self._whole.dtype))
+        return t
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def layout(self) -> tuple:
+        """(one shared storage?, per tensor (name, dtype, shape, storage offset, contiguous))."""
+        item, dtype = self._whole.element_size(), self._whole.dtype
+        shared = all(e.start != e.end for e in self._entries.values())  # an empty tensor has a storage of its own
+        return shared, tuple((e.name, dtype, e.shape, e.start // item if e.start != e.end else 0, True)
+                             for e in self._entries.values())
 
 
 def _part(whole: torch.Tensor, e: _Entry) -> torch.Tensor:

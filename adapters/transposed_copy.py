@@ -22,6 +22,7 @@ The reference is the obvious loop, `out_t = t.T.float().contiguous()` per tensor
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,15 +47,18 @@ class CopyPlan:
     numel: int  # float32 elements the buffer needs
 
 
-def layout_key(tensors: dict[str, torch.Tensor]) -> tuple:
-    """What a plan depends on: per tensor its name, dtype, shape, storage offset and contiguity,
-    and whether all share one storage (so that offsets compare)."""
+def layout_key(tensors: Mapping[str, torch.Tensor]) -> tuple:
+    """What a plan depends on: whether all tensors share one storage (so that offsets compare) and,
+    per tensor, its name, dtype, shape, storage offset and contiguity. A mapping that knows its
+    layout without making its tensors says so (`layout()`: safetensors_io.RegionViews)."""
+    if hasattr(tensors, "layout"):
+        return tensors.layout()
     base = {t.data_ptr() - t.storage_offset() * t.element_size() for t in tensors.values()}
     return (len(base) == 1, tuple((k, t.dtype, tuple(t.shape), t.storage_offset(), t.is_contiguous())
                                   for k, t in tensors.items()))
 
 
-def plan_copy(tensors: dict[str, torch.Tensor], names: list[str]) -> CopyPlan:
+def plan_copy(tensors: Mapping[str, torch.Tensor], names: list[str]) -> CopyPlan:
     """Runs over `names` (2-D tensors of `tensors`); see the module doc."""
     shared = layout_key(tensors)[0]
     groups: dict[tuple, list[str]] = {}
@@ -75,7 +79,7 @@ def plan_copy(tensors: dict[str, torch.Tensor], names: list[str]) -> CopyPlan:
     return CopyPlan(tuple(runs), dest)
 
 
-def _progressions(members: list[str], tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+def _progressions(members: list[str], tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Split offset-sorted `members` into maximal runs of evenly spaced offsets."""
     runs: list[list[str]] = []
     for name in members:
@@ -89,7 +93,7 @@ def _progressions(members: list[str], tensors: dict[str, torch.Tensor]) -> list[
     return runs
 
 
-def copy_transposed(plan: CopyPlan, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> dict[str, torch.Tensor]:
+def copy_transposed(plan: CopyPlan, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> dict[str, torch.Tensor]:
     """Execute `plan` into `out` (float32 CPU, >= plan.numel) -> {name: [n, m] contiguous view}."""
     out_np = out.numpy()
     copies: dict[str, torch.Tensor] = {}

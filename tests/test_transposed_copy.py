@@ -69,3 +69,19 @@ def test_the_layout_key_tells_layouts_apart():
     with borrowed_safetensors(a, max_bytes=1 << 20) as ta, borrowed_safetensors(b, max_bytes=1 << 20) as tb, \
             borrowed_safetensors(c, max_bytes=1 << 20) as tc:
         assert layout_key(ta) == layout_key(tb) != layout_key(tc)
+
+
+@pytest.mark.parametrize("with_empty", [False, True])
+def test_region_views_describe_their_layout_as_the_views_themselves_would(with_empty):
+    """safetensors_io.RegionViews makes views lazily and reports `layout()` without them: it must
+    be what layout_key computes from the views (else a plan could be reused for the wrong layout)."""
+    from peftserve.adapters.safetensors_io import RegionViews
+
+    tensors = layered(3, torch.float32)
+    if with_empty:
+        tensors["layers.0.empty"] = torch.zeros(0, 4)
+    with borrowed_safetensors(write_safetensors(tensors), max_bytes=1 << 20) as views:
+        assert isinstance(views, RegionViews)
+        lazy = layout_key(views)
+        assert lazy == layout_key(dict(views.items()))
+        assert lazy[0] is not with_empty
