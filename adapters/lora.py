@@ -131,17 +131,20 @@ def load_lora(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseMo
     host_arena.py) by runs of evenly spaced same-shape tensors (transposed_copy.py). `A`/`B` are
     the transposed views of those copies: [in, r] / [r, out] is the layout the serving matmuls
     read (LoraSlotWeights.At/Bt are these very tensors for a float32 adapter dtype)."""
-    key = (spec, _config_key(cfg), layout_key(tensors))
-    with _PLANS_LOCK:
-        plan = _PLANS.get(key)
-        if plan is not None:
-            _PLANS.move_to_end(key)
+    key = _plan_key(cfg, tensors, spec)
+    plan = None
+    if key is not None:
+        with _PLANS_LOCK:
+            plan = _PLANS.get(key)
+            if plan is not None:
+                _PLANS.move_to_end(key)
     if plan is None:
         plan = _plan(cfg, tensors, spec, regex_budget_s)  # raises AdapterError: nothing is kept
-        with _PLANS_LOCK:
-            _PLANS[key] = plan
-            while len(_PLANS) > _MAX_PLANS:
-                _PLANS.popitem(last=False)
+        if key is not None:
+            with _PLANS_LOCK:
+                _PLANS[key] = plan
+                while len(_PLANS) > _MAX_PLANS:
+                    _PLANS.popitem(last=False)
     copies = copy_transposed(plan.copy, tensors, ARENA.take(plan.copy.numel))
     return LoraAdapterWeights(modules={path: LoraModule(A=copies[a].T, B=copies[b].T, scale=scale)
                                        for path, a, b, scale in plan.modules})
@@ -156,6 +159,16 @@ class _Plan:
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # (spec, config, layout) -> plan, least recent first
 _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 32
+
+
+def _plan_key(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec) -> tuple | None:
+    """What a plan depends on; None (plan every time) if some part is not hashable."""
+    key = (spec, _config_key(cfg), layout_key(tensors))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _config_key(cfg: LoraConfig) -> tuple:

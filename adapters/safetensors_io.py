@@ -213,8 +213,9 @@ def borrowed_safetensors(
     check_finite: bool = True,
 ) -> Iterator[Mapping[str, torch.Tensor]]:
     """The same validation and result as `read_safetensors`, without its copy: the tensors are
-    read-only views, valid inside the `with` block only (a `RegionViews` for a single-dtype file). The caller copies what it keeps (the LoRA
-    loader copies every tensor once anyway, into the transposed layout the serving matmuls read).
+    read-only views, valid inside the `with` block only (a `RegionViews` for a single-dtype
+    file). The caller copies what it keeps (the LoRA loader copies every tensor once anyway, into
+    the transposed layout the serving matmuls read).
 
     Why: upload -> first token. The owned copy of a 7.4 MB upload costs ~4 ms, mostly faulting in
     fresh pages, and the LoRA loader then copied it again.
