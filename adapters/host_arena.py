@@ -4,8 +4,9 @@ Why: a loaded LoRA's weights are one copy of the upload (adapters/lora.py), into
 process has never touched. On the 2-core VM we measure on, the page faults of 7.4 MB cost ~3.5 ms
 (the copy itself ~2 ms), on the thread that answers the upload: upload -> first token has a
 20 ms budget. So after each load a spare of the same size is faulted in on a background thread,
-off that path (`replenish`, called once the load's answer is out), and the next load of a similar size takes it (a platform's adapters usually share
-a configuration, hence a size). A load that finds no fitting spare allocates as before.
+off that path (`replenish`, called once the load's answer is out), and the next load of a
+similar size takes it (a platform's adapters usually share a configuration, hence a size). A
+load that finds no fitting spare allocates as before.
 
 `take(numel)` -> a float32 [>= numel] CPU tensor (contents unspecified; the caller overwrites what
 it uses). A spare is taken when `numel <= spare <= numel * (1 + SLACK)`, so a load never keeps
@@ -31,14 +32,15 @@ class HostArena:
         self.max_bytes, self.slack = max_bytes, slack
         self._spare: torch.Tensor | None = None  # [n] float32, resident
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault", initializer=_idle_priority)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault",
+                                        initializer=_idle_priority)
         self._wanted: int | None = None  # the size last taken: the next spare's
         self.stats = {"warm": 0, "cold": 0}
 
     def take(self, numel: int) -> torch.Tensor:
         with self._lock:
             spare = self._spare
-            fits = spare is not None and numel <= spare.numel() <= numel * (1 + self.slack)
+            fits = self._fits(spare, numel)
             if fits:
                 self._spare = None
             self._wanted = numel
@@ -52,11 +54,13 @@ class HostArena:
         a core from the very request it is meant to speed up."""
         with self._lock:
             numel = self._wanted
-            spare = self._spare
-            if (numel is None or numel * 4 > self.max_bytes
-                    or (spare is not None and numel <= spare.numel() <= numel * (1 + self.slack))):
+            if numel is None or numel * 4 > self.max_bytes or self._fits(self._spare, numel):
                 return
         self._pool.submit(self._prepare, numel)
+
+    def _fits(self, spare: torch.Tensor | None, numel: int) -> bool:
+        """A load of `numel` may take `spare`: large enough, and no more than SLACK beyond it."""
+        return spare is not None and numel <= spare.numel() <= numel * (1 + self.slack)
 
     def _prepare(self, numel: int) -> None:
         buf = torch.empty(numel, dtype=torch.float32)

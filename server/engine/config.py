@@ -24,9 +24,9 @@ class EngineConfig:
     # device adapter slots (distinct adapters in one step). A slot costs nothing until an adapter is
     # installed in it (entries are the adapter's true shape: server/runtime/layers.py): a slot bounds
     # resident adapter bytes, it reserves nothing. A rank-64 q,k,v,o LoRA of the default model is 29.5 MB
-    # of float32 weights (14.7 MB with --adapter-dtype bfloat16), held once in the matmul layout (A and B
-    # are views of it) plus the grouped stacks (~2x); 32 LoRAs of ranks 8..64 read 442 MB (fp32) per decode step. 8 slots thrash
-    # with 32 adapters in the traffic (issue 13).
+    # of float32 weights (14.7 MB with --adapter-dtype bfloat16), held once in the matmul layout (A
+    # and B are views of it) plus the grouped stacks (~2x); 32 LoRAs of ranks 8..64 read 442 MB
+    # (fp32) per decode step. 8 slots thrash with 32 adapters in the traffic (issue 13).
     max_adapters_per_batch: int = 32
     # Device bytes all installed weight adapters may take together (their entries at the storage
     # dtype: a LoRA's weights once, in the matmul layout; not the derived stacks). Bounds the device tier by memory,

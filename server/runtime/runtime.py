@@ -106,8 +106,9 @@ class DeviceRuntime:
 
     def device_bytes(self) -> int:
         """Bytes of the installed weight-kind entries (in their storage dtype: LoRA's A, B (and
-        their transposes, where those are copies) at `--adapter-dtype`; (IA)3 and bottleneck at the model dtype), not counting
-        derived caches (LoRA's grouped stacks). Walks every wrapped module: for reports, not steps."""
+        their transposes, where those are copies) at `--adapter-dtype`; (IA)3 and bottleneck at
+        the model dtype), not counting derived caches (LoRA's grouped stacks). Walks every wrapped
+        module: for reports, not steps."""
         total = 0
         for module in (*self.layers.linears.values(), *self.layers.sublayers.values()):
             for per_slot in module.entries.values():
