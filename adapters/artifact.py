@@ -66,11 +66,17 @@ class LoadedAdapter:
 def content_hash(config_bytes: bytes, weights_bytes: bytes | memoryview) -> str:
     """sha256 of the config length (8 bytes LE), the config, then the weights: the length prefix
     makes the (config, weights) split unambiguous."""
+    h = content_hasher(config_bytes)
+    h.update(weights_bytes)
+    return h.hexdigest()
+
+
+def content_hasher(config_bytes: bytes):
+    """The sha256 of `content_hash` fed up to the weights (which may then be fed in pieces)."""
     h = hashlib.sha256()
     h.update(len(config_bytes).to_bytes(8, "little"))
     h.update(config_bytes)
-    h.update(weights_bytes)
-    return h.hexdigest()
+    return h
 
 
 def _short_name(name: str) -> str:

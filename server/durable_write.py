@@ -17,10 +17,17 @@ Anything the direct path cannot do — a filesystem without O_DIRECT (tmpfs answ
 short write, a file beyond what the buffer keeps — falls back to the plain buffered write +
 fsync. Either way, when `write_durable` returns, `path` holds exactly `data` on stable storage.
 `write_all_durable` does the same for several files, fsyncing them together (see there why).
+
+`StreamedWrite` writes one file from a page-aligned buffer *while that buffer is still being
+filled* (an upload's weights as they arrive): the disk work overlaps the transfer instead of
+following it. Whole pages go out with O_DIRECT straight from the caller's buffer (no copy);
+where the filesystem refuses O_DIRECT, the same calls write through the page cache.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -59,14 +66,16 @@ def write_durable(path: str | os.PathLike, data: bytes | bytearray | memoryview)
     write_all_durable([(path, data)])
 
 
-def write_all_durable(files: list[tuple[str | os.PathLike, bytes | bytearray | memoryview]]) -> None:
+def write_all_durable(files: list[tuple[str | os.PathLike, bytes | bytearray | memoryview]],
+                      written: tuple[int, ...] = ()) -> None:
     """`write_durable` for several files: all written first, then all fsync'd. Why: each fsync of
     a freshly written file commits the filesystem's journal, and a commit waits for the one
     before it; measured beside an upload's validation, a small file's write + fsync ahead of the
     weights' took 4-6 ms. Written first, the files' metadata share one commit, and the later
     fsyncs find little left to do. Raises OSError like a plain write would (files may then be
-    partly written: the caller discards them)."""
-    fds: list[int] = []
+    partly written: the caller discards them). `written`: descriptors of files already written
+    (`StreamedWrite.finish`), fsync'd and closed with these."""
+    fds: list[int] = list(written)
     try:
         for path, data in files:
             fds.append(_write(path, data))
@@ -115,6 +124,63 @@ def _write_direct(path, data) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class StreamedWrite:
+    """A file written progressively from `buf` (page-aligned, e.g. an anonymous mmap, and at
+    least `finish`'s length rounded up to ALIGN long): `advance(filled)` writes what the buffer
+    holds so far (whole pages only, in direct mode), `finish(length)` the rest -> the open
+    descriptor, written but not yet fsync'd (the caller fsyncs it with the files it belongs
+    with, see `write_all_durable(..., written=)`). Calls must be sequential (one thread at a
+    time); an OSError leaves the descriptor for `close` and the file for the caller to discard."""
+
+    def __init__(self, path: str | os.PathLike, buf):
+        self.buf, self.done, self.direct = memoryview(buf).cast("B"), 0, False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self.fd, self.direct = os.open(path, flags | os.O_DIRECT, 0o644), True
+                return
+            except OSError:  # tmpfs and others answer EINVAL: the page cache it is
+                pass
+        self.fd = os.open(path, flags, 0o644)
+
+    def advance(self, filled: int) -> None:
+        """Write up to `filled` (in direct mode: down to a page boundary; the rest waits)."""
+        self._write_to(filled // ALIGN * ALIGN if self.direct else filled)
+
+    def finish(self, length: int) -> int:
+        """Write the rest of the file's `length` bytes -> the descriptor (not fsync'd)."""
+        padded = -(-length // ALIGN) * ALIGN
+        if self.direct and len(self.buf) >= padded:
+            self._write_to(padded)  # the last page whole (stale bytes past `length`), then cut off
+            os.ftruncate(self.fd, length)
+        else:
+            self._to_buffered()
+            self._write_to(length)
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _to_buffered(self) -> None:
+        if self.direct:  # the page cache takes any offset and length
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+
+    def _write_to(self, end: int) -> None:
+        while self.done < end:
+            try:
+                wrote = os.pwrite(self.fd, self.buf[self.done:end], self.done)
+            except OSError as exc:
+                if not self.direct or exc.errno != errno.EINVAL:
+                    raise
+                wrote = 0  # O_DIRECT refused at write time (some filesystems open it, then say no)
+            if wrote == 0 and not self.direct:
+                raise OSError(errno.EIO, "write made no progress")
+            if self.direct and (wrote == 0 or wrote % ALIGN):
+                self._to_buffered()  # a short or refused direct write: the rest through the page cache
+            self.done += wrote
 
 
 def sync_dir(path: str | os.PathLike) -> None:

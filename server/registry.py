@@ -54,6 +54,7 @@ from .engine.intra_op import hands_back
 from .errors import (AdapterExistsError, AdapterNotFound, AdapterStoreBusy, AdapterStoreCorrupt,  # noqa: F401
                      AdapterUnavailable, CombinationCapacity, InvalidAdapterName)
 from .runtime.kinds import KINDS
+from .streamed_upload import StreamedUpload
 
 log = logging.getLogger(__name__)
 
@@ -305,23 +306,39 @@ class AdapterRegistry:
         return len(self._current)
 
     # -- mutations ------------------------------------------------------------------------
+    def prepare_upload(self, capacity: int) -> StreamedUpload:
+        """Somewhere to receive an upload's weights (at most `capacity` bytes) while they arrive,
+        hashed and written to staging as they do (server/streamed_upload.py). Hand it to `add`
+        as `streamed` with its `view()` as the weights, and `discard()` it in any case."""
+        (self.store / ".staging").mkdir(exist_ok=True)
+        return StreamedUpload(self.store / ".staging" / uuid.uuid4().hex, capacity, _WRITER, WEIGHTS_FILE, CONFIG_FILE)
+
     @hands_back  # runs on a worker thread: torch work there must not keep an OpenMP team
-    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterVersion:
-        """Validate (outside the lock: slow), then commit to disk and memory atomically."""
+    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
+            streamed: StreamedUpload | None = None) -> AdapterVersion:
+        """Validate (outside the lock: slow), then commit to disk and memory atomically.
+        `streamed`: the upload the weights were received into (`prepare_upload`): its hash and
+        staging write are then mostly done already."""
         check_name(name)
         if not replace and name in self._current:  # cheap early answer; re-checked under lock
             raise AdapterExistsError(name)
-        staging = self.store / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
+        staging = streamed.staging if streamed is not None else self.store / ".staging" / uuid.uuid4().hex
+        if streamed is None:
+            staging.mkdir(parents=True)
         current_tmp = staging.with_name(f"{staging.name}.{CURRENT_FILE}")
         try:
             # The staging write (and its fsync) and the content hash, with the new CURRENT file
-            # written and fsync'd from it, overlap validation, and the device copy of the validated
-            # weights is prepared while the disk finishes: upload -> first token is bounded by the
-            # slowest of them, not their sum, and the commit is two renames. Nothing is committed
-            # unless all succeed, and staging is removed either way.
-            writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
-            hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
+            # written and fsync'd from it, overlap validation (streamed: the transfer, mostly), and
+            # the device copy of the validated weights is prepared while the disk finishes: upload
+            # -> first token is bounded by the slowest of them, not their sum, and the commit is
+            # two renames. Nothing is committed unless all succeed, and staging is removed either way.
+            if streamed is None:
+                writing = _WRITER.submit(_write_pair, staging, config_bytes, weights_bytes)
+                hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
+            else:
+                writing, hashing = streamed.complete(config_bytes, weights_bytes)
+                if hashing is None:  # the config came after the weights: the hash could not stream
+                    hashing = _WRITER.submit(content_hash, config_bytes, weights_bytes)
             naming = _chain(hashing, _write_current, current_tmp)  # CURRENT, once the hash is known
             try:
                 loaded = load_adapter(config_bytes, weights_bytes, self.spec, self.settings.limits,

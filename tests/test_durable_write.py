@@ -87,3 +87,95 @@ def test_sync_dir_fsyncs_the_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     dw.sync_dir(tmp_path)
     assert synced == [str(tmp_path)]
+
+
+# -- StreamedWrite: a file written while its buffer fills -------------------------------------
+def _streamed(path, data: bytes, fills: list[int]) -> dw.StreamedWrite:
+    """Fill a page-aligned buffer in steps, advancing after each; finish and fsync."""
+    import mmap
+
+    buf = mmap.mmap(-1, max(dw.ALIGN, -(-len(data) // dw.ALIGN) * dw.ALIGN))
+    buf[:] = os.urandom(len(buf))  # stale bytes past the data: must never reach the file
+    w = dw.StreamedWrite(path, buf)
+    for end in fills:
+        buf[:end] = data[:end]
+        w.advance(end)
+    buf[:len(data)] = data
+    dw.write_all_durable([], written=(w.finish(len(data)),))
+    return w
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_streamed_file_holds_exactly_the_data(tmp_path, monkeypatch, n, direct):
+    import random
+
+    real_open, seen = os.open, []
+
+    def open_(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            seen.append(path)
+            if not direct:
+                raise OSError(errno.EINVAL, "O_DIRECT not supported")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", open_)
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (n + 3 * dw.ALIGN))  # an older, longer file: truncated
+    data = payload(n, 3)
+    fills = sorted(random.Random(n).randrange(n + 1) for _ in range(5))  # pages and bits of pages
+    _streamed(path, data, fills)
+    assert path.read_bytes() == data
+    assert seen or not hasattr(os, "O_DIRECT")  # guard: the direct open was tried
+
+
+def test_a_streamed_file_goes_direct_where_it_can_and_falls_back_on_a_short_write(tmp_path, monkeypatch):
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (OSError, AttributeError):
+        pytest.skip("no O_DIRECT on this filesystem")
+    data = os.urandom(5 * dw.ALIGN + 17)
+    assert _streamed(tmp_path / "a", data, [2 * dw.ALIGN + 5]).direct  # direct to the end
+    assert (tmp_path / "a").read_bytes() == data
+    real_pwrite, calls = os.pwrite, []
+
+    def short_then_refused(fd, buf, offset):
+        calls.append(offset)
+        if len(calls) == 1:  # a direct write that stops mid-page (done here through a plain descriptor)
+            plain = os.open(tmp_path / "b", os.O_WRONLY)
+            try:
+                return real_pwrite(plain, buf[:dw.ALIGN + 100], offset)
+            finally:
+                os.close(plain)
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", short_then_refused)
+    w = _streamed(tmp_path / "b", data, [3 * dw.ALIGN])
+    assert not w.direct and calls[:2] == [0, dw.ALIGN + 100]  # the rest went on, buffered, where it stopped
+    assert (tmp_path / "b").read_bytes() == data
+
+
+def test_a_streamed_file_falls_back_when_a_direct_write_is_refused(tmp_path, monkeypatch):
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (OSError, AttributeError):
+        pytest.skip("no O_DIRECT on this filesystem")
+    data = os.urandom(4 * dw.ALIGN + 3)
+    real_pwrite, refused = os.pwrite, []
+
+    def refuse_direct(fd, buf, offset):
+        if fcntl_flags(fd) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")  # what some filesystems answer at write time
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    w = _streamed(tmp_path / "f", data, [dw.ALIGN * 2])
+    assert (tmp_path / "f").read_bytes() == data and not w.direct
+    assert refused
+
+
+def fcntl_flags(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)

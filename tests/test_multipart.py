@@ -86,3 +86,58 @@ def test_a_body_cut_inside_a_part_returns_no_such_part():
         except FormError:
             continue
         assert form.get("adapter_model") is None, cut
+
+
+class _Sink:
+    def __init__(self, items_before):
+        self.items_before = [k for k, _ in items_before]
+        self.data = bytearray()
+
+    def extend(self, piece: memoryview) -> None:
+        self.data += piece
+
+    def view(self) -> memoryview:
+        return memoryview(bytes(self.data))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fed_in_any_chunks_the_form_is_the_same_and_the_sink_gets_its_part_exactly(seed):
+    """What the route does with a declared length: chunks as they arrive, the weights part into
+    a sink. Chunk cuts fall anywhere (inside headers, boundaries, CRLF runs)."""
+    from peftserve.server.api.multipart import FormParser
+
+    rng = random.Random(100 + seed)
+    alphabet = [b"\r", b"\n", b"--", b"\r\n--", b"x" * 50, bytes([rng.randrange(256)])]
+    weights = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 3000)))
+    config = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 300)))
+    parts = [("adapter_config", ("c.json", config)), ("adapter_model", ("m.safetensors", weights))]
+    if seed % 2:
+        parts.reverse()
+    body, ctype = encode({"name": "a"}, dict(parts))
+    sinks = []
+    parser = FormParser(ctype, max_files=4, max_fields=4, sink_field="adapter_model",
+                        open_sink=lambda items: sinks.append(_Sink(items)) or sinks[-1])
+    i = 0
+    while i < len(body):
+        n = rng.choice([1, 2, 3, 17, 64, 1000])
+        parser.feed(body[i:i + n])
+        i += n
+    form = parser.finish()
+    whole = parse_form(body, ctype, max_files=4, max_fields=4)
+    assert len(sinks) == 1 and bytes(sinks[0].data) == weights
+    assert sinks[0].items_before == (["name", "adapter_config"] if seed % 2 == 0 else ["name"])
+    assert [(k, bytes(v.data) if isinstance(v, FilePart) else v) for k, v in form.multi_items()] == \
+        [(k, bytes(v.data) if isinstance(v, FilePart) else v) for k, v in whole.multi_items()]
+
+
+def test_only_the_first_part_of_the_sink_field_streams():
+    from peftserve.server.api.multipart import FormParser
+
+    body, ctype = encode(None, [("adapter_model", ("a", b"first")), ("adapter_model", ("b", b"second"))])
+    sinks = []
+    parser = FormParser(ctype, max_files=4, max_fields=4, sink_field="adapter_model",
+                        open_sink=lambda items: sinks.append(_Sink(items)) or sinks[-1])
+    parser.feed(body)
+    form = parser.finish()
+    assert len(sinks) == 1 and bytes(sinks[0].data) == b"first"
+    assert [bytes(p.data) for p in form.getlist("adapter_model")] == [b"first", b"second"]

@@ -1,15 +1,17 @@
 """Adapter management routes (admin key): upload, list, inspect, delete.
 
 Uploads are multipart (`name`, optional `replace`, files `adapter_config` + `adapter_model`).
-The body-size middleware caps the request while it streams in; the whole body is then parsed in
-memory (server/api/multipart.py: python-multipart's parser, file parts as views into the body,
+The body-size middleware caps the request while it streams in; the form is parsed in memory as
+it arrives (server/api/multipart.py: python-multipart's parser, parts as views into the chunks,
 no copy: starlette's form parser copied a 7.4 MB part three times, ~13 ms of an upload -> first
-token). Validation runs in a worker thread; the registry commits to disk atomically only after
+token), and the weights part goes into the registry's streamed upload: hashed and written to
+disk while the transfer is still under way (server/streamed_upload.py). Validation runs in a worker thread; the registry commits to disk atomically only after
 every check passed, so a refused upload leaves registry and disk exactly as they were.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import time
@@ -25,7 +27,8 @@ from ..errors import (AdaptersDisabled, BadRequest, InsufficientStorage, Invalid
 from ..registry import check_name, version_info
 from ..state import get_state
 from .auth import require_admin_key
-from .multipart import FilePart, FormError, parse_form
+from ..streamed_upload import StreamOverflow
+from .multipart import FilePart, FormError, FormParser, parse_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_admin_key)])
@@ -73,6 +76,54 @@ def _read_upload(form, field: str, limit: int) -> memoryview | bytes:
     return part.data
 
 
+def _declared_length(request: Request) -> int | None:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def _receive_form(request: Request, reg, ctype: str):
+    """-> (form, the StreamedUpload the weights part went into or None, when the body was in).
+
+    With a declared length (the body-size middleware has bounded it), the form is parsed as the
+    body arrives and the weights part goes into the registry's streamed upload, hashed and
+    written to disk during the transfer (server/streamed_upload.py). A chunked body is read
+    whole, then parsed (its weights are hashed and stored by `add` as before)."""
+    declared = _declared_length(request)
+    streamed = None
+
+    def open_sink(items):
+        nonlocal streamed
+        streamed = reg.prepare_upload(declared)
+        config = next((v.data for k, v in items if k == "adapter_config" and isinstance(v, FilePart)), None)
+        streamed.begin(None if config is None else bytes(config))  # hashed along if it came first
+        return streamed
+
+    try:  # limits leave room for one repeat of each part, so that a duplicate is reported as such
+        if declared is None:
+            body = await request.body()
+            return parse_form(body, ctype, max_files=4, max_fields=4), None, time.perf_counter()
+        parser = FormParser(ctype, max_files=4, max_fields=4, sink_field="adapter_model", open_sink=open_sink)
+        async for chunk in request.stream():
+            parser.feed(chunk)
+        received = time.perf_counter()
+        return parser.finish(), streamed, received
+    except (FormError, StreamOverflow) as exc:
+        await _discard(streamed)
+        raise BadRequest(str(exc)) from None
+    except BaseException:
+        await _discard(streamed)
+        raise
+
+
+async def _discard(streamed) -> None:
+    """Remove what a streamed upload left in staging before the answer goes out (a refused
+    upload leaves the disk as it was); the clean-up runs even if this wait is cancelled."""
+    if streamed is not None:
+        await asyncio.wrap_future(streamed.discard())
+
+
 @router.post("/adapters", status_code=201, summary="Upload a PEFT adapter (multipart)")
 async def upload(request: Request):
     ctype = request.headers.get("content-type", "")
@@ -80,16 +131,11 @@ async def upload(request: Request):
         raise UnsupportedMediaType("POST /adapters takes multipart/form-data (name, adapter_config, adapter_model)")
     reg = _registry(request)
     metrics = get_state(request).metrics
+    streamed = None
     try:
-        # The whole body first (the size middleware bounds it while it streams in): the handling
-        # time (peftserve_adapter_upload_seconds) then starts once the upload has arrived, so it
-        # measures our work, not the client's network; the form is then parsed from it in memory.
-        body = await request.body()
-        t0 = time.perf_counter()
-        try:  # limits leave room for one repeat of each part, so that a duplicate is reported as such
-            form = parse_form(body, ctype, max_files=4, max_fields=4)
-        except FormError as exc:
-            raise BadRequest(str(exc)) from None
+        # The handling time (peftserve_adapter_upload_seconds) starts once the upload has arrived
+        # (`t0`), so it measures our work, not the client's network.
+        form, streamed, t0 = await _receive_form(request, reg, ctype)
         _refuse_ambiguous_parts(form)
         for plain in ("name", "replace"):
             if isinstance(form.get(plain), FilePart):
@@ -102,15 +148,18 @@ async def upload(request: Request):
         config_bytes = bytes(_read_upload(form, "adapter_config", 1 << 20))
         weights_bytes = _read_upload(form, "adapter_model", limit)  # a view into the body: no copy
         try:
-            ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE)
+            ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE, streamed)
         except OSError as exc:  # the registry already cleaned up: nothing was committed
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage("the adapter store is out of space") from None
             raise
-    except Exception as exc:
-        if metrics is not None and hasattr(metrics, "adapter_upload"):
+    except BaseException as exc:
+        if isinstance(exc, Exception) and metrics is not None and hasattr(metrics, "adapter_upload"):
             metrics.adapter_upload("rejected", getattr(exc, "code", type(exc).__name__))
+        await _discard(streamed)  # the answer waits: a refused upload leaves the disk as it was
         raise
+    if streamed is not None:  # its staging directory is the store's now: no disk work is left
+        streamed.release()
     if metrics is not None and hasattr(metrics, "adapter_upload"):
         metrics.adapter_upload("ok", "", len(weights_bytes), time.perf_counter() - t0)
     log.info("adapter uploaded", extra={"adapter": ver.name, "version": ver.version, "bytes": len(weights_bytes)})

@@ -1,4 +1,4 @@
-"""multipart/form-data of `POST /adapters`, parsed in memory from the whole (size-bounded) body.
+"""multipart/form-data of `POST /adapters`, parsed in memory as the (size-bounded) body arrives.
 
 Why not starlette's form parser: it copies every file part three times (a slice of each chunk,
 the spooled file, the read back), each into fresh memory, and on the upload -> first token path
@@ -7,6 +7,12 @@ those page faults cost ~13 ms for a 7.4 MB adapter. This drives the same state m
 read-only memoryview into the body (no copy) when the parser hands them over in one piece from
 the body itself, which is the normal case, and are joined otherwise (a part split around the
 parser's boundary lookbehind).
+
+`FormParser` is fed the body chunk by chunk as it arrives (`parse_form` feeds a whole body at
+once). One file field may be given a *sink* (`sink_field`, `open_sink`): that part's bytes go
+to the sink as they arrive (the registry's streamed upload: into an aligned buffer, hashed and
+written to disk during the transfer), and the part's value is then `sink.view()`. Other parts
+are kept as views into the chunks they came in (joined at the part's end when split).
 
 Limits as starlette applies them: at most `max_files` file parts and `max_fields` plain fields,
 a plain field at most `max_field_bytes`, at most 8 headers of 4224 bytes per part (the parser's
@@ -44,11 +50,13 @@ def _decode(raw: bytes) -> str:
 class _Collector:
     """python-multipart callbacks -> the (name, value) items of the form, one part at a time."""
 
-    def __init__(self, body: bytes, max_files: int, max_fields: int, max_field_bytes: int):
-        self.body, self.view = body, memoryview(body)
+    def __init__(self, max_files: int, max_fields: int, max_field_bytes: int, sink_field: str | None, open_sink):
         self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
+        self.sink_field, self.open_sink = sink_field, open_sink
+        self.chunk: bytes = b""  # the chunk being parsed: data handed over from it can be viewed
         self.items: list[tuple[str, str | FilePart]] = []
         self.files = self.fields = 0
+        self.sink = None  # the sink in use: only the first part of `sink_field` gets one
         self._reset()
 
     def _reset(self) -> None:
@@ -57,6 +65,7 @@ class _Collector:
         self.filename: str | None = None
         self.pieces: list[memoryview | bytes] = []
         self.size = 0
+        self.sinking = False
 
     def on_part_begin(self) -> None:
         self._reset()
@@ -82,6 +91,8 @@ class _Collector:
             if self.files > self.max_files:
                 raise FormError(f"too many file parts (at most {self.max_files})")
             self.filename = _decode(options[b"filename"])
+            if self.name == self.sink_field and self.sink is None:
+                self.sink, self.sinking = self.open_sink(self.items), True
         else:
             self.fields += 1
             if self.fields > self.max_fields:
@@ -91,11 +102,16 @@ class _Collector:
         self.size += end - start
         if self.filename is None and self.size > self.max_field_bytes:
             raise FormError(f"field {self.name!r} exceeds {self.max_field_bytes} bytes")
-        # from the body itself: a view; from the parser's lookbehind buffer: a copy of the piece
-        self.pieces.append(self.view[start:end] if data is self.body else bytes(data[start:end]))
+        if self.sinking:
+            self.sink.extend(memoryview(data)[start:end])
+            return
+        # from the chunk itself: a view; from the parser's lookbehind buffer: a copy of the piece
+        self.pieces.append(memoryview(data)[start:end] if data is self.chunk else bytes(data[start:end]))
 
     def on_part_end(self) -> None:
-        if len(self.pieces) == 1 and isinstance(self.pieces[0], memoryview):
+        if self.sinking:
+            value = self.sink.view()
+        elif len(self.pieces) == 1 and isinstance(self.pieces[0], memoryview):
             value = self.pieces[0]
         else:
             value = b"".join(self.pieces)
@@ -105,22 +121,52 @@ class _Collector:
             self.items.append((self.name, FilePart(self.filename, value)))
 
 
+_CALLBACKS = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
+              "on_headers_finished")
+
+
+class FormParser:
+    """Feed a multipart/form-data body in chunks (`feed`, in order), then `finish()` -> its parts
+    as starlette's multidict (every repeat kept: the route refuses them). Chunks must be
+    immutable (bytes): file parts may be views into them.
+
+    `sink_field` / `open_sink(items_so_far) -> sink`: the first file part of that field streams
+    into the sink (`sink.extend(view)` per piece, `sink.view()` its value; see the module's
+    docstring). An exception from the sink propagates from `feed` as it is."""
+
+    def __init__(self, content_type: str, *, max_files: int, max_fields: int, max_field_bytes: int = 1 << 20,
+                 sink_field: str | None = None, open_sink=None):
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise FormError("missing boundary in multipart/form-data")
+        self._collector = _Collector(max_files, max_fields, max_field_bytes, sink_field, open_sink)
+        try:
+            self._parser = MultipartParser(boundary, {name: getattr(self._collector, name) for name in _CALLBACKS})
+        except FormParserError as exc:
+            raise FormError(f"invalid multipart data: {exc}") from None
+
+    def feed(self, chunk: bytes) -> None:
+        self._collector.chunk = chunk
+        try:
+            self._parser.write(chunk)
+        except FormParserError as exc:
+            raise FormError(f"invalid multipart data: {exc}") from None
+        finally:
+            self._collector.chunk = b""
+
+    def finish(self) -> FormData:
+        try:
+            self._parser.finalize()
+        except FormParserError as exc:
+            raise FormError(f"invalid multipart data: {exc}") from None
+        return FormData(self._collector.items)
+
+
 def parse_form(body: bytes, content_type: str, *, max_files: int, max_fields: int,
                max_field_bytes: int = 1 << 20) -> FormData:
-    """The parts of a multipart/form-data `body` (bytes: immutable, so views into it are safe), as
-    starlette's multidict (every repeat kept: the route refuses them)."""
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise FormError("missing boundary in multipart/form-data")
-    collector = _Collector(body, max_files, max_fields, max_field_bytes)
-    callbacks = {name: getattr(collector, name) for name in (
-        "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value", "on_header_end",
-        "on_headers_finished")}
-    try:
-        parser = MultipartParser(boundary, callbacks)
-        parser.write(body)
-        parser.finalize()
-    except FormParserError as exc:
-        raise FormError(f"invalid multipart data: {exc}") from None
-    return FormData(collector.items)
+    """The parts of a whole multipart/form-data `body` (bytes: immutable, so views into it are
+    safe), as starlette's multidict (every repeat kept: the route refuses them)."""
+    parser = FormParser(content_type, max_files=max_files, max_fields=max_fields, max_field_bytes=max_field_bytes)
+    parser.feed(body)
+    return parser.finish()
