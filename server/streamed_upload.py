@@ -140,6 +140,9 @@ class StreamedUpload:
         self._hashed_config: bytes | None = None
         self._file: StreamedWrite | None = None
         self._finished = False
+        # after `complete`, staging belongs to the registry's `add` (which removes or commits it):
+        # a clean-up racing its commit must not delete files from under the rename
+        self._handed_over = False
 
     # -- the receiving side (the event loop) ---------------------------------------------------
     def begin(self, config: bytes | None) -> None:
@@ -171,7 +174,7 @@ class StreamedUpload:
             raise RuntimeError("this streamed upload was already completed or discarded")
         if not isinstance(weights, memoryview) or weights.obj is not self.buffer or len(weights) != self.size:
             raise ValueError("weights are not this streamed upload's bytes")
-        self._finished = True
+        self._finished = self._handed_over = True  # the staging directory is the caller's now
         self._queue()
         writing = self._disk.submit(self._finish, bytes(config))
         hashing = None
@@ -186,8 +189,9 @@ class StreamedUpload:
         self._give_back()
 
     def discard(self) -> Future:
-        """Close the file and remove the staging directory, after the queued jobs (idempotent)
-        -> a future of that clean-up (await it before answering: the store is then as it was)."""
+        """Close the file and remove the staging directory (unless `complete` handed it to the
+        registry), after the queued jobs; idempotent -> a future of that clean-up (await it
+        before answering: the store is then as it was)."""
         self._finished = True
         return self._disk.submit(self._remove, always=True)
 
@@ -219,7 +223,8 @@ class StreamedUpload:
         if self._file is not None:
             self._file.close()
             self._file = None
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if not self._handed_over:
+            shutil.rmtree(self.staging, ignore_errors=True)
         self._give_back()
 
     def _give_back(self) -> None:

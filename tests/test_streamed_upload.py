@@ -54,7 +54,6 @@ def test_file_and_hash_are_those_of_the_bytes_however_they_arrive(tmp_path, pool
     assert (up.staging / "w.safetensors").read_bytes() == data
     assert (up.staging / "c.json").read_bytes() == CONFIG
     up.discard().result(10)
-    assert not up.staging.exists()
 
 
 def test_the_hash_streams_only_with_the_config_that_came_first(tmp_path, pool):
@@ -82,6 +81,17 @@ def test_complete_takes_only_its_own_bytes_and_only_once(tmp_path, pool):
     with pytest.raises(RuntimeError):
         up.complete(CONFIG, up.view())
     up.discard().result(10)
+
+
+def test_once_completed_the_staging_directory_is_the_registrys(tmp_path, pool):
+    """`add` commits (renames) or removes staging itself; a discard racing it (a cancelled
+    request) must not delete files from under that rename."""
+    data = os.urandom(2 * su.STEP + 5)
+    up = receive(tmp_path, pool, data, CONFIG)
+    writing, _ = up.complete(CONFIG, up.view())
+    writing.result(10)
+    up.discard().result(10)
+    assert (up.staging / "w.safetensors").read_bytes() == data  # left for the registry
 
 
 def test_more_bytes_than_declared_is_refused(tmp_path, pool):
@@ -114,7 +124,10 @@ def test_a_disk_error_fails_the_write_and_discard_still_cleans_up(tmp_path, pool
         writing.result(10)
     assert err.value.errno == errno.ENOSPC
     up.discard().result(10)
-    assert not up.staging.exists() and _open_fds() == fds
+    assert _open_fds() == fds  # (the staging directory is the registry's to remove: it was handed over)
+    bare = receive(tmp_path, pool, os.urandom(3 * su.STEP), CONFIG, seed=5)  # failing before any complete
+    bare.discard().result(10)
+    assert not bare.staging.exists() and _open_fds() == fds
 
 
 def test_a_chain_runs_in_order_and_skips_all_but_clean_up_after_a_failure(pool):

@@ -5,8 +5,9 @@ The body-size middleware caps the request while it streams in; the form is parse
 it arrives (server/api/multipart.py: python-multipart's parser, parts as views into the chunks,
 no copy: starlette's form parser copied a 7.4 MB part three times, ~13 ms of an upload -> first
 token), and the weights part goes into the registry's streamed upload: hashed and written to
-disk while the transfer is still under way (server/streamed_upload.py). Validation runs in a worker thread; the registry commits to disk atomically only after
-every check passed, so a refused upload leaves registry and disk exactly as they were.
+disk while the transfer is still under way (server/streamed_upload.py). Validation runs in a
+worker thread; the registry commits to disk atomically only after every check passed, so a
+refused upload leaves registry and disk exactly as they were.
 """
 
 from __future__ import annotations
