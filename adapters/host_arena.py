@@ -69,6 +69,11 @@ class HostArena:
         with self._lock:
             self._spare = buf  # the newest load's size: the likeliest next one
 
+    def nbytes(self) -> int:
+        """Bytes of the spare held resident for the next load."""
+        with self._lock:
+            return 0 if self._spare is None else self._spare.numel() * self._spare.element_size()
+
     def drain(self) -> None:
         """Wait for the spare being prepared (tests)."""
         self._pool.submit(lambda: None).result()

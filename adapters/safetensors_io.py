@@ -275,8 +275,17 @@ class _ScratchPool:
             if len(self._free) < self.keep:
                 self._free.append(buf)
 
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(len(b) for b in self._free)
+
 
 _SCRATCH = _ScratchPool()
+
+
+def scratch_bytes() -> int:
+    """Bytes `borrowed_safetensors` keeps resident for its copies of misaligned uploads."""
+    return _SCRATCH.nbytes()
 
 
 def _validate(data, max_bytes: int, max_header_bytes: int) -> tuple[memoryview, int, int, list[_Entry]]:

@@ -31,6 +31,7 @@ import fcntl
 import mmap
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -38,6 +39,7 @@ ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical 
 DIRECT_MIN_BYTES = 1 << 20  # below this the page-cache path costs little
 KEEP_BYTES = 64 << 20  # largest buffer a writer thread keeps (the store writes on 2 threads)
 _local = threading.local()
+_BUFFERS: "weakref.WeakSet[_DirectBuffer]" = weakref.WeakSet()  # every thread's, for `kept_bytes`
 
 
 class _DirectBuffer:
@@ -45,6 +47,7 @@ class _DirectBuffer:
 
     def __init__(self):
         self.map: mmap.mmap | None = None
+        _BUFFERS.add(self)
 
     def hold(self, data) -> int:
         """Copy `data` to the buffer's start -> len(data) rounded up to ALIGN (the bytes past
@@ -59,6 +62,11 @@ class _DirectBuffer:
         # of a 7.4 MB memcpy, while validation of the same upload waits for it on another core)
         np.copyto(np.frombuffer(self.map, dtype=np.uint8, count=n), np.frombuffer(data, dtype=np.uint8))
         return padded
+
+
+def kept_bytes() -> int:
+    """Bytes of the writer threads' reused O_DIRECT buffers (resident)."""
+    return sum(len(b.map) for b in list(_BUFFERS) if b.map is not None)
 
 
 def write_durable(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:

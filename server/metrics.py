@@ -111,11 +111,29 @@ class _StateCollector:
         yield GaugeMetricFamily("peftserve_kv_cache_block_size", "Tokens per KV-cache block.", value=block_size)
         yield CounterMetricFamily("peftserve_num_preemptions", "Running requests whose KV blocks were taken back "
                                   "because the pool was full (they recompute).", value=preemptions)
+        yield _host_buffers()
         yield GaugeMetricFamily("peftserve_engine_healthy", "1 while the engine loop is running.", value=healthy)
         yield GaugeMetricFamily("peftserve_draining", "1 while the server drains for shutdown.", value=draining)
         # the supervisor's count (async_engine.AsyncEngine.restarts), read at scrape time
         yield CounterMetricFamily("peftserve_engine_restarts", "Times the engine loop died and was rebuilt.",
                                   value=restarts)
+
+
+def _host_buffers() -> GaugeMetricFamily:
+    """The buffers kept resident to make uploads fast (each bounded: docs/design.md, "Uploads")."""
+    from peftserve.adapters.host_arena import ARENA
+    from peftserve.adapters.safetensors_io import scratch_bytes
+
+    from .durable_write import kept_bytes
+    from .streamed_upload import RECEIVE_BUFFERS
+
+    family = GaugeMetricFamily("peftserve_host_buffer_bytes", "Host memory kept resident for uploads, by buffer: "
+                               "receive (streamed bodies), direct_write (O_DIRECT store writes), scratch "
+                               "(misaligned safetensors), arena (the next load's warm copy).", labels=["buffer"])
+    for name, nbytes in (("receive", RECEIVE_BUFFERS.nbytes()), ("direct_write", kept_bytes()),
+                         ("scratch", scratch_bytes()), ("arena", ARENA.nbytes())):
+        family.add_metric([name], nbytes)
+    return family
 
 
 class Metrics:

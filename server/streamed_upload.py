@@ -6,7 +6,7 @@ validation for 2 cores: upload -> first token paid them. Fed while the transfer 
 way (the API's multipart parser calls `extend` per piece of the weights part), they finish with
 it, and what is left for `registry.add` is validation plus the last page and the fsyncs.
 
-- The buffer is an anonymous mapping (page-aligned) of the declared body size: the weights part
+- The buffer is an anonymous mapping (page-aligned), at least the declared body size: the weights part
   starts at its beginning, so the safetensors data that follows the (8-byte padded) header is
   element-aligned and validation reads it in place (no scratch copy), and whole pages go to disk
   with O_DIRECT straight from it (server/durable_write.py `StreamedWrite`, no copy either).
@@ -76,6 +76,11 @@ class ReceiveBuffers:
         with self._lock:
             self._kept.append(buf)
             del self._kept[:-self.keep]
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers kept for reuse (resident; what `peftserve_host_buffer_bytes` shows)."""
+        with self._lock:
+            return sum(len(b) for b in self._kept)
 
 
 RECEIVE_BUFFERS = ReceiveBuffers()

@@ -119,3 +119,50 @@ async def test_a_client_that_goes_away_mid_upload_leaves_nothing_behind(adapter_
     assert not messages  # the route read up to the disconnect
     assert len(opened) == 1 and opened[0].size > 0  # guard: the weights were streaming when it went
     assert staging_leftovers(server.store) == [] and disk_state(server.store) == before
+
+
+def _gauge(text: str, name: str, label: str) -> float:
+    prefix = f'{name}{{buffer="{label}"}} '
+    return next(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_the_buffers_kept_for_uploads_are_on_metrics(adapter_server, lib, monkeypatch):
+    """The receive buffer an upload leaves for the next is resident memory: /metrics says how much."""
+    buffers = streamed_upload.ReceiveBuffers()
+    monkeypatch.setattr(streamed_upload, "RECEIVE_BUFFERS", buffers)
+    server = adapter_server()
+    async with server.client() as client:
+        text = (await client.get("/metrics")).text
+        assert _gauge(text, "peftserve_host_buffer_bytes", "receive") == 0
+        art = lib.get("qv")
+        assert (await upload(client, "qv", art)).status_code == 201
+        text = (await client.get("/metrics")).text
+        kept = _gauge(text, "peftserve_host_buffer_bytes", "receive")
+        assert kept == buffers.nbytes() and len(art.weights) < kept < len(art.weights) + (1 << 20)
+        for label in ("direct_write", "scratch", "arena"):
+            assert _gauge(text, "peftserve_host_buffer_bytes", label) >= 0
+
+
+@pytest.mark.parametrize("where", ["stream", "staging"])
+async def test_disk_full_while_streaming_is_507_and_commits_nothing(adapter_server, lib, monkeypatch, where):
+    """The disk fills while the weights stream to staging (a write of the stream, or making its
+    staging directory): 507 insufficient_storage, nothing committed, the next upload works."""
+    import errno
+
+    from peftserve.server import durable_write
+
+    server = adapter_server()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "stream":
+        def advance(self, end):
+            raise full
+        monkeypatch.setattr(durable_write.StreamedWrite, "advance", advance)
+        monkeypatch.setattr(durable_write.StreamedWrite, "finish", lambda self, n: (_ for _ in ()).throw(full))
+    else:
+        monkeypatch.setattr(type(server.registry), "prepare_upload", lambda self, n: (_ for _ in ()).throw(full))
+    async with server.client() as client:
+        await expect_refused(server, client, lambda: upload(client, "d", lib.get("qv")), 507, "insufficient_storage")
+        assert staging_leftovers(server.store) == []
+        monkeypatch.undo()
+        assert (await upload(client, "d", lib.get("qv"))).status_code == 201
+        assert await tokens(client, P[0], "d") == lib.ref("qv", P[0])

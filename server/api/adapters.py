@@ -118,6 +118,12 @@ async def _receive_form(request: Request, reg, ctype: str):
         raise
 
 
+def _raise_storage_error(exc: OSError):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise InsufficientStorage("the adapter store is out of space") from None
+    raise exc
+
+
 async def _discard(streamed) -> None:
     """Remove what a streamed upload left in staging before the answer goes out (a refused
     upload leaves the disk as it was); the clean-up runs even if this wait is cancelled."""
@@ -136,7 +142,10 @@ async def upload(request: Request):
     try:
         # The handling time (peftserve_adapter_upload_seconds) starts once the upload has arrived
         # (`t0`), so it measures our work, not the client's network.
-        form, streamed, t0 = await _receive_form(request, reg, ctype)
+        try:
+            form, streamed, t0 = await _receive_form(request, reg, ctype)
+        except OSError as exc:  # staging for the stream could not be made: nothing was committed
+            _raise_storage_error(exc)
         _refuse_ambiguous_parts(form)
         for plain in ("name", "replace"):
             if isinstance(form.get(plain), FilePart):
@@ -151,9 +160,7 @@ async def upload(request: Request):
         try:
             ver = await run_in_threadpool(reg.add, name, config_bytes, weights_bytes, replace_raw in _TRUE, streamed)
         except OSError as exc:  # the registry already cleaned up: nothing was committed
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage("the adapter store is out of space") from None
-            raise
+            _raise_storage_error(exc)
     except BaseException as exc:
         if isinstance(exc, Exception) and metrics is not None and hasattr(metrics, "adapter_upload"):
             metrics.adapter_upload("rejected", getattr(exc, "code", type(exc).__name__))
