@@ -166,3 +166,53 @@ async def test_disk_full_while_streaming_is_507_and_commits_nothing(adapter_serv
         monkeypatch.undo()
         assert (await upload(client, "d", lib.get("qv"))).status_code == 201
         assert await tokens(client, P[0], "d") == lib.ref("qv", P[0])
+
+
+def _asgi_upload(ctype: str, length: int):
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/adapters", "raw_path": b"/adapters", "query_string": b"",
+            "root_path": "", "server": ("test", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"host", b"test"), (b"content-type", ctype.encode()),
+                        (b"content-length", str(length).encode())]}
+
+
+async def test_stalled_uploads_tie_up_no_thread(adapter_server, lib, monkeypatch):
+    """Clients that stop sending mid-weights (more of them than the store's writer threads)
+    hold no pool thread: another upload completes meanwhile, and the stalled ones clean up."""
+    import asyncio
+
+    monkeypatch.setattr(streamed_upload, "STEP", 256)  # many hash / disk jobs per upload
+    server = adapter_server()
+    art = lib.get("qv")
+    body, ctype = _multipart(art, "stalled", config_first=True)
+    cut = len(body) - 512  # inside the weights part, several steps in
+    go_on = asyncio.Event()
+    stalled = 4  # the store writes on 2 threads
+
+    async def stall_then_leave():
+        sent = []
+
+        async def receive():
+            if not sent:
+                sent.append(1)
+                return {"type": "http.request", "body": body[:cut], "more_body": True}
+            await go_on.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        try:
+            await server.app(_asgi_upload(ctype, len(body)), receive, send)
+        except Exception:
+            pass
+
+    tasks = [asyncio.create_task(stall_then_leave()) for _ in range(stalled)]
+    await asyncio.sleep(0.5)
+    assert len(staging_leftovers(server.store)) == stalled  # guard: each is streaming into staging
+    async with server.client() as client:
+        resp = await asyncio.wait_for(upload(client, "other", lib.get("qv2")), 30)
+        assert resp.status_code == 201, resp.text
+    go_on.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert staging_leftovers(server.store) == []
