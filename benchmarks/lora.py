@@ -70,6 +70,9 @@ def args_():
     p.add_argument("--skip-mixed", action="store_true", help="skip part 1 (and the PEFT baseline)")
     p.add_argument("--skip-waiting", action="store_true", help="skip part 3")
     p.add_argument("--uploads", type=int, default=20)
+    p.add_argument("--upload-mbps", type=float, default=None,
+                   help="pace the HTTP upload's body at this many megabits/s, as a client on a network link "
+                        "would send it (default: as fast as localhost takes it)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--logit-prompts", type=int, default=16, help="prompts of the logit comparison vs PEFT (part 5)")
@@ -283,6 +286,22 @@ def _upload_seconds_sum(client, url) -> float:
     return float("nan")
 
 
+def _paced(body: bytes, mbps: float | None, chunk: int = 64 << 10):
+    """The body as is, or in 64 KiB chunks at `mbps` megabits/s (a client behind a network link:
+    the server's work during the transfer then overlaps wire time, as it would in production)."""
+    if not mbps:
+        return body
+
+    def chunks():
+        start = time.perf_counter()
+        for i in range(0, len(body), chunk):
+            due = start + i * 8 / (mbps * 1e6)
+            if (wait := due - time.perf_counter()) > 0:
+                time.sleep(wait)
+            yield body[i:i + chunk]
+    return chunks()
+
+
 def upload_http(args, src, prompt, root):
     import httpx
 
@@ -300,10 +319,14 @@ def upload_http(args, src, prompt, root):
         for i in range(args.uploads + 1):
             weights = perturbed_copy(src / "adapter_model.safetensors", 30_000 + i)
             h0 = _upload_seconds_sum(c, srv.url)
+            form = httpx.Request("POST", srv.url + "/adapters", data={"name": f"up{i}"},
+                                 files={"adapter_config": ("adapter_config.json", cfg, "application/json"),
+                                        "adapter_model": ("adapter_model.safetensors", weights,
+                                                          "application/octet-stream")})
+            body = form.read()
+            headers = {"content-type": form.headers["content-type"], "content-length": str(len(body))}
             t = time.perf_counter()
-            r = c.post(srv.url + "/adapters", data={"name": f"up{i}"},
-                       files={"adapter_config": ("adapter_config.json", cfg, "application/json"),
-                              "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream")})
+            r = c.post(srv.url + "/adapters", content=_paced(body, args.upload_mbps), headers=headers)
             up = time.perf_counter() - t
             if r.status_code != 201:
                 raise RuntimeError(f"POST /adapters -> {r.status_code}: {r.text[:300]}")
@@ -330,7 +353,8 @@ def part_upload(args, serving, src, root, prompt):
             print(f"\nHTTP upload benchmark failed: {type(exc).__name__}: {exc}")
             out["http_error"] = str(exc)
     out["summary"] = {"inprocess_beyond_ms": rows[-1][-1]} | ({"http_beyond_ms": rows[0][-1]} if "http" in out else {})
-    table(f"4. upload -> first token, fresh r16 q,k,v,o LoRA, p50 over {args.uploads} uploads (ms)",
+    paced = f"; HTTP body paced at {args.upload_mbps:g} Mbit/s" if args.upload_mbps else ""
+    table(f"4. upload -> first token, fresh r16 q,k,v,o LoRA, p50 over {args.uploads} uploads (ms{paced})",
           ["path", "upload round trip", "server handling (validate+store)", "first token after upload",
            "base first token", "same adapter again (warm)", "handling + first token",
            "beyond transfer = handling + first token - base first token (<= 20)"], rows)
