@@ -4,9 +4,10 @@ Why: a loaded LoRA's weights are one copy of the upload (adapters/lora.py), into
 process has never touched. On the 2-core VM we measure on, the page faults of 7.4 MB cost ~3.5 ms
 (the copy itself ~2 ms), on the thread that answers the upload: upload -> first token has a
 20 ms budget. So after each load a spare of the same size is faulted in on a background thread,
-off that path (`replenish`, called once the load's answer is out), and the next load of a
-similar size takes it (a platform's adapters usually share a configuration, hence a size). A
-load that finds no fitting spare allocates as before.
+off that path (`replenish`: when the next upload starts streaming in, or once an in-process
+load's answer is out), and the next load of a similar size takes it (a platform's adapters
+usually share a configuration, hence a size). A load that finds no fitting spare allocates as
+before.
 
 `take(numel)` -> a float32 [>= numel] CPU tensor (contents unspecified; the caller overwrites what
 it uses). A spare is taken when `numel <= spare <= numel * (1 + SLACK)`, so a load never keeps
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 MAX_BYTES = 64 << 20
 SLACK = 1 / 8
+WAIT_S = 0.02  # longest `take` waits for a fitting prefault under way (faulting in 64 MB: ~30 ms)
 _PAGE_FLOATS = 1024  # float32 per 4 KiB page: touching one per page faults the whole buffer in
 
 
@@ -35,9 +37,20 @@ class HostArena:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-prefault",
                                         initializer=_idle_priority)
         self._wanted: int | None = None  # the size last taken: the next spare's
+        self._pending: Future | None = None  # the prefault under way, of `_pending_numel` floats
+        self._pending_numel = 0
         self.stats = {"warm": 0, "cold": 0}
 
     def take(self, numel: int) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None and self._fits_size(self._pending_numel, numel):
+            # A fitting spare is being faulted in (e.g. started when this upload began): finish
+            # it rather than fault in a fresh buffer here. Waiting frees this core for the
+            # prefault thread, so the wait is at most what faulting in our own would cost.
+            try:
+                pending.result(timeout=WAIT_S)
+            except Exception:  # (a timeout, or a failed prefault: allocate below as before)
+                pass
         with self._lock:
             spare = self._spare
             fits = self._fits(spare, numel)
@@ -49,18 +62,26 @@ class HostArena:
 
     def replenish(self) -> None:
         """Prepare, in the background, a spare of the size last taken (unless one fitting is
-        there). Called once a load's answer is out (the registry, after an upload or a store
-        load), not from `take`: faulting pages in is CPU work, and beside the load it would take
-        a core from the very request it is meant to speed up."""
+        there or under way). Called when a streamed upload starts (its transfer hides the work)
+        and once a load's answer is out (an in-process add, a store load); not from `take`:
+        faulting pages in is CPU work, and beside the load it would take a core from the very
+        request it is meant to speed up. A `take` that finds a fitting prefault still under way
+        waits for it (at most WAIT_S) rather than faulting in a buffer of its own."""
         with self._lock:
             numel = self._wanted
             if numel is None or numel * 4 > self.max_bytes or self._fits(self._spare, numel):
                 return
-        self._pool.submit(self._prepare, numel)
+            if self._pending is not None and not self._pending.done() and self._pending_numel == numel:
+                return  # that one is under way
+            self._pending_numel = numel
+            self._pending = self._pool.submit(self._prepare, numel)
 
     def _fits(self, spare: torch.Tensor | None, numel: int) -> bool:
         """A load of `numel` may take `spare`: large enough, and no more than SLACK beyond it."""
-        return spare is not None and numel <= spare.numel() <= numel * (1 + self.slack)
+        return spare is not None and self._fits_size(spare.numel(), numel)
+
+    def _fits_size(self, spare_numel: int, numel: int) -> bool:
+        return numel <= spare_numel <= numel * (1 + self.slack)
 
     def _prepare(self, numel: int) -> None:
         buf = torch.empty(numel, dtype=torch.float32)

@@ -258,6 +258,33 @@ def test_lora_loads_take_the_prepared_arena_and_never_share_it(spec, lora_ckpt):
         lora_mod.ARENA = real
 
 
+def test_a_take_waits_for_a_fitting_prefault_under_way_but_not_for_long():
+    """A streamed upload starts the prefault of its spare when it begins; if its copy comes
+    before the prefault is done, it waits for it (warm) instead of faulting in memory of its
+    own, and gives up after WAIT_S (cold), never blocking on a starved prefault."""
+    import time
+
+    from peftserve.adapters import host_arena
+
+    arena = host_arena.HostArena()
+    arena.take(1 << 16)  # cold: sets the size the next spare is prepared for
+    gate, real = threading.Event(), arena._prepare
+    arena._prepare = lambda numel: (gate.wait(10), real(numel))
+    arena.replenish()
+    threading.Timer(host_arena.WAIT_S / 4, gate.set).start()
+    got = arena.take(1 << 16)
+    assert arena.stats == {"warm": 1, "cold": 1} and arena._spare is None and got.numel() == 1 << 16
+    gate.clear()
+    arena.replenish()  # this prefault is starved (the gate stays shut): the take gives up
+    t0 = time.perf_counter()
+    arena.take(1 << 16)
+    assert arena.stats["cold"] == 2 and time.perf_counter() - t0 < host_arena.WAIT_S + 0.5
+    arena.replenish()  # one under way already: not queued twice
+    assert arena._pool._work_queue.qsize() == 0
+    gate.set()
+    arena.drain()
+
+
 def test_lora_checks_are_planned_once_per_layout_and_config(spec, lora_ckpt, monkeypatch):
     """Adapters of one layout and config share their checks (lora._Plan): a repeat is not
     planned again and loads its own values; another config is planned anew; a refusal is never
