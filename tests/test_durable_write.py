@@ -19,6 +19,13 @@ def payload(n: int, seed: int) -> bytes:
     return bytes((i * 131 + seed) % 251 for i in range(n)) if n < 4096 else os.urandom(n)
 
 
+def require_o_direct(where) -> None:
+    try:
+        os.close(os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (OSError, AttributeError):
+        pytest.skip("no O_DIRECT on this filesystem")
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_the_file_holds_exactly_the_data(tmp_path, n):
     path = tmp_path / "f"
@@ -54,11 +61,7 @@ def test_without_o_direct_the_buffered_path_writes_it(tmp_path, monkeypatch):
 
 
 def test_the_direct_path_is_taken_where_the_filesystem_has_it(tmp_path, monkeypatch):
-    try:
-        fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-        os.close(fd)
-    except (OSError, AttributeError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    require_o_direct(tmp_path)
     fallbacks = []
     monkeypatch.setattr(dw, "_write_buffered", lambda *a: fallbacks.append(a))
     data = os.urandom(dw.DIRECT_MIN_BYTES + 1)
@@ -130,16 +133,13 @@ def test_a_streamed_file_holds_exactly_the_data(tmp_path, monkeypatch, n, direct
 
 
 def test_a_streamed_file_goes_direct_where_it_can_and_falls_back_on_a_short_write(tmp_path, monkeypatch):
-    try:
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except (OSError, AttributeError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    require_o_direct(tmp_path)
     data = os.urandom(5 * dw.ALIGN + 17)
     assert _streamed(tmp_path / "a", data, [2 * dw.ALIGN + 5]).direct  # direct to the end
     assert (tmp_path / "a").read_bytes() == data
     real_pwrite, calls = os.pwrite, []
 
-    def short_then_refused(fd, buf, offset):
+    def short_once(fd, buf, offset):
         calls.append(offset)
         if len(calls) == 1:  # a direct write that stops mid-page (done here through a plain descriptor)
             plain = os.open(tmp_path / "b", os.O_WRONLY)
@@ -149,17 +149,14 @@ def test_a_streamed_file_goes_direct_where_it_can_and_falls_back_on_a_short_writ
                 os.close(plain)
         return real_pwrite(fd, buf, offset)
 
-    monkeypatch.setattr(os, "pwrite", short_then_refused)
+    monkeypatch.setattr(os, "pwrite", short_once)
     w = _streamed(tmp_path / "b", data, [3 * dw.ALIGN])
     assert not w.direct and calls[:2] == [0, dw.ALIGN + 100]  # the rest went on, buffered, where it stopped
     assert (tmp_path / "b").read_bytes() == data
 
 
 def test_a_streamed_file_falls_back_when_a_direct_write_is_refused(tmp_path, monkeypatch):
-    try:
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except (OSError, AttributeError):
-        pytest.skip("no O_DIRECT on this filesystem")
+    require_o_direct(tmp_path)
     data = os.urandom(4 * dw.ALIGN + 3)
     real_pwrite, refused = os.pwrite, []
 
