@@ -40,6 +40,7 @@ DIRECT_MIN_BYTES = 1 << 20  # below this the page-cache path costs little
 KEEP_BYTES = 64 << 20  # largest buffer a writer thread keeps (the store writes on 2 threads)
 _local = threading.local()
 _BUFFERS: "weakref.WeakSet[_DirectBuffer]" = weakref.WeakSet()  # every thread's, for `kept_bytes`
+_BUFFERS_LOCK = threading.Lock()  # (a set must not grow while a scrape iterates it)
 
 
 class _DirectBuffer:
@@ -47,7 +48,8 @@ class _DirectBuffer:
 
     def __init__(self):
         self.map: mmap.mmap | None = None
-        _BUFFERS.add(self)
+        with _BUFFERS_LOCK:
+            _BUFFERS.add(self)
 
     def hold(self, data) -> int:
         """Copy `data` to the buffer's start -> len(data) rounded up to ALIGN (the bytes past
@@ -66,7 +68,16 @@ class _DirectBuffer:
 
 def kept_bytes() -> int:
     """Bytes of the writer threads' reused O_DIRECT buffers (resident)."""
-    return sum(len(b.map) for b in list(_BUFFERS) if b.map is not None)
+    with _BUFFERS_LOCK:
+        buffers = list(_BUFFERS)
+    total = 0
+    for b in buffers:
+        m = b.map
+        try:
+            total += len(m) if m is not None else 0
+        except ValueError:  # closed: being replaced by a larger one right now
+            pass
+    return total
 
 
 def write_durable(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
