@@ -46,6 +46,8 @@ def _unexported(buf: mmap.mmap) -> bool:
         buf.resize(len(buf))
     except BufferError:
         return False
+    except (OSError, ValueError, SystemError):  # no resize on this platform: never reuse, to be safe
+        return False
     return True
 
 
