@@ -51,9 +51,9 @@ class _DirectBuffer:
         with _BUFFERS_LOCK:
             _BUFFERS.add(self)
 
-    def hold(self, data) -> int:
-        """Copy `data` to the buffer's start -> len(data) rounded up to ALIGN (the bytes past
-        len(data) are stale: the caller cuts the file to len(data))."""
+    def hold(self, data) -> None:
+        """Copy `data` to the buffer's start, which is at least len(data) rounded up to ALIGN long
+        (the bytes past len(data) are stale: a direct write cuts the file to len(data))."""
         n = len(data)
         padded = -(-n // ALIGN) * ALIGN
         if self.map is None or len(self.map) < padded:
@@ -63,7 +63,6 @@ class _DirectBuffer:
         # numpy's copy releases the GIL (a slice assignment into the mmap holds it for the ~1 ms
         # of a 7.4 MB memcpy, while validation of the same upload waits for it on another core)
         np.copyto(np.frombuffer(self.map, dtype=np.uint8, count=n), np.frombuffer(data, dtype=np.uint8))
-        return padded
 
 
 def kept_bytes() -> int:
@@ -112,7 +111,7 @@ def _write(path, data) -> int:
         try:
             return _write_direct(path, data)
         except OSError:
-            pass  # no O_DIRECT here (or a short write): the plain path below rewrites the whole file
+            pass  # (the direct path already falls back itself where O_DIRECT is refused) rewrite it plainly
     return _write_buffered(path, data)
 
 
@@ -129,20 +128,18 @@ def _write_buffered(path, data) -> int:
 
 
 def _write_direct(path, data) -> int:
+    """`data` copied into this thread's page-aligned buffer, then written from it as a
+    `StreamedWrite` of that buffer: O_DIRECT, or the page cache where the filesystem refuses it."""
     buf = getattr(_local, "buffer", None)
     if buf is None:
         buf = _local.buffer = _DirectBuffer()
-    padded = buf.hold(data)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o644)
+    buf.hold(data)
+    w = StreamedWrite(path, buf.map)
     try:
-        with memoryview(buf.map) as whole, whole[:padded] as view:
-            if os.write(fd, view) != padded:  # a short O_DIRECT write cannot go on at an unaligned offset
-                raise OSError("short O_DIRECT write")
-        os.ftruncate(fd, len(data))
+        return w.finish(len(data))
     except BaseException:
-        os.close(fd)
+        w.close()
         raise
-    return fd
 
 
 class StreamedWrite:

@@ -62,19 +62,23 @@ def test_without_o_direct_the_buffered_path_writes_it(tmp_path, monkeypatch):
 
 def test_the_direct_path_is_taken_where_the_filesystem_has_it(tmp_path, monkeypatch):
     require_o_direct(tmp_path)
-    fallbacks = []
+    fallbacks, made = [], []
     monkeypatch.setattr(dw, "_write_buffered", lambda *a: fallbacks.append(a))
+    real_finish = dw.StreamedWrite.finish  # the direct path's own fallback (to the page cache) shows here
+    monkeypatch.setattr(dw.StreamedWrite, "finish", lambda self, n: made.append(self) or real_finish(self, n))
     data = os.urandom(dw.DIRECT_MIN_BYTES + 1)
     dw.write_durable(tmp_path / "f", data)
-    assert not fallbacks and (tmp_path / "f").read_bytes() == data
+    assert not fallbacks and made and all(w.direct for w in made)
+    assert (tmp_path / "f").read_bytes() == data
 
 
 def test_several_files_are_all_written_then_all_fsynced(tmp_path, monkeypatch):
     """write_all_durable: one journal commit for all (every write before the first fsync), each
     file fsync'd, each holding exactly its bytes (one direct, one buffered)."""
     events = []
-    real_write, real_fsync = os.write, os.fsync
+    real_write, real_pwrite, real_fsync = os.write, os.pwrite, os.fsync
     monkeypatch.setattr(os, "write", lambda fd, b: events.append(("write", fd)) or real_write(fd, b))
+    monkeypatch.setattr(os, "pwrite", lambda fd, b, at: events.append(("write", fd)) or real_pwrite(fd, b, at))
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", fd)) or real_fsync(fd))
     files = [(tmp_path / "big", os.urandom(dw.DIRECT_MIN_BYTES + 5)), (tmp_path / "small", b"{}")]
     dw.write_all_durable(files)
