@@ -131,7 +131,8 @@ def load_lora(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseMo
     host_arena.py) by runs of evenly spaced same-shape tensors (transposed_copy.py). `A`/`B` are
     the transposed views of those copies: [in, r] / [r, out] is the layout the serving matmuls
     read (LoraSlotWeights.At/Bt are these very tensors for a float32 adapter dtype)."""
-    key = _plan_key(cfg, tensors, spec)
+    layout = layout_key(tensors)
+    key = _plan_key(cfg, layout, spec)
     plan = None
     if key is not None:
         with _PLANS_LOCK:
@@ -139,7 +140,7 @@ def load_lora(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseMo
             if plan is not None:
                 _PLANS.move_to_end(key)
     if plan is None:
-        plan = _plan(cfg, tensors, spec, regex_budget_s)  # raises AdapterError: nothing is kept
+        plan = _plan(cfg, tensors, spec, regex_budget_s, shared=layout[0])  # raises AdapterError: nothing is kept
         if key is not None:
             with _PLANS_LOCK:
                 _PLANS[key] = plan
@@ -161,9 +162,10 @@ _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 32
 
 
-def _plan_key(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec) -> tuple | None:
-    """What a plan depends on; None (plan every time) if some part is not hashable."""
-    key = (spec, _config_key(cfg), layout_key(tensors))
+def _plan_key(cfg: LoraConfig, layout: tuple, spec: BaseModelSpec) -> tuple | None:
+    """What a plan depends on (`layout`: the tensors' `layout_key`); None (plan every time) if
+    some part is not hashable."""
+    key = (spec, _config_key(cfg), layout)
     try:
         hash(key)
     except TypeError:
@@ -179,7 +181,8 @@ def _config_key(cfg: LoraConfig) -> tuple:
                  for v in [getattr(cfg, f.name)])
 
 
-def _plan(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, regex_budget_s: float) -> _Plan:
+def _plan(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, regex_budget_s: float,
+          shared: bool) -> _Plan:
     """Every check of a LoRA checkpoint against its config and the base model (values aside)."""
     rx = RegexBudget(regex_budget_s)
     targets = resolve_targets(spec, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,
@@ -201,4 +204,4 @@ def _plan(cfg: LoraConfig, tensors: Mapping[str, torch.Tensor], spec: BaseModelS
         scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
         modules.append((path, pair["A"], pair["B"], float(scale)))
     names = [n for _, a, b, _ in modules for n in (a, b)]
-    return _Plan(tuple(modules), plan_copy(tensors, names))
+    return _Plan(tuple(modules), plan_copy(tensors, names, shared=shared))

@@ -195,6 +195,11 @@ def read_safetensors(
     if sys.byteorder == "little":
         raw = bytearray(mv[base: base + region_len])  # independent of the caller's buffer
         return dict(_views(raw, entries, check_finite))
+    return _materialise_swapped(mv, base, entries, check_finite)
+
+
+def _materialise_swapped(mv: memoryview, base: int, entries: list[_Entry], check_finite: bool) -> dict:
+    """Big-endian hosts: every tensor its own (byte-swapped) copy."""
     tensors: dict[str, torch.Tensor] = {}
     for e in sorted(entries, key=lambda e: e.name):
         t = _materialise(mv, base, e)
@@ -228,8 +233,7 @@ def borrowed_safetensors(
     """
     mv, base, region_len, entries = _validate(data, max_bytes, max_header_bytes)
     if sys.byteorder != "little":
-        yield read_safetensors(data, max_bytes=max_bytes, max_header_bytes=max_header_bytes,
-                               check_finite=check_finite)
+        yield _materialise_swapped(mv, base, entries, check_finite)
         return
     region = mv[base: base + region_len]
     if _aligned(region, entries):

@@ -58,9 +58,11 @@ def layout_key(tensors: Mapping[str, torch.Tensor]) -> tuple:
                                   for k, t in tensors.items()))
 
 
-def plan_copy(tensors: Mapping[str, torch.Tensor], names: list[str]) -> CopyPlan:
-    """Runs over `names` (2-D tensors of `tensors`); see the module doc."""
-    shared = layout_key(tensors)[0]
+def plan_copy(tensors: Mapping[str, torch.Tensor], names: list[str], shared: bool | None = None) -> CopyPlan:
+    """Runs over `names` (2-D tensors of `tensors`); see the module doc. `shared`: whether they
+    all view one storage, `layout_key(tensors)[0]` (computed here unless the caller has it)."""
+    if shared is None:
+        shared = layout_key(tensors)[0]
     groups: dict[tuple, list[str]] = {}
     for name in names:
         t = tensors[name]

@@ -295,7 +295,7 @@ def test_lora_checks_are_planned_once_per_layout_and_config(spec, lora_ckpt, mon
     lora_mod._PLANS.clear()
     planned = []
     real = lora_mod._plan
-    monkeypatch.setattr(lora_mod, "_plan", lambda *a: planned.append(1) or real(*a))
+    monkeypatch.setattr(lora_mod, "_plan", lambda *a, **k: planned.append(1) or real(*a, **k))
     first = load_adapter(config_bytes, weights_bytes, spec)
     tripled = load_adapter(config_bytes, edit_weights(weights_bytes, lambda t: {k: v * 3 for k, v in t.items()}), spec)
     assert len(planned) == 1
