@@ -97,6 +97,44 @@ def test_fixed_shape_decode_attention_by_block_table_equals_the_dense_reference(
     assert (~masked).sum(1).tolist() == [r.ctx for r in rows] + [1] * 3  # exactly each row's keys
 
 
+def _table_row_by_row(rows: list[RowKV], batch: int, width: int) -> BlockTable:
+    """The obvious form of build_block_table: each row's entries and their key counts, one by one."""
+    blocks = torch.zeros(batch, width, dtype=torch.long)
+    counts = torch.zeros(batch, width, dtype=torch.long)
+    widths = torch.ones(batch, dtype=torch.long)
+    counts[len(rows):, 0] = 1  # padding rows: one key, position 0 of the null block
+    for r, row in enumerate(rows):
+        own = row.own_blocks[:blocks_for(row.own_ctx, BS)]
+        keys = [min(BS, row.prefix_len - j * BS) for j in range(len(row.prefix_blocks))]
+        keys += [min(BS, row.own_ctx - j * BS) for j in range(len(own))]
+        entries = row.prefix_blocks + own
+        blocks[r, :len(entries)] = torch.tensor(entries)
+        counts[r, :len(entries)] = torch.tensor(keys)
+        widths[r] = len(entries)
+    return BlockTable(blocks, counts, widths)
+
+
+def test_block_table_equals_the_row_by_row_form():
+    """Random rows (own lengths across block edges, with and without prefixes of a partial last
+    block) in tables with padding rows and entries: every tensor equal to the obvious form."""
+    gen = torch.Generator().manual_seed(7)
+    cache = _pool(512, 1, 2, gen)
+    for _ in range(40):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        specs = [(int(torch.randint(0, 30, (1,), generator=gen)), 1, int(torch.randint(-1, 2, (1,), generator=gen)))
+                 for _ in range(n)]
+        rows = _rows(cache, gen, specs)
+        width = max(len(r.prefix_blocks) + blocks_for(r.own_ctx, BS) for r in rows)
+        for batch, wide in ((n, width), (n + 3, width + 2)):
+            got, want = build_block_table(rows, batch, wide, BS), _table_row_by_row(rows, batch, wide)
+            for a, b in zip((got.blocks, got.counts, got.widths), (want.blocks, want.counts, want.widths)):
+                assert a.dtype == torch.long and torch.equal(a, b)
+    with pytest.raises(ValueError):
+        build_block_table(rows, n, width - 1, BS)  # a row does not fit the width
+    with pytest.raises(ValueError):
+        build_block_table(rows, n - 1 if n > 1 else 0, width, BS)  # more rows than the table has
+
+
 def test_decode_attention_ignores_nan_in_blocks_it_does_not_own():
     """Blocks of nobody in the scored range (free, or another sequence's) may hold anything."""
     gen = torch.Generator().manual_seed(1)

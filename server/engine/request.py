@@ -132,9 +132,20 @@ class Sequence:
     finish_reason: FinishReason | None = None
     detok: object | None = None  # incremental detokenizer (engine-owned)
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_at(self, pos: int) -> int:
+        """Token `pos` of prompt + output (0 <= pos < num_tokens), without joining the two: a
+        decode step asks once per row, and joining costs the whole context each time."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < p else self.output_ids[pos - p]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output (0 <= start <= end <= num_tokens)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     @property
     def num_tokens(self) -> int:

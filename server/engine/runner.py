@@ -40,7 +40,7 @@ class ModelRunner:
         rows: list[RowKV] = []
         sample_tokens: list[int] = []
         for seq, n in plan:
-            ids.extend(seq.all_ids[seq.num_computed:seq.num_computed + n])
+            ids.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
             rows.append(RowKV(seq.kv_blocks, seq.num_computed, n, seq.kv_prefix_blocks, seq.kv_prefix_len))
             if seq.num_computed + n == seq.num_tokens:  # chunk reaches the end: sample from it
                 sample_tokens.append(len(ids) - 1)

@@ -93,6 +93,7 @@ class StaticDecode:
          self.table,  # [Bmax, NBmax] pool blocks: prefix, then own
          self.counts) = _views(self._flat, n, w)  # [Bmax, NBmax] keys in each entry
         self._h = _views(self._host, n, w)  # the same views of the host mirror
+        self._host_cols = self._host[:6 * n].view(6, n)  # [6, Bmax]: the six columns of the mirror at once
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # start-up capture, then every recapture added
         self.recaptures = 0
@@ -119,22 +120,22 @@ class StaticDecode:
 
     # -- one step -----------------------------------------------------------------------
     def fill(self, plan: list[tuple[Sequence, int]], bucket: tuple[int, int]) -> None:
-        """Copy the rows of a plan into the buffers' first B rows and NB table entries."""
+        """Copy the rows of a plan into the buffers' first B rows and NB table entries. Host work
+        that a replayed step waits for, so per row it is list appends only: one tensor for the
+        five columns, one table (kv_layout.build_block_table)."""
         (b, nb), bs = bucket, self.cache.block_size
-        # padding rows: token 0 at position 0, written to the null block, adapter slot 0
-        cols = [[0] * b, [0] * b, [NULL_BLOCK] * b, [0] * b, [0] * b]  # ids, positions, block, offset, slot
+        cols: list[int] = []  # [B, 5] row-major: id, position, write block, write offset, adapter slot
         kv_rows = []
-        for r, (seq, _) in enumerate(plan):
+        for seq, _ in plan:
             own = seq.num_computed  # own position of the new token
-            for col, value in zip(cols, (seq.all_ids[own], seq.kv_prefix_len + own, seq.kv_blocks[own // bs],
-                                         own % bs, seq.adapter_slot)):
-                col[r] = value
-            kv_rows.append(RowKV(seq.kv_blocks, own, 1, list(seq.kv_prefix_blocks), seq.kv_prefix_len))
+            cols += (seq.token_at(own), seq.kv_prefix_len + own, seq.kv_blocks[own // bs], own % bs, seq.adapter_slot)
+            kv_rows.append(RowKV(seq.kv_blocks, own, 1, seq.kv_prefix_blocks, seq.kv_prefix_len))
+        # padding rows: token 0 at position 0, written to the null block's offset 0, adapter slot 0
+        cols += (0, 0, NULL_BLOCK, 0, 0) * (b - len(plan))
         table = build_block_table(kv_rows, b, nb, bs)
         self._wait_upload()
+        self._host_cols[:5, :b] = torch.tensor(cols, dtype=torch.long).view(b, 5).T
         host = self._h
-        for view, col in zip(host[:5], cols):
-            view[:b] = torch.tensor(col, dtype=torch.long)
         host[5][:b] = table.widths
         host[6][:b, :nb] = table.blocks
         host[7][:b, :nb] = table.counts
