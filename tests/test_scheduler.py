@@ -305,3 +305,15 @@ def test_engine_under_kv_pressure_preempts_and_still_matches_transformers(tiny_m
     _, tight = run_engine(14, seeded)
     _, roomy = run_engine(None, seeded)
     assert [s.output_ids for s in tight] == [s.output_ids for s in roomy]
+
+
+def test_sequence_token_reads_equal_the_joined_list():
+    """token_at / token_slice read prompt + output without joining them: every index and every
+    slice, across the prompt/output boundary included, equals the joined list's."""
+    seq = Sequence([5, 6, 7], SamplingParams(), on_event=lambda ev: None)
+    seq.output_ids = [8, 9]
+    joined = seq.prompt_ids + seq.output_ids
+    assert [seq.token_at(i) for i in range(seq.num_tokens)] == joined
+    for start in range(seq.num_tokens + 1):
+        for end in range(start, seq.num_tokens + 1):
+            assert seq.token_slice(start, end) == joined[start:end], (start, end)
