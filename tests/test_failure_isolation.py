@@ -205,6 +205,30 @@ def test_nonfinite_rows_is_vectorised_and_exact():
     logits[1, 4], logits[3, 0], logits[4, 99] = float("nan"), float("inf"), float("-inf")
     assert nonfinite_rows(logits) == [1, 3, 4]
     assert nonfinite_rows(torch.empty(0, 100)) == []
+    # both infinities in one row sum to NaN; finite rows whose sums overflow are not flagged
+    logits[2, 5], logits[2, 6] = float("inf"), float("-inf")
+    logits[0, :3] = 3e38
+    logits[1, :2] = -3e38
+    assert not torch.isfinite(logits[0].sum()) and nonfinite_rows(logits) == [1, 2, 3, 4]
+    logits[1, 4] = 0.0
+    assert nonfinite_rows(logits) == [2, 3, 4]
+    assert nonfinite_rows(torch.full((2, 8), 3e38)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_rows_equals_the_elementwise_check(dtype):
+    """The row-sum screen against the obvious form, over random rows of huge, tiny and
+    non-finite values (an overflowing finite row must never be flagged)."""
+    gen = torch.Generator().manual_seed(5)
+    big = torch.finfo(dtype).max
+    for _ in range(50):
+        logits = torch.randn(16, 64, generator=gen).to(dtype)
+        picks = torch.randint(0, 16 * 64, (12,), generator=gen).tolist()
+        kinds = torch.randint(0, 5, (12,), generator=gen).tolist()
+        for flat, kind in zip(picks, kinds):
+            logits.view(-1)[flat] = (float("nan"), float("inf"), float("-inf"), big, -big)[kind]
+        want = (~torch.isfinite(logits).all(dim=-1)).nonzero().flatten().tolist()
+        assert nonfinite_rows(logits) == want
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-40, 5e-324, SAMPLING_EPS / 2, 0.0, -0.0])
