@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
-from peftserve.server.engine.detokenizer import IncrementalDetokenizer
+from peftserve.server.engine.detokenizer import IncrementalDetokenizer, plain_decoder
 from peftserve.server.engine.request import SamplingParams
-from peftserve.server.engine.sampler import filter_logits, sample
+from peftserve.server.engine.sampler import argmax_rows, filter_logits, sample
 
 
 # -- sampler ---------------------------------------------------------------------------------------
@@ -73,6 +74,23 @@ def test_top_k_then_top_p_over_the_renormalised_top_k(logits, k, p):
     out = filter_logits(logits, SamplingParams(temperature=1.0, top_k=k, top_p=p))
     lg = logits.tolist()
     assert kept(out) == direct_top_p(lg, p, direct_top_k(lg, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_argmax_rows_equals_torch_argmax_ties_included(dtype):
+    """The numpy path (CPU float32) and torch's agree on the first maximal index: random rows,
+    rows of ties (a small value range), -0.0 against 0.0, strided views, inference tensors."""
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(30):
+        logits = torch.randint(-3, 3, (9, 77), generator=gen).to(dtype)  # many ties
+        logits[0] = 0.0
+        logits[1, :5] = -0.0
+        logits[2] = torch.randn(77, generator=gen).to(dtype)
+        with torch.inference_mode():
+            frozen = logits.clone()
+        for view in (logits, logits[::2], logits[:, 1:], logits.T.contiguous().T, frozen):
+            assert torch.equal(argmax_rows(view), torch.argmax(view, dim=-1))
+    assert argmax_rows(torch.empty(0, 5)).shape == (0,)
 
 
 def test_sample_greedy_rows_take_argmax_and_seeded_rows_repeat():
@@ -159,6 +177,56 @@ def test_special_tokens_produce_no_text(smollm_tokenizer):
     ids = smollm_tokenizer("ok").input_ids + [smollm_tokenizer.eos_token_id]
     pieces, _, _ = feed(IncrementalDetokenizer(smollm_tokenizer, []), ids)
     assert "".join(pieces) == "ok"
+
+
+def _general(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_plain_decoder_calls_the_backend_and_equals_decode(smollm_tokenizer, monkeypatch):
+    """The direct backend call equals transformers' decode on random windows of ids (special
+    and byte-level tokens among them), and is what the default tokenizer gets."""
+    fast, general = plain_decoder(smollm_tokenizer), _general(smollm_tokenizer)
+    gen = torch.Generator().manual_seed(3)
+    specials = list(smollm_tokenizer.all_special_ids)
+    for _ in range(300):
+        ids = torch.randint(0, len(smollm_tokenizer), (int(torch.randint(1, 12, (1,), generator=gen)),),
+                            generator=gen).tolist()
+        if ids[0] % 3 == 0:
+            ids[len(ids) // 2] = specials[ids[0] % len(specials)]
+        assert fast(ids) == general(ids), ids
+    want = general([105, 3312])
+    monkeypatch.setattr(smollm_tokenizer, "decode", lambda *a, **k: pytest.fail("went through decode"))
+    assert fast([105, 3312]) == want
+
+
+def test_plain_decoder_keeps_a_subclass_override(smollm_tokenizer):
+    class Shouting(type(smollm_tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    shouting = copy.copy(smollm_tokenizer)
+    shouting.__class__ = Shouting
+    ids = smollm_tokenizer("quiet words").input_ids
+    assert plain_decoder(shouting)(ids) == "QUIET WORDS"
+
+
+def test_incremental_pieces_are_the_same_with_either_decode(smollm_tokenizer):
+    """Whole streams, random ids (multi-byte splits, special tokens) and a stop string: the
+    backend path and the general path hand out the same pieces and stop at the same token."""
+    gen = torch.Generator().manual_seed(4)
+    stopped = 0
+    text_ids = smollm_tokenizer("naïve 日本語 😀 stop here, x² ≤ ∞ — “q”").input_ids
+    for trial in range(40):
+        ids = torch.randint(0, len(smollm_tokenizer), (30,), generator=gen).tolist()
+        ids[5:5 + len(text_ids)] = text_ids if trial % 2 else ids[5:5 + len(text_ids)]
+        stop = ("stop",) if trial % 4 == 1 else ()
+        prompt = ids[:3]
+        got = feed(IncrementalDetokenizer(smollm_tokenizer, prompt, stop, plain_decoder(smollm_tokenizer)), ids[3:])
+        want = feed(IncrementalDetokenizer(smollm_tokenizer, prompt, stop, _general(smollm_tokenizer)), ids[3:])
+        assert got == want, trial
+        stopped += want[1]
+    assert stopped >= 5  # the stop path was exercised
 
 
 SENTENCE = "Hello world, this is a test of stop strings."

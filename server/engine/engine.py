@@ -20,7 +20,7 @@ import torch
 
 from .adapter_runtime import AdapterRuntime, NoAdapters
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, plain_decoder
 from .kv_cache import KVCache, KVCacheFull, kv_bytes_per_token, pool_blocks
 from .logprobs import token_logprobs
 from .model import PackedCausalLM
@@ -56,6 +56,7 @@ class LLMEngine:
                  observer: EngineObserver | None = None):
         self.config = config
         self.tokenizer = tokenizer
+        self._decode = plain_decoder(tokenizer)  # the detokenizers' decode, chosen once
         self.model = PackedCausalLM(hf_model)
         m = self.model
         dtype = cache_dtype(m.dtype, m.device)
@@ -95,7 +96,7 @@ class LLMEngine:
             self.fail(seq, ErrorCode.INVALID_REQUEST, "prompt empty or longer than max_model_len")
             return
         try:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop, self._decode)
             if seq.params.seed is not None or not seq.params.greedy:
                 seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
                 seq.generator = torch.Generator().manual_seed(seed)
