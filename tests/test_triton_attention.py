@@ -51,3 +51,53 @@ def test_triton_decode_attention_equals_the_torch_form(heads, kv_heads, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     assert got.dtype == dtype and torch.isfinite(got.float()).all()
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_attention_over_blocks_wider_than_its_sub_tile(block_size, dtype):
+    """Blocks of more positions than the kernel scores per inner step (SUB_TILE), with key counts
+    that end inside a sub-tile, on a block edge, and in a shared prefix's partial block. The
+    positions past each entry's keys hold NaN: the kernel must neither read them into the result
+    nor stop early; the torch form runs on a copy where they are zero."""
+    from peftserve.server.engine.kv_cache import KVCache
+    from peftserve.server.engine.kv_layout import RowKV
+    from peftserve.server.engine.triton_attention import SUB_TILE, table_decode_attention_triton
+
+    assert block_size >= SUB_TILE
+    gen = torch.Generator().manual_seed(9)
+    heads, kv_heads, dim = 8, 2, 32
+    cache = KVCache(1, 40, block_size, kv_heads, dim, torch.float32, torch.device("cpu"))
+    free = torch.randperm(39, generator=gen).add(1).tolist()
+    prefix = (free[:2], block_size + 5)  # one full block and 5 keys of the next
+    free = free[2:]
+    rows = []
+    for own_ctx, with_prefix in [(1, False), (SUB_TILE + 1, True), (block_size, False), (block_size + 1, True),
+                                 (2 * block_size - 3, False), (3, True), (2 * SUB_TILE, False)]:
+        own = [free.pop() for _ in range(blocks_for(own_ctx, block_size))]
+        blocks, plen = prefix if with_prefix else ([], 0)
+        rows.append(RowKV(own, own_ctx - 1, 1, blocks, plen))
+    k = torch.randn(cache.k[0].shape, generator=gen)
+    v = torch.randn(cache.v[0].shape, generator=gen)
+    k[0], v[0] = 0.5, 0.25  # the null block: padding rows' one key
+    clean_k, clean_v = k.clone(), v.clone()
+    garbage = torch.ones(k.shape[0], block_size, dtype=torch.bool)  # positions nobody's keys hold
+    garbage[0] = False
+    for row in rows:
+        for entries, tokens in ((row.prefix_blocks, row.prefix_len), (row.own_blocks, row.own_ctx)):
+            for j, block in enumerate(entries):
+                garbage[block, :max(0, min(block_size, tokens - j * block_size))] = False
+    assert garbage[[r.own_blocks[-1] for r in rows if r.own_ctx % SUB_TILE]].any()  # sub-tiles end in garbage
+    k.permute(0, 2, 1, 3)[garbage] = float("nan")
+    v.permute(0, 2, 1, 3)[garbage] = float("nan")
+    clean_k.permute(0, 2, 1, 3)[garbage] = 0.0
+    clean_v.permute(0, 2, 1, 3)[garbage] = 0.0
+    width = max(len(r.prefix_blocks) + blocks_for(r.own_ctx, block_size) for r in rows)
+    host = build_block_table(rows, 10, width + 1, block_size)  # 3 padding rows, one padding entry
+    dev = torch.device(DEVICE)
+    table = BlockTable(host.blocks.to(dev), host.counts.to(dev), host.widths.to(dev))
+    q = torch.randn(10, heads, dim, generator=gen).to(dev, dtype)
+    got = table_decode_attention_triton(q, k.to(dev, dtype), v.to(dev, dtype), table, 0.2)
+    want = table_decode_attention(q, clean_k.to(dev, dtype), clean_v.to(dev, dtype), table, 0.2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
