@@ -19,6 +19,7 @@ skipped on CPU or with --skip-compiled), PEFT mixed batch with 32 LoRAs (`adapte
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import gc
 import json
@@ -30,8 +31,11 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from peftserve.server.engine.config import EngineConfig
 from peftserve.server.build import build_engine
+from peftserve.server.engine import engine as engine_mod
+from peftserve.server.engine import runner as runner_mod
+from peftserve.server.engine import scheduler as scheduler_mod
+from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.request import SamplingParams
 
 
@@ -148,6 +152,42 @@ def make_loras(cfg, device, n, root: Path) -> list[Path]:
 
 CAPTURE_SECONDS: list[float] = []  # graph capture time of every engine built with graphs
 
+# Where a step of ours goes (per-step wrappers only, so the timed rows pay ~nothing for them):
+# the engine's Python (schedule, fill + replay launch, sampling and emitting) and the wait for
+# the device, which lands in `nonfinite_rows`, the step's first device->host read.
+STEP_PHASES = {"schedule": (scheduler_mod.Scheduler, "schedule"), "execute": (runner_mod.ModelRunner, "execute"),
+               "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"), "wait": (engine_mod, "nonfinite_rows"),
+               "step": (engine_mod.LLMEngine, "step")}
+PHASE_SECONDS: collections.Counter = collections.Counter()
+PHASE_CALLS: collections.Counter = collections.Counter()
+
+
+def time_phases() -> None:
+    for label, (owner, name) in STEP_PHASES.items():
+        inner = getattr(owner, name)
+
+        def timed(*args, _inner=inner, _label=label, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                PHASE_SECONDS[_label] += time.perf_counter() - t0
+                PHASE_CALLS[_label] += 1
+
+        setattr(owner, name, timed)
+
+
+def step_breakdown() -> dict:
+    """ms per step of the timed run: host = the engine's Python, wait = for the device."""
+    steps = PHASE_CALLS["step"]
+    ms = {k: 1e3 * v / max(steps, 1) for k, v in PHASE_SECONDS.items()}
+    host = ms.get("step", 0) - ms.get("wait", 0)
+    return {"steps": steps, "step_ms": round(ms.get("step", 0), 3), "host_ms": round(host, 3),
+            "device_wait_ms": round(ms.get("wait", 0), 3)}
+
+
+BREAKDOWN: dict[str, dict] = {}  # row -> step_breakdown of its timed run
+
 
 def release(device) -> None:
     """Free the previous engine's device memory (KV pool, LoRA stacks, graph pools) before the next."""
@@ -176,7 +216,7 @@ def _recapture(serving) -> None:
         static.capture()
 
 
-def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store, mode="auto") -> float:
+def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store, mode="auto", row=None) -> float:
     release(device)
     serving = _built(build_engine(make_model(cfg, dtype, device), StubTokenizer(),
                                   _engine_config(ps, max(1, n_adapters), dtype, device, mode), store=store))
@@ -186,11 +226,23 @@ def ours(cfg, dtype, device, ps, new, lora_dirs, n_adapters, store, mode="auto")
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     serving.engine.generate(ps[:4], SamplingParams(max_new_tokens=4, ignore_eos=True), adapters=handles[:4])  # warm-up
     _recapture(serving)
+    return _timed_generate(serving, ps, params, handles, device, row)
+
+
+def _timed_generate(serving, ps, params, handles, device, row) -> float:
+    """The timed run of one of our rows -> tok/s; its per-step breakdown goes to BREAKDOWN[row]."""
     sync(device)
+    PHASE_SECONDS.clear()
+    PHASE_CALLS.clear()
+    steps = serving.engine.runner.static_steps
     t0 = time.perf_counter()
     serving.engine.generate(ps, params, adapters=handles)
     sync(device)
-    return len(ps) * new / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if row:
+        BREAKDOWN[row] = {**step_breakdown(),
+                          "fixed_shape_steps": serving.engine.runner.static_steps - steps}
+    return len(ps) * params.max_new_tokens / seconds
 
 
 def hf_static(model, ps, new, device, adapter_names=None) -> float:
@@ -245,34 +297,50 @@ def ours_mixed(cfg, dtype, device, ps, new, kind_dirs, store) -> float:
                for i in range(len(ps))]
     serving.engine.generate(ps[:5], SamplingParams(max_new_tokens=4, ignore_eos=True), adapters=handles[:5])
     _recapture(serving)
-    sync(device)
-    t0 = time.perf_counter()
-    serving.engine.generate(ps, SamplingParams(max_new_tokens=new, ignore_eos=True), adapters=handles)
-    sync(device)
-    return len(ps) * new / (time.perf_counter() - t0)
+    return _timed_generate(serving, ps, SamplingParams(max_new_tokens=new, ignore_eos=True), handles, device,
+                           "ours_mixed_kinds")
 
 
-def throughput(cfg, device, dtype, tmp: Path, batch, new, big_batch, compiled: bool) -> dict:
+def throughput(cfg, device, dtype, tmp: Path, batch, new, big_batch, compiled: bool, save) -> dict:
+    """Every row, each handed to `save(rows)` as it completes (a run cut short keeps what it did).
+    HF's compiled row, the longest and the likeliest to fail on a new stack, comes last."""
     ps = prompts(batch, 64, cfg.vocab_size, 7)
     lora_dirs = make_loras(cfg, device, 32, tmp / "loras")
-    res = {}
+    res: dict = {}
+
+    def row(name: str, measure) -> None:
+        t0 = time.perf_counter()
+        try:
+            res[name] = round(measure(), 1)
+        except Exception as exc:  # one failing row must not cost the others (device minutes are few)
+            res[name] = None
+            res.setdefault("errors", {})[name] = repr(exc)[:500]
+        print(f"{name}: {res[name]} tok/s ({time.perf_counter() - t0:.1f} s)", flush=True)
+        save(res)
+
     for n in (0, 1, 8, 32):
-        res[f"ours_{n}_loras_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"s{n}"), 1)
+        row(f"ours_{n}_loras_tok_s", lambda n=n: ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"s{n}",
+                                                      row=f"ours_{n}_loras"))
     for n in (0, 32):  # the same rows with every step dynamic (`--enforce-eager`): what graphs buy
-        res[f"ours_{n}_loras_eager_tok_s"] = round(ours(cfg, dtype, device, ps, new, lora_dirs, n, tmp / f"e{n}",
-                                                        mode="dynamic"), 1)
-    res["ours_mixed_kinds_tok_s"] = round(ours_mixed(cfg, dtype, device, ps, new, make_kinds(cfg, tmp / "kinds"),
-                                                     tmp / "mixed"), 1)
+        row(f"ours_{n}_loras_eager_tok_s", lambda n=n: ours(cfg, dtype, device, ps, new, lora_dirs, n,
+                                                            tmp / f"e{n}", mode="dynamic", row=f"ours_{n}_loras_eager"))
+    row("ours_mixed_kinds_tok_s", lambda: ours_mixed(cfg, dtype, device, ps, new, make_kinds(cfg, tmp / "kinds"),
+                                                     tmp / "mixed"))
     big = prompts(big_batch, 64, cfg.vocab_size, 8)
-    res[f"ours_base_batch_{big_batch}_tok_s"] = round(ours(cfg, dtype, device, big, new, lora_dirs, 0, tmp / "big"), 1)
-    res["hf_static_base_tok_s"] = round(hf_static(make_model(cfg, dtype, device), ps, new, device), 1)
+    row(f"ours_base_batch_{big_batch}_tok_s", lambda: ours(cfg, dtype, device, big, new, lora_dirs, 0, tmp / "big",
+                                                           row=f"ours_base_batch_{big_batch}"))
+    row("hf_static_base_tok_s", lambda: hf_static(make_model(cfg, dtype, device), ps, new, device))
+
+    def peft_mixed() -> float:
+        peft_model = PeftModel.from_pretrained(make_model(cfg, dtype, device), lora_dirs[0], adapter_name="l0")
+        for i in range(1, 32):
+            peft_model.load_adapter(lora_dirs[i], adapter_name=f"l{i}")
+        return hf_static(peft_model, ps, new, device, [f"l{i % 32}" for i in range(batch)])
+
+    row("peft_mixed_32_loras_tok_s", peft_mixed)
     if compiled:
-        res["hf_compiled_static_cache_tok_s"] = round(hf_compiled(make_model(cfg, dtype, device), ps, new, device), 1)
-    peft_model = PeftModel.from_pretrained(make_model(cfg, dtype, device), lora_dirs[0], adapter_name="l0")
-    for i in range(1, 32):
-        peft_model.load_adapter(lora_dirs[i], adapter_name=f"l{i}")
-    names = [f"l{i % 32}" for i in range(batch)]
-    res["peft_mixed_32_loras_tok_s"] = round(hf_static(peft_model, ps, new, device, names), 1)
+        release(device)
+        row("hf_compiled_static_cache_tok_s", lambda: hf_compiled(make_model(cfg, dtype, device), ps, new, device))
     return res
 
 
@@ -326,32 +394,50 @@ def main():
     info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new,
             "prompt_tokens": 64, "shape": args.config_dir or args.shape, "weights": "random (seeded)"}
-    with tempfile.TemporaryDirectory() as tmp:
-        info["parity_fp32"] = parity(cfg, args.device, Path(tmp) / "parity", "dynamic")
-        info["parity_fp32_fixed_shape"] = parity(cfg, args.device, Path(tmp) / "parity", fixed_mode(args.device))
-        print(json.dumps(info, indent=1), flush=True)
-        compiled = args.device.startswith("cuda") and not args.skip_compiled
-        info["throughput"] = throughput(cfg, args.device, getattr(torch, args.dtype), Path(tmp), args.batch, args.new,
-                                        args.big_batch, compiled)
-        t = info["throughput"]
-        info["memory_floor"] = floor = memory_floor(cfg, getattr(torch, args.dtype), args.device, args.batch, 64,
-                                                    args.new)
-        # the floor counts decode only; the measured figure includes the prompt's prefill: a lower bound
-        info["ratios"] = {"base_vs_memory_floor": t["ours_0_loras_tok_s"] / floor["floor_tok_s"],
-                          "base_vs_hf_eager": t["ours_0_loras_tok_s"] / t["hf_static_base_tok_s"],
-                          "32_loras_vs_our_base": t["ours_32_loras_tok_s"] / t["ours_0_loras_tok_s"],
-                          "mixed_kinds_vs_our_base": t["ours_mixed_kinds_tok_s"] / t["ours_0_loras_tok_s"],
-                          f"batch_{args.big_batch}_vs_batch_{args.batch}":
-                              t[f"ours_base_batch_{args.big_batch}_tok_s"] / t["ours_0_loras_tok_s"],
-                          "base_graphs_vs_eager": t["ours_0_loras_tok_s"] / t["ours_0_loras_eager_tok_s"],
-                          "32_loras_graphs_vs_eager": t["ours_32_loras_tok_s"] / t["ours_32_loras_eager_tok_s"]}
-        info["graph_capture_seconds"] = CAPTURE_SECONDS
-        if compiled:
-            info["ratios"]["base_vs_hf_compiled"] = t["ours_0_loras_tok_s"] / t["hf_compiled_static_cache_tok_s"]
-    print(json.dumps(info, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(info, indent=1))
+    dtype = getattr(torch, args.dtype)
 
+    def save(rows=None) -> None:
+        """Write what is known so far (each row as it completes: a run cut short keeps it)."""
+        if rows is not None:
+            info["throughput"] = rows
+        info["step_breakdown_ms"] = BREAKDOWN
+        info["graph_capture_seconds"] = CAPTURE_SECONDS
+        if args.out:
+            Path(args.out).write_text(json.dumps(info, indent=1))
+
+    time_phases()
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, mode in (("parity_fp32", "dynamic"), ("parity_fp32_fixed_shape", fixed_mode(args.device))):
+            try:
+                info[key] = parity(cfg, args.device, Path(tmp) / "parity", mode)
+            except Exception as exc:  # recorded (and the run fails at the end), the throughput still measured
+                info[key] = {"mode": mode, "error": repr(exc)[:1000]}
+            save()
+        print(json.dumps(info, indent=1), flush=True)
+        info["memory_floor"] = floor = memory_floor(cfg, dtype, args.device, args.batch, 64, args.new)
+        compiled = args.device.startswith("cuda") and not args.skip_compiled
+        t = throughput(cfg, args.device, dtype, Path(tmp), args.batch, args.new, args.big_batch, compiled, save)
+
+    def ratio(a, b):
+        return t[a] / t[b] if t.get(a) and t.get(b) else None
+
+    # the floor counts decode only; the measured figure includes the prompt's prefill: a lower bound
+    info["ratios"] = {"base_vs_memory_floor": t["ours_0_loras_tok_s"] / floor["floor_tok_s"]
+                      if t.get("ours_0_loras_tok_s") else None,
+                      "base_vs_hf_eager": ratio("ours_0_loras_tok_s", "hf_static_base_tok_s"),
+                      "32_loras_vs_our_base": ratio("ours_32_loras_tok_s", "ours_0_loras_tok_s"),
+                      "mixed_kinds_vs_our_base": ratio("ours_mixed_kinds_tok_s", "ours_0_loras_tok_s"),
+                      f"batch_{args.big_batch}_vs_batch_{args.batch}":
+                          ratio(f"ours_base_batch_{args.big_batch}_tok_s", "ours_0_loras_tok_s"),
+                      "base_graphs_vs_eager": ratio("ours_0_loras_tok_s", "ours_0_loras_eager_tok_s"),
+                      "32_loras_graphs_vs_eager": ratio("ours_32_loras_tok_s", "ours_32_loras_eager_tok_s")}
+    if compiled:
+        info["ratios"]["base_vs_hf_compiled"] = ratio("ours_0_loras_tok_s", "hf_compiled_static_cache_tok_s")
+    save(t)
+    print(json.dumps(info, indent=1))
+    failed = [k for k in ("parity_fp32", "parity_fp32_fixed_shape") if info[k].get("equal") != info[k].get("rows")]
+    if failed or t.get("errors"):
+        raise SystemExit(f"failed: {failed + sorted(t.get('errors', {}))}")
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,10 @@ def test_gpu_check_script_runs_at_smoke_sizes(tmp_path):
                 "hf_static_base_tok_s", "peft_mixed_32_loras_tok_s", "ours_0_loras_eager_tok_s",
                 "ours_32_loras_eager_tok_s"):
         assert rows[key] > 0, key
+    assert "errors" not in rows
+    for row in ("ours_0_loras", "ours_32_loras", "ours_mixed_kinds", "ours_base_batch_16"):  # where a step goes
+        split = result["step_breakdown_ms"][row]
+        assert split["steps"] > 0 and split["step_ms"] >= split["host_ms"] > 0 and split["device_wait_ms"] >= 0
     floor = result["memory_floor"]  # bytes per decode step over the bandwidth measured in the same run
     assert floor["bandwidth_gb_s"] > 0 and floor["floor_tok_s"] > 0 and result["ratios"]["base_vs_memory_floor"] > 0
     assert "passed" in (tmp_path / "tests.log").read_text()
