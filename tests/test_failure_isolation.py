@@ -37,8 +37,18 @@ GREEDY = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
 SEEDED = SamplingParams(max_new_tokens=NEW, ignore_eos=True, temperature=0.8, top_k=40, top_p=0.9, seed=11)
 
 
+EMIT_TIMING = {"value": "immediate"}  # the module runs once per EmitTiming (fixture below)
+
+
+@pytest.fixture(autouse=True, params=["immediate", "overlapped"])
+def emit_timing(request, monkeypatch):
+    """Every isolation guarantee holds whether a step's text is emitted in it or in the next."""
+    monkeypatch.setitem(EMIT_TIMING, "value", request.param)
+    return request.param
+
+
 def make_engine(adapters=None, **config) -> LLMEngine:
-    cfg = EngineConfig(**{"max_batch_size": 8, "max_model_len": 64, **config})
+    cfg = EngineConfig(**{"max_batch_size": 8, "max_model_len": 64, "emit_timing": EMIT_TIMING["value"], **config})
     return LLMEngine(tiny_llama(0), StubTokenizer(), cfg, adapters=adapters)
 
 

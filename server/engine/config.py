@@ -40,6 +40,9 @@ class EngineConfig:
     # Decode-only steps on fixed buffers (static_decode.py): "auto" = CUDA graphs on a GPU and the
     # dynamic step on CPU; "dynamic" (--enforce-eager) | "static" (fixed buffers, eager) | "graph"
     decode_mode: str = "auto"
+    # When a step's tokens become text and events (engine.EmitTiming): "auto" = "overlapped" on
+    # CUDA (detokenize and stop-check during the next step's device work), "immediate" elsewhere
+    emit_timing: str = "auto"
     max_lora_rank: int = 64  # the largest LoRA rank the fixed-shape steps serve (their stacks' width)
     max_bottleneck_size: int = 256  # the same for bottleneck adapters' size
 
@@ -54,6 +57,8 @@ class EngineConfig:
         if (self.decode_mode not in ("auto", "dynamic", "static", "graph") or self.max_lora_rank < 1
                 or self.max_bottleneck_size < 1):
             raise ValueError("decode_mode must be auto|dynamic|static|graph, max_lora_rank and max_bottleneck_size >= 1")
+        if self.emit_timing not in ("auto", "immediate", "overlapped"):
+            raise ValueError("emit_timing must be auto|immediate|overlapped")
         if self.max_adapter_bytes is not None and self.max_adapter_bytes < 1:
             raise ValueError("max_adapter_bytes >= 1 (or None for no byte bound) required")
         if self.adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -12,6 +12,7 @@ async_engine.py then resets the engine (`reset()`) and fails the requests it hel
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import time
@@ -40,6 +41,28 @@ def eos_ids(hf_model, tokenizer) -> set[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+class EmitTiming(str, enum.Enum):
+    """When a step's tokens become text and events.
+
+    IMMEDIATE: at the end of the step that sampled them. OVERLAPPED: a token that does not end
+    its request (by EOS or length) is detokenized, stop-checked and handed to its consumer in the
+    next step, after that step's forward has been launched, so on an asynchronous device this
+    host work runs while the device computes (~6 us a row on the engine thread: 1.6 ms of a
+    256-row step). A request whose text reaches a stop string then has one more row computed
+    in that step, which is dropped; tokens, texts and events are the same as IMMEDIATE's."""
+
+    IMMEDIATE = "immediate"
+    OVERLAPPED = "overlapped"
+
+
+def resolve_emit_timing(requested: str, device: torch.device) -> EmitTiming:
+    """"auto" = OVERLAPPED where the device runs steps asynchronously (CUDA), else IMMEDIATE:
+    on CPU the forward runs on this thread, so deferring only delays the events."""
+    if requested == "auto":
+        return EmitTiming.OVERLAPPED if device.type == "cuda" else EmitTiming.IMMEDIATE
+    return EmitTiming(requested)
 
 
 def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -71,6 +94,8 @@ class LLMEngine:
         self.observer = observer
         self.eos = eos_ids(hf_model, tokenizer)
         self.preemptions = 0
+        self.emit_timing = resolve_emit_timing(config.emit_timing, m.device)
+        self._unemitted: list[tuple[Sequence, int, tuple | None]] = []  # OVERLAPPED: (seq, token, logprobs)
 
     def _static_decode(self, config: EngineConfig) -> StaticDecode | None:
         """The fixed-shape decode path for the configured mode (graphs captured here, logged)."""
@@ -109,6 +134,10 @@ class LLMEngine:
               code: ErrorCode | None = None) -> None:
         if seq.status is SeqStatus.FINISHED:
             return
+        if self._unemitted:
+            self._emit_deferred(only=seq)
+            if seq.status is SeqStatus.FINISHED:  # its last text reached a stop string
+                return
         self._finish(seq, reason, error=error, code=code)
 
     def fail(self, seq: Sequence, code: ErrorCode, detail: str) -> None:
@@ -129,6 +158,7 @@ class LLMEngine:
         requests; nothing here calls back into them.
         """
         held = list(self.scheduler.running) + list(self.scheduler.waiting)
+        self._unemitted = []
         for seq in held:
             seq.status = SeqStatus.FINISHED
             seq.kv_blocks, seq.kv_prefix_blocks = [], []
@@ -167,27 +197,30 @@ class LLMEngine:
     def step(self) -> int:
         """Run one iteration; returns the number of tokens processed (0 = nothing to do)."""
         for seq in [s for s in self.scheduler.running if s.cancelled]:
-            self._finish(seq, FinishReason.ABORT)
+            self.abort(seq)
         plan, admitted, preempted = self.scheduler.schedule()
         for seq in preempted:
             self._on_preempted(seq)
         self._activate(admitted)
         plan = [(seq, n) for seq, n in plan if seq.status is SeqStatus.RUNNING]
         if not plan:
+            self._emit_deferred()
             return 0
         t0 = time.perf_counter()
         try:
-            logits = self.runner.execute(plan)
+            logits = self.runner.execute(plan)  # on a GPU: launched, still running
         except Exception:  # a failed step never kills the engine; retry rows one by one
             log.exception("engine step failed; isolating the failing rows of %d", len(plan))
             plan, logits = self._execute_isolated(plan)
-            if not plan:
-                return 0
+        self._emit_deferred()  # the previous step's text and events, while the device computes
+        if not plan:
+            return 0
         samplers = []
         for seq, n in plan:
             seq.num_computed += n
             if seq.num_computed == seq.num_tokens:
                 samplers.append(seq)
+        samplers, logits = _drop_finished(samplers, logits)  # stopped by the text just emitted
         self._sample_and_emit(samplers, logits)
         if self.observer:
             self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
@@ -245,6 +278,22 @@ class LLMEngine:
             except Exception as exc:  # detokeniser, stop check, observer: this row only
                 self.fail(seq, ErrorCode.GENERATION_FAILED, f"token {tok} could not be emitted: {exc!r}")
 
+    def _emit_deferred(self, only: Sequence | None = None) -> None:
+        """OVERLAPPED: text and events of the last step's tokens that did not end their request
+        (`only`: that request's, before it is aborted, so its last text still goes out)."""
+        if only is None:
+            pending, self._unemitted = self._unemitted, []
+        else:
+            pending = [item for item in self._unemitted if item[0] is only]
+            self._unemitted = [item for item in self._unemitted if item[0] is not only]
+        for seq, tok, lp in pending:
+            if seq.status is SeqStatus.FINISHED:  # aborted or failed since
+                continue
+            try:
+                self._emit(seq, tok, lp, None)
+            except Exception as exc:  # detokeniser, stop check: this row only
+                self.fail(seq, ErrorCode.GENERATION_FAILED, f"token {tok} could not be emitted: {exc!r}")
+
     def _execute_isolated(self, plan: list[tuple[Sequence, int]]) -> tuple[list[tuple[Sequence, int]], torch.Tensor]:
         """Run each row alone (their K/V writes are idempotent: nothing advanced yet); fail only
         the rows that fail by themselves, so batch-mates of a poisoned request survive."""
@@ -261,20 +310,31 @@ class LLMEngine:
         return kept, (torch.cat(rows) if rows else torch.empty(0, vocab))
 
     def _append_token(self, seq: Sequence, tok: int, now: float, logprobs: tuple | None = None) -> None:
+        """Accept a sampled token: the request's ids and timings now; its text and event now
+        (IMMEDIATE, or when the token ends the request by EOS or length) or in the next step
+        (OVERLAPPED, `_emit_deferred`)."""
         seq.output_ids.append(tok)
         if seq.first_token_at is None:
             seq.first_token_at = now
         if self.observer:
             self.observer.on_token(seq, now)
         seq.last_token_at = now
-        stopped = seq.detok.add(tok, check_stop=len(seq.output_ids) > seq.params.min_tokens)
         reason = None
         if tok in self.eos and not seq.params.ignore_eos:
             reason = FinishReason.EOS
-        elif stopped:
-            reason = FinishReason.STOP
         elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.context_len + 1 >= self.config.max_model_len:
             reason = FinishReason.LENGTH
+        if reason is None and self.emit_timing is EmitTiming.OVERLAPPED:
+            self._unemitted.append((seq, tok, logprobs))
+        else:
+            self._emit(seq, tok, logprobs, reason)
+
+    def _emit(self, seq: Sequence, tok: int, logprobs: tuple | None, reason: FinishReason | None) -> None:
+        """The token's text (detokenizer), the stop check, then its event or the request's end.
+        A stop string ends the request unless EOS already did (EOS first, then stop, then length)."""
+        stopped = seq.detok.add(tok, check_stop=len(seq.output_ids) > seq.params.min_tokens)
+        if stopped and reason is not FinishReason.EOS:
+            reason = FinishReason.STOP
         if reason is None:
             seq.on_event(TokenEvent(tok, seq.detok.take(final=False), logprobs=logprobs))
         else:
@@ -318,3 +378,11 @@ class LLMEngine:
         while any(s.status is not SeqStatus.FINISHED for s in seqs):
             self.step()
         return seqs
+
+
+def _drop_finished(samplers: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+    """The sampling rows still running, with their logits rows [R', V] (all of them: as given)."""
+    keep = [i for i, seq in enumerate(samplers) if seq.status is not SeqStatus.FINISHED]
+    if len(keep) == len(samplers):
+        return samplers, logits
+    return [samplers[i] for i in keep], logits[keep]
