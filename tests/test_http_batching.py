@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from peftserve.server.api.generate import _sse, _sse_token, _tokenizer_lock, tokenize_inline, tokenize_texts_inline
-from peftserve.server.engine.async_engine import RequestStream, _Mailbox
+from peftserve.server.engine.async_engine import RequestStream, _Gate, _Mailbox
 from peftserve.server.engine.request import FinishReason, TokenEvent
 
 pytestmark = pytest.mark.anyio
@@ -61,6 +61,56 @@ def test_mailbox_hands_over_a_thread_s_events_in_order_exactly_once_in_few_wakeu
         got = [[q.get_nowait().token_id for _ in range(q.qsize())] for q in queues]
         assert got == [list(range(200))] * 4
         assert handovers == 1  # everything posted before the loop ran: one wake-up
+
+    asyncio.run(main())
+
+
+def test_a_held_gate_delays_the_hand_over_until_release():
+    async def main():
+        loop = asyncio.get_running_loop()
+        gate = _Gate()
+        box = _Mailbox(loop, gate)
+        q = asyncio.Queue()
+        gate.hold()
+        threading.Thread(target=lambda: [box.post(q, TokenEvent(i, "")) for i in range(3)]).start()
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert q.empty()  # held: nothing handed over while the step "runs"
+        gate.release()
+        await asyncio.sleep(0)
+        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [0, 1, 2]
+        box.post(q, TokenEvent(3, ""))  # released: the next batch goes at once
+        await asyncio.sleep(0)
+        assert q.get_nowait().token_id == 3
+
+    asyncio.run(main())
+
+
+def test_a_finished_request_is_never_counted_by_the_snapshot_it_can_read(tiny_model):
+    """The consumer that receives a request's final event reads num_running / the KV usage
+    after it: the step's events wait for its snapshot, so neither still counts that request
+    (without the gate this read raced the engine thread's publish: ~1 in 7 runs failed)."""
+    from peftserve.server.engine.async_engine import AsyncEngine
+    from peftserve.server.engine.config import EngineConfig
+    from peftserve.server.engine.engine import LLMEngine
+    from peftserve.server.engine.request import SamplingParams
+    from tests.test_lora_parity import StubTokenizer
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(tiny_model(), StubTokenizer(), EngineConfig(max_batch_size=8, max_model_len=64)))
+        engine.start()
+        try:
+            for round_ in range(15):
+                async def one(i):
+                    stream = engine.submit([5 + i] * (2 + i), SamplingParams(max_new_tokens=3, ignore_eos=True))
+                    async for ev in stream:
+                        if ev.finish_reason is not None:
+                            return
+                await asyncio.gather(*(one(i) for i in range(3)))
+                assert engine.num_running == 0, round_
+                assert engine.snapshot.kv_blocks_free == engine.snapshot.kv_blocks_total, round_
+        finally:
+            engine.stop()
 
     asyncio.run(main())
 

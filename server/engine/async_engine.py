@@ -4,7 +4,9 @@ torch releases the GIL inside its kernels, so the event loop stays responsive (h
 uploads, SSE writes) while a step runs. The only way into the engine thread is the command
 queue; events come back onto one asyncio.Queue per request through a per-loop mailbox: the
 engine thread appends, and only the first event of a batch schedules a hand-over
-(`loop.call_soon_threadsafe`), so a step's tokens for all requests cost one loop wake-up.
+(`loop.call_soon_threadsafe`), so a step's tokens for all requests cost one loop wake-up. A
+step's hand-overs wait until the snapshot that reflects the step is published (`_Gate`), so a
+consumer that sees its request end never reads a snapshot that still counts it.
 
 Supervision: if the loop dies anyway (an exception escaping `step()`), the requests in flight
 get an `engine_restarted` error, the engine's per-request state is reset (same model, KV
@@ -65,6 +67,7 @@ class AsyncEngine:
         self._live: set[Sequence] = set()  # not finished yet (engine thread + event loop)
         self._lock = threading.Lock()
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Mailbox
+        self._gate = _Gate()  # hand-overs held while a step runs, until its snapshot is published
         self.idle_wait_s = idle_wait_s
         self.dead_reason: str | None = None  # internal (logs, tests); clients get a generic message
         # no engine thread yet: built here, then only ever by the engine thread (_publish)
@@ -123,7 +126,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         mailbox = self._mailboxes.get(loop)
         if mailbox is None:
-            mailbox = self._mailboxes[loop] = _Mailbox(loop)
+            mailbox = self._mailboxes[loop] = _Mailbox(loop, self._gate)
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         seq = Sequence(list(prompt_ids), params, on_event=_deliver_to(mailbox, events), adapter=adapter)
         seq.on_event.seq = weakref.ref(seq)  # no seq <-> callback cycle: a finished request (and
@@ -170,10 +173,16 @@ class AsyncEngine:
         while not self._stop.is_set():
             changed = self._drain(block=not self.engine.has_work())
             if self.engine.has_work():
-                if self.engine.step():
-                    self._steps += 1
-                changed = True
-            if changed:
+                # the step's events wait for the snapshot that reflects it: a consumer that sees
+                # its request end finds /metrics and num_running already past it
+                self._gate.hold()
+                try:
+                    if self.engine.step():
+                        self._steps += 1
+                    self._publish()
+                finally:
+                    self._gate.release()
+            elif changed:
                 self._publish()
 
     def _publish(self) -> None:
@@ -258,13 +267,46 @@ class AsyncEngine:
             self._live.discard(seq)
 
 
+class _Gate:
+    """Holds the mailboxes' hand-overs while the engine thread runs a step, until the snapshot
+    that reflects the step is published (`release`). Only around a step, never while the engine
+    thread blocks for commands, so posts from elsewhere wait at most one step."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held = False
+        self._deferred: list[_Mailbox] = []
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = True
+
+    def defer(self, mailbox: "_Mailbox") -> bool:
+        """True when held: the mailbox's hand-over is scheduled at `release`."""
+        with self._lock:
+            if self._held:
+                self._deferred.append(mailbox)
+            return self._held
+
+    def release(self) -> None:
+        with self._lock:
+            self._held, deferred, self._deferred = False, self._deferred, []
+        for mailbox in deferred:
+            try:
+                mailbox.schedule()
+            except RuntimeError:  # its loop closed: nobody reads those events any more
+                pass
+
+
 class _Mailbox:
     """Events from the engine thread for one event loop, handed over in batches: the first event
-    posted after a hand-over schedules the next one; every event posted until it runs rides along.
-    Per request, events keep their order (one FIFO list, hand-overs run in order)."""
+    posted after a hand-over schedules the next one (at once, or when the gate opens); every
+    event posted until it runs rides along. Per request, events keep their order (one FIFO list,
+    hand-overs run in order)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, gate: _Gate | None = None):
         self.loop = loop
+        self.gate = gate
         self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
         self._lock = threading.Lock()
 
@@ -275,13 +317,16 @@ class _Mailbox:
         with self._lock:
             first = not self._pending
             self._pending.append((events, ev))
-        if first:
-            try:
-                self.loop.call_soon_threadsafe(self._hand_over)
-            except RuntimeError:  # closed meanwhile: drop the batch, the next post fails at once
-                with self._lock:
-                    self._pending.clear()
-                raise
+        if first and (self.gate is None or not self.gate.defer(self)):
+            self.schedule()
+
+    def schedule(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # closed meanwhile: drop the batch, the next post fails at once
+            with self._lock:
+                self._pending.clear()
+            raise
 
     def _hand_over(self) -> None:  # on the event loop
         with self._lock:
