@@ -175,6 +175,26 @@ def write_json(path: Path | None, payload: dict) -> None:
     print(f"\nwrote {path}")
 
 
+# -- timing inside the engine ---------------------------------------------------------------
+def time_calls(phases: dict[str, tuple[object, str]], seconds: dict, calls: dict | None = None) -> None:
+    """Wrap each `getattr(owner, name)` of `phases` (label -> (owner, name)) so every call adds
+    its wall time to `seconds[label]` (and 1 to `calls[label]`). For the benchmarks' breakdowns;
+    permanent for the process."""
+    for label, (owner, name) in phases.items():
+        inner = getattr(owner, name)
+
+        def timed(*args, _inner=inner, _label=label, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                seconds[_label] += time.perf_counter() - t0
+                if calls is not None:
+                    calls[_label] += 1
+
+        setattr(owner, name, timed)
+
+
 # -- HF / PEFT baselines --------------------------------------------------------------------
 class StepTimes:
     """A `generate` streamer recording when each step's tokens exist (first put = the prompt)."""

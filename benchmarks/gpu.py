@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import time_calls
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -160,21 +161,6 @@ STEP_PHASES = {"schedule": (scheduler_mod.Scheduler, "schedule"), "execute": (ru
                "step": (engine_mod.LLMEngine, "step")}
 PHASE_SECONDS: collections.Counter = collections.Counter()
 PHASE_CALLS: collections.Counter = collections.Counter()
-
-
-def time_phases() -> None:
-    for label, (owner, name) in STEP_PHASES.items():
-        inner = getattr(owner, name)
-
-        def timed(*args, _inner=inner, _label=label, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                PHASE_SECONDS[_label] += time.perf_counter() - t0
-                PHASE_CALLS[_label] += 1
-
-        setattr(owner, name, timed)
 
 
 def step_breakdown() -> dict:
@@ -405,7 +391,7 @@ def main():
         if args.out:
             Path(args.out).write_text(json.dumps(info, indent=1))
 
-    time_phases()
+    time_calls(STEP_PHASES, PHASE_SECONDS, PHASE_CALLS)
     with tempfile.TemporaryDirectory() as tmp:
         for key, mode in (("parity_fp32", "dynamic"), ("parity_fp32_fixed_shape", fixed_mode(args.device))):
             try:

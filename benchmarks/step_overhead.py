@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from common import time_calls
+
 from peftserve.adapters.base_model import resolve_model_dir, tiny_random_llama
 from peftserve.server.build import build_engine
 from peftserve.server.engine import engine as engine_mod
@@ -50,20 +52,6 @@ PHASES = {  # label -> (owner, attribute) timed around every call
     "nonfinite": (engine_mod, "nonfinite_rows"),
     "emit": (engine_mod.LLMEngine, "_append_token"),
 }
-
-
-def instrument(totals: collections.Counter) -> None:
-    for label, (owner, name) in PHASES.items():
-        inner = getattr(owner, name)
-
-        def timed(*args, _inner=inner, _label=label, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return _inner(*args, **kwargs)
-            finally:
-                totals[_label] += time.perf_counter() - t0
-
-        setattr(owner, name, timed)
 
 
 def run(tok, batch: int, ctx: int, new: int, block_size: int, totals: collections.Counter, store: Path) -> dict:
@@ -113,7 +101,7 @@ def main():
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
     totals: collections.Counter = collections.Counter()
-    instrument(totals)
+    time_calls(PHASES, totals)
     results = []
     for ctx in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
