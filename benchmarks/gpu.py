@@ -155,9 +155,9 @@ CAPTURE_SECONDS: list[float] = []  # graph capture time of every engine built wi
 
 # Where a step of ours goes (per-step wrappers only, so the timed rows pay ~nothing for them):
 # the engine's Python (schedule, fill + replay launch, sampling and emitting) and the wait for
-# the device, which lands in `nonfinite_rows`, the step's first device->host read.
+# the device, which lands in `sample_step`, the step's one device->host copy.
 STEP_PHASES = {"schedule": (scheduler_mod.Scheduler, "schedule"), "execute": (runner_mod.ModelRunner, "execute"),
-               "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"), "wait": (engine_mod, "nonfinite_rows"),
+               "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"), "wait": (engine_mod, "sample_step"),
                "step": (engine_mod.LLMEngine, "step")}
 PHASE_SECONDS: collections.Counter = collections.Counter()
 PHASE_CALLS: collections.Counter = collections.Counter()

@@ -48,8 +48,8 @@ PHASES = {  # label -> (owner, attribute) timed around every call
     "fill": (static_mod.StaticDecode, "fill"),
     "forward": (static_mod.StaticDecode, "forward"),
     "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"),
-    "sample": (engine_mod, "sample"),
-    "nonfinite": (engine_mod, "nonfinite_rows"),
+    "sample": (engine_mod, "sample_step"),  # with the step's one device->host copy
+    "nonfinite": (engine_mod, "screen_rows"),
     "emit": (engine_mod.LLMEngine, "_append_token"),
 }
 

@@ -10,7 +10,7 @@ import torch
 
 from peftserve.server.engine.detokenizer import IncrementalDetokenizer, plain_decoder
 from peftserve.server.engine.request import SamplingParams
-from peftserve.server.engine.sampler import argmax_rows, filter_logits, sample
+from peftserve.server.engine.sampler import argmax_rows, filter_logits, sample, sample_step, screen_rows
 
 
 # -- sampler ---------------------------------------------------------------------------------------
@@ -91,6 +91,39 @@ def test_argmax_rows_equals_torch_argmax_ties_included(dtype):
         for view in (logits, logits[::2], logits[:, 1:], logits.T.contiguous().T, frozen):
             assert torch.equal(argmax_rows(view), torch.argmax(view, dim=-1))
     assert argmax_rows(torch.empty(0, 5)).shape == (0,)
+
+
+def test_a_step_fetches_ids_and_screen_flags_in_one_copy(monkeypatch):
+    """What the engine runs per step (screen on the device, then sample_step with the flags):
+    one `tolist` (the ids with the flags), no other host read for greedy rows; the flags equal
+    the screen's, the ids `sample`'s. (Sampled rows on CPU add one cheap overflow check per
+    chunk; on an accelerator that check is not asked: filter_logits_batch.)"""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(6, 50, generator=gen)
+    logits[2, 7] = float("nan")
+    logits[4, :2] = 3e38  # finite, but its sum overflows: flagged, for confirm_nonfinite to clear
+    greedy = [SamplingParams()] * 6
+    reads = {"tolist": 0, "bool": 0, "item": 0}
+    for name, key in (("tolist", "tolist"), ("__bool__", "bool"), ("item", "item")):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _key=key, **k):
+            reads[_key] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    flags = screen_rows(logits)
+    tokens, flagged = sample_step(logits, greedy, [None] * 6, flags)
+    assert reads == {"tolist": 1, "bool": 0, "item": 0}
+    monkeypatch.undo()
+    assert flagged == [False, False, True, False, True, False]
+    assert tokens == torch.argmax(logits, dim=-1).tolist()
+    hot = [SamplingParams(temperature=0.8, seed=i) if i % 2 else SamplingParams() for i in range(6)]
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    want = sample(logits, hot, [torch.Generator().manual_seed(i) for i in range(6)])
+    got, flagged = sample_step(logits, hot, gens, flags)
+    assert flagged[2] and flagged[4]
+    assert [t for r, t in enumerate(got) if r not in (2, 4)] == [t for r, t in enumerate(want) if r not in (2, 4)]
 
 
 def test_sample_greedy_rows_take_argmax_and_seeded_rows_repeat():

@@ -29,7 +29,7 @@ from .observer import EngineObserver, EngineSnapshot, adapter_names, device_resi
 from .penalties import apply_penalties
 from .request import ErrorCode, FinishReason, Sequence, SeqStatus, TokenEvent
 from .runner import ModelRunner
-from .sampler import SampleFailure, nonfinite_rows, sample
+from .sampler import SampleFailure, confirm_nonfinite, sample_step, screen_rows
 from .scheduler import Scheduler
 from .static_decode import DecodeMode, StaticDecode, resolve_mode
 
@@ -253,23 +253,21 @@ class LLMEngine:
 
     def _sample_and_emit(self, samplers: list[Sequence], logits: torch.Tensor) -> None:
         """logits: [R, V], one row per sampling sequence. Rows with NaN/inf are failed, not
-        sampled (one vectorised check for the whole step); every other row gets its token."""
-        bad = nonfinite_rows(logits)
-        if bad:
-            for row in bad:
-                self.fail(samplers[row], ErrorCode.NUMERICAL_ERROR, "non-finite logits (NaN/inf)")
-            keep = [row for row in range(len(samplers)) if samplers[row].status is not SeqStatus.FINISHED]
-            samplers = [samplers[row] for row in keep]
-            logits = logits[keep]  # [R', V]
-            if not samplers:
-                return
+        emitted: the screen runs on the device and its flags come back with the sampled ids in
+        the step's one device->host copy; only flagged rows are checked element-wise."""
         params = [s.params for s in samplers]
+        screened = screen_rows(logits)  # [R] bool, on the device
         # penalties/min_tokens on a copy (only when a row asks); logprobs from the raw logits
-        tokens = sample(apply_penalties(logits, samplers, sorted(self.eos)), params, [s.generator for s in samplers])
+        tokens, flagged = sample_step(apply_penalties(logits, samplers, sorted(self.eos)), params,
+                                      [s.generator for s in samplers], screened)
+        for row in confirm_nonfinite(logits, [r for r, f in enumerate(flagged) if f]):
+            self.fail(samplers[row], ErrorCode.NUMERICAL_ERROR, "non-finite logits (NaN/inf)")
         drawn = [0 if isinstance(t, SampleFailure) else t for t in tokens]  # failed rows: placeholder id
         logprobs = token_logprobs(logits, params, drawn)
         now = time.monotonic()
         for seq, tok, lp in zip(samplers, tokens, logprobs):
+            if seq.status is SeqStatus.FINISHED:  # failed above: its token is never used
+                continue
             if isinstance(tok, SampleFailure):
                 self.fail(seq, tok.code, tok.detail)
                 continue

@@ -7,8 +7,9 @@ CPU), turned into one float64 CDF, and each row takes the token its own uniform 
 number per step, so a seeded request gives the same tokens whatever else shares its batch, and
 the whole step costs one device->host copy of the sampled ids, not a copy and a sync per row.
 
-Failure isolation: the engine fails rows with non-finite logits before sampling
-(`nonfinite_rows`, one vectorised check per step). If the batched draw raises, `sample` redraws
+Failure isolation: the engine fails rows with non-finite logits (`screen_rows` on the device,
+its flags fetched with the sampled ids in the step's one copy, `confirm_nonfinite` on the
+flagged rows only; a failed row's token is never used). If the batched draw raises, `sample` redraws
 row by row (`_draw`, the same arithmetic on one row), each inside its own try, so one row that
 cannot be sampled becomes a `SampleFailure` for that row only, never an exception that would end
 the step for its batch-mates. Filtering computes in float32 with the temperature floored and
@@ -37,21 +38,33 @@ class SampleFailure:
     detail: str  # for the log only
 
 
-def nonfinite_rows(logits: torch.Tensor) -> list[int]:
-    """logits: [R, V] -> indices of rows holding NaN or +-inf (one vectorised pass, one sync).
+def screen_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V] -> [R] bool on their device, no sync: rows that may hold NaN or +-inf.
 
-    Screens with row sums: a row holding NaN or +-inf always sums to NaN or +-inf (IEEE), so a
-    finite sum clears the row; a sum is one vectorised read, ~15x cheaper on CPU than
-    `isfinite(...).all(-1)` over a [64, 49k] step (0.3 vs 4.5 ms, 2 threads). Only rows whose sum
-    is not finite (a finite row whose sum overflowed among them) get the element-wise check."""
+    A row holding NaN or +-inf always sums to NaN or +-inf (IEEE), so a finite sum clears the
+    row; a sum is one vectorised read, ~15x cheaper on CPU than `isfinite(...).all(-1)` over a
+    [64, 49k] step (0.3 vs 4.5 ms, 2 threads). A flagged row may still be finite (its sum
+    overflowed): `confirm_nonfinite` decides."""
+    return ~torch.isfinite(logits.sum(dim=-1))
+
+
+def confirm_nonfinite(logits: torch.Tensor, rows: list[int]) -> list[int]:
+    """Of the flagged `rows`, those really holding NaN or +-inf (element-wise, those rows only)."""
+    if not rows:
+        return []
+    index = torch.tensor(rows, device=logits.device)
+    bad = ~torch.isfinite(logits.index_select(0, index)).all(dim=-1)
+    return [row for row, b in zip(rows, bad.tolist()) if b]
+
+
+def nonfinite_rows(logits: torch.Tensor) -> list[int]:
+    """logits: [R, V] -> indices of rows holding NaN or +-inf (screen, then confirm)."""
     if logits.shape[0] == 0:
         return []
-    suspect = ~torch.isfinite(logits.sum(dim=-1))  # [R] bool
+    suspect = screen_rows(logits)
     if not bool(suspect.any()):
         return []
-    rows = suspect.nonzero().flatten()
-    bad = ~torch.isfinite(logits.index_select(0, rows)).all(dim=-1)
-    return rows[bad].tolist()
+    return confirm_nonfinite(logits, suspect.nonzero().flatten().tolist())
 
 
 def filter_logits_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -64,7 +77,9 @@ def filter_logits_batch(logits: torch.Tensor, params: list[SamplingParams]) -> t
     temperature = torch.tensor([max(float(p.temperature), SAMPLING_EPS) for p in params], device=dev)[:, None]
     scaled = logits / temperature
     overflow = ~torch.isfinite(scaled).all(dim=-1)  # [R]
-    if bool(overflow.any()):
+    # on an accelerator the shift is computed for every row rather than asking the host first
+    # (a sync); on CPU asking is free and the shift rarely needed
+    if logits.device.type != "cpu" or bool(overflow.any()):
         # a huge finite logit over a small temperature overflows to inf (softmax -> NaN): shift
         # by the row max first (softmax is shift-invariant), so its top token is 0, the rest <= 0
         shifted = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
@@ -142,10 +157,18 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | SampleFailure]:
     """logits: [R, V] float32 (finite rows) -> one token id per row, or a SampleFailure for it."""
+    return sample_step(logits, params, generators)[0]
+
+
+def sample_step(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                flags: torch.Tensor | None = None) -> tuple[list[int | SampleFailure], list[bool]]:
+    """`sample`, with `flags` ([R] bool on the logits' device, e.g. `screen_rows`) fetched in the
+    same device->host copy as the ids: the step's one copy. -> (tokens, flags as bools, [] when
+    none). A row's token is drawn whatever its logits hold; the caller discards flagged rows'."""
     tokens = argmax_rows(logits)  # [R]: every greedy row at once
     hot = [row for row, p in enumerate(params) if not p.greedy]
     if not hot:
-        return tokens.tolist()
+        return _fetch(tokens, flags)
     # each row's one draw from its own generator, taken first: the batch and the row-by-row
     # fallback use the same number, so a row's token does not depend on which path ran
     uniforms = torch.tensor([_uniform(generators[row]) for row in hot], dtype=torch.float64)  # [S]
@@ -155,14 +178,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         step = _chunk_rows(logits.device, len(hot))
         drawn = torch.cat([_draw_batch(hot_logits[i:i + step], hot_params[i:i + step], uniforms[i:i + step])
                            for i in range(0, len(hot), step)])
-        return tokens.index_copy(0, index, drawn).tolist()  # the step's one device->host copy
+        return _fetch(tokens.index_copy(0, index, drawn), flags)
     except Exception as exc:  # redraw row by row: only a row that fails alone fails
         log.warning("batched sampling failed; drawing row by row", extra={"rows": len(hot), "error": repr(exc)})
-    out: list[int | SampleFailure] = tokens.tolist()
+    out, fetched = _fetch(tokens, flags)
     for row, u in zip(hot, uniforms.tolist()):
         try:
             out[row] = _draw(logits[row], params[row], u)
         except Exception as exc:  # one row's failure must not end the step for the others
             log.error("sampling failed for one row", extra={"row": row, "error": repr(exc)})
             out[row] = SampleFailure(ErrorCode.SAMPLING_ERROR, repr(exc))
-    return out
+    return out, fetched
+
+
+def _fetch(tokens: torch.Tensor, flags: torch.Tensor | None) -> tuple[list, list[bool]]:
+    """The step's one device->host copy: ids [R] (int64), with the flags riding along."""
+    if flags is None:
+        return tokens.tolist(), []
+    both = torch.stack([tokens, flags.to(device=tokens.device, dtype=tokens.dtype)]).tolist()  # [2, R]
+    return both[0], [bool(f) for f in both[1]]
