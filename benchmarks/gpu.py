@@ -34,8 +34,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftserve.server.build import build_engine
 from peftserve.server.engine import engine as engine_mod
-from peftserve.server.engine import runner as runner_mod
-from peftserve.server.engine import scheduler as scheduler_mod
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.request import SamplingParams
 
@@ -154,11 +152,9 @@ def make_loras(cfg, device, n, root: Path) -> list[Path]:
 CAPTURE_SECONDS: list[float] = []  # graph capture time of every engine built with graphs
 
 # Where a step of ours goes (per-step wrappers only, so the timed rows pay ~nothing for them):
-# the engine's Python (schedule, fill + replay launch, sampling and emitting) and the wait for
-# the device, which lands in `sample_step`, the step's one device->host copy.
-STEP_PHASES = {"schedule": (scheduler_mod.Scheduler, "schedule"), "execute": (runner_mod.ModelRunner, "execute"),
-               "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"), "wait": (engine_mod, "sample_step"),
-               "step": (engine_mod.LLMEngine, "step")}
+# the wait for the device, which lands in `sample_step` (the step's one device->host copy), and
+# the rest of the step: the engine's Python (schedule, fill + replay launch, sampling, emitting).
+STEP_PHASES = {"wait": (engine_mod, "sample_step"), "step": (engine_mod.LLMEngine, "step")}
 PHASE_SECONDS: collections.Counter = collections.Counter()
 PHASE_CALLS: collections.Counter = collections.Counter()
 

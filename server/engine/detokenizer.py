@@ -35,7 +35,6 @@ def plain_decoder(tokenizer) -> Callable[[list[int]], str]:
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (),
                  decode: Callable[[list[int]], str] | None = None):
-        self.tok = tokenizer
         self._decode = decode or plain_decoder(tokenizer)  # engines pass theirs: built once
         self.ids: list[int] = list(prompt_ids[-6:])  # a little context for leading-space merges
         self.prefix_offset = 0

@@ -93,7 +93,7 @@ class StaticDecode:
          self.table,  # [Bmax, NBmax] pool blocks: prefix, then own
          self.counts) = _views(self._flat, n, w)  # [Bmax, NBmax] keys in each entry
         self._h = _views(self._host, n, w)  # the same views of the host mirror
-        self._host_cols = self._host[:6 * n].view(6, n)  # [6, Bmax]: the six columns of the mirror at once
+        self._host_cols = _columns(self._host, n)  # [6, Bmax]: the mirror's six columns at once
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # start-up capture, then every recapture added
         self.recaptures = 0
@@ -249,6 +249,11 @@ class StaticDecode:
 
 def _views(flat: torch.Tensor, n: int, w: int) -> tuple[torch.Tensor, ...]:
     """The step inputs' fixed views of one flat buffer: six [n] columns, then two [n, w] tables."""
-    cols = flat[:6 * n].view(6, n).unbind(0)
+    cols = _columns(flat, n).unbind(0)
     tables = flat[6 * n:].view(2, n, w).unbind(0)
     return (*cols, *tables)
+
+
+def _columns(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """The six [n] per-row columns at the head of the flat buffer, as one [6, n] view."""
+    return flat[:6 * n].view(6, n)
