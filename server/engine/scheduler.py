@@ -80,17 +80,21 @@ class Scheduler:
 
         Preempted sequences are already back in the queue (after this step's admissions); the
         caller releases what they held outside the KV cache (adapter pins, prefixes)."""
-        budget = self.config.max_num_batched_tokens
+        budget, bs = self.config.max_num_batched_tokens, self.kv.block_size
         plan: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         # decodes first: they are cheap and keep ITL low (the budget always covers one per running
         # sequence); then the next chunks of unfinished prefills, with what is left
-        for decoding in (True, False):
-            for seq in [s for s in self.running if s.in_prefill is not decoding]:
+        decodes, prefills = self._split_running()
+        for decoding, group in ((True, decodes), (False, prefills)):
+            for seq in group:
                 if seq.status is not SeqStatus.RUNNING or budget <= 0:
                     continue  # preempted as someone's victim in this step
-                want = 1 if decoding else min(budget, seq.num_tokens - seq.num_computed)
-                n = self._grow(seq, want, preempted, plan)
+                if decoding and seq.num_computed < len(seq.kv_blocks) * bs:
+                    n = 1  # its last block has room: nothing to grow (the common step, kept cheap)
+                else:
+                    want = 1 if decoding else min(budget, seq.num_tokens - seq.num_computed)
+                    n = self._grow(seq, want, preempted, plan)
                 if n:
                     plan.append((seq, n))
                     budget -= n
@@ -101,6 +105,15 @@ class Scheduler:
             self.waiting.appendleft(seq)
         plan.sort(key=lambda item: item[0].adapter_slot)  # contiguous token segments per adapter
         return plan, admitted, preempted
+
+    def _split_running(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Running sequences -> (decoding, still prefilling), each in admission order. One pass
+        at the step's start: a sequence preempted while the decodes are planned is skipped by
+        its status, so splitting up front plans what two filtered passes would."""
+        decodes, prefills = [], []
+        for seq in self.running:
+            (prefills if seq.in_prefill else decodes).append(seq)
+        return decodes, prefills
 
     def _grow(self, seq: Sequence, want: int, preempted: list[Sequence], plan: list[tuple[Sequence, int]]) -> int:
         """Give `seq` blocks for up to `want` new tokens (at least one), reclaiming idle prefixes,
