@@ -188,18 +188,22 @@ def test_every_kind_mixed_under_kv_pressure_shares_prefixes_and_still_matches(tm
 
 
 @pytest.mark.parametrize("max_bottleneck_size", [256, 4])
-def test_fixed_shape_decode_steps_match_every_oracle(tmp_path, artifacts, max_bottleneck_size):
+def test_fixed_shape_decode_steps_match_every_oracle(tmp_path, artifacts, max_bottleneck_size, monkeypatch):
     """decode_mode="static": decode-only steps run on the fixed buffers a CUDA graph replays
     (static_decode.py) — LoRA, (IA)3 and bottleneck adapters gathered per token from fixed stacks,
     soft prompts and prefixes read through the block table (4-token blocks: multi-block tables,
     partial prefix tails). With a bottleneck size limit below these adapters' (8-16), their rows
     make every step fall back to the dynamic path. Every kind's tokens stay the oracle's either way."""
+    from tests.test_static_decode import check_every_fill
+
     serving = _serving(tmp_path, artifacts, kv_block_size=4, decode_mode="static",
                        max_bottleneck_size=max_bottleneck_size)
+    fills = check_every_fill(monkeypatch, serving.engine.runner.static)  # persistent vs fresh, every step
     jobs = [(n, i) for i in range(len(_prompts())) for n in artifacts]
     outs = _run(serving, jobs)
     for job, out in zip(jobs, outs):
         assert out == artifacts[job[0]][1][job[1]], job
+    assert not [k for k in fills if k.startswith("mismatch")], fills
     runner = serving.engine.runner
     if max_bottleneck_size == 4:  # bottleneck rows decode to the end in every step: no step is fixed-shape
         assert runner.static_steps == 0

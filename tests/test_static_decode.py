@@ -8,13 +8,18 @@ step it cannot serve (a LoRA above `max_lora_rank`) or that fails on it runs dyn
 
 from __future__ import annotations
 
+import collections
+import random
+import types
+
 import pytest
 import torch
 
 from peftserve.server.build import build_engine
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.request import SamplingParams
-from peftserve.server.engine.static_decode import DecodeMode, bucket_for, buckets, resolve_mode
+from peftserve.server.engine.request import SamplingParams, Sequence
+from peftserve.server.engine.kv_cache import blocks_for
+from peftserve.server.engine.static_decode import DecodeMode, StaticDecode, bucket_for, buckets, resolve_mode
 from tests.test_lora_parity import NEW, StubTokenizer, _prompts, lora_dirs, reference  # noqa: F401  (fixtures)
 from tests.tiny import tiny_llama
 
@@ -48,6 +53,189 @@ def _run(serving, jobs):
     handles = [serving.registry.resolve(a) if a else None for a, _, _ in jobs]
     seqs = serving.engine.generate([prompts[i] for _, i, _ in jobs], [p for _, _, p in jobs], adapters=handles)
     return [s.output_ids for s in seqs]
+
+
+MIRROR = ("ids", "positions", "write_blocks", "write_offsets", "adapter_slots", "widths", "table", "counts")
+
+
+def check_every_fill(monkeypatch, static) -> collections.Counter:
+    """From now on, every fill of `static` is checked against the reference: the same plan
+    written fresh, every row from its sequence (`_rows = None`: nothing kept from the last
+    fill). The buffers' first B rows must be equal, whole tables included. -> counts of what the
+    fills did (rows advanced in place, fills that moved rows, blocks opened), so a test can
+    show the persistent path ran and not only the fresh one."""
+    seen: collections.Counter = collections.Counter()
+    fill, advance = static.fill, static._advance
+
+    def counted_advance(rows, src, seqs, own):
+        seen["advanced"] += len(rows)
+        seen["moved"] += rows != src
+        seen["opened"] += sum(own[i] % static.cache.block_size == 0 for i in rows)
+        return advance(rows, src, seqs, own)
+
+    def checked(plan, bucket):
+        fill(plan, bucket)
+        b = bucket[0]
+        got = [t[:b].clone() for t in static._h]
+        widths, table, counts = got[5:]
+        past = torch.arange(table.shape[1])[None, :] >= widths[:, None]  # [b, NBmax]: past each row's width
+        if table[past].any() or counts[past].any():  # must be null entries with no keys, as far as the buffer goes
+            seen["mismatch past the widths"] += 1
+        rows, dirty = static._rows, static._table_dirty
+        static._rows = None
+        fill(plan, bucket)
+        for name, g, want in zip(MIRROR, got, static._h):
+            if not torch.equal(g, want[:b]):  # counted, not raised: the runner would retry the step dynamically
+                seen[f"mismatch {name}"] += 1
+            want[:b] = g  # back to the persistent fill's state, so what it got wrong is not mended for it
+        static._rows, static._table_dirty = rows, dirty
+        seen["fills"] += 1
+        seen["rows"] += len(plan)
+
+    monkeypatch.setattr(static, "_advance", counted_advance)
+    monkeypatch.setattr(static, "fill", checked)
+    return seen
+
+
+class _Batches:
+    """Random continuous batching for the fixed buffers alone (no model): rows finish (short and
+    long lives), join (own position 0-40, a KV prefix of 0-2 blocks ending anywhere in its last
+    block), decode one token on (a fresh block when it opens one; no joins every other 40 steps, so
+    tables grow past any width a fresh row brought), and now and then skip a step
+    (a token computed elsewhere, like after a dynamic step) or come back one token on in another
+    block list (preempted, recomputed). Plans come
+    shuffled or sorted by slot, the batch bucket sometimes above the smallest that fits."""
+
+    def __init__(self, rng: random.Random, static: StaticDecode, bs: int, limit: int):
+        self.rng, self.static, self.bs, self.limit = rng, static, bs, limit
+        self.rows: list[Sequence] = []
+        self.finish_rate: dict[int, float] = {}
+        self.next_block, self.steps = 1, 0
+
+    def blocks(self, n: int) -> list[int]:
+        self.next_block += n
+        return list(range(self.next_block - n, self.next_block))
+
+    def join(self) -> Sequence:
+        rng, bs = self.rng, self.bs
+        seq = Sequence([rng.randrange(1000) for _ in range(rng.randint(1, 30))], SamplingParams(), on_event=None)
+        seq.output_ids = [rng.randrange(1000) for _ in range(rng.randint(0, 10))]
+        seq.adapter_slot = rng.randrange(4)
+        self.finish_rate[seq.seq_id] = rng.choice((0.3, 0.1, 0.01))  # per step: short and long lives
+        npb = rng.choice((0, 0, 1, 2))
+        seq.kv_prefix_blocks = self.blocks(npb)
+        seq.kv_prefix_len = rng.randint((npb - 1) * bs + 1, npb * bs) if npb else 0
+        seq.num_computed = seq.num_tokens - 1  # decodes its last token next
+        seq.kv_blocks = self.blocks(blocks_for(seq.num_computed + 1, self.bs))
+        return seq
+
+
+    def on(self, seq: Sequence, tokens: int = 1) -> None:
+        for _ in range(tokens):
+            seq.output_ids.append(self.rng.randrange(1000))
+            seq.num_computed += 1
+        if len(seq.kv_blocks) * self.bs <= seq.num_computed:
+            seq.kv_blocks += self.blocks(1)  # grown in place, as the scheduler does
+
+    def step(self) -> None:
+        rng, cap = self.rng, self.static.batch_buckets[-1]
+        self.rows = [seq for seq in self.rows  # finished: by chance, or at the length limit
+                     if rng.random() > self.finish_rate[seq.seq_id] and seq.kv_prefix_len + seq.num_tokens < self.limit - 2]
+        for seq in self.rows:
+            roll = rng.random()
+            self.on(seq, 2 if roll < 0.03 else 1)
+            if 0.03 <= roll < 0.06:  # preempted and resumed: one token on, in another block list
+                seq.kv_blocks = self.blocks(len(seq.kv_blocks))
+        self.steps += 1
+        joining = (0,) if self.steps // 40 % 2 else (0, 0, 1, 3)  # quiet spells: only growth and finishes
+        self.rows += [self.join() for _ in range(rng.choice(joining))][:cap - len(self.rows)]
+        if not self.rows:
+            self.rows.append(self.join())
+        if rng.random() < 0.2:
+            rng.shuffle(self.rows)
+        plan = [(seq, 1) for seq in sorted(self.rows, key=lambda s: s.adapter_slot)]
+        b = bucket_for(len(plan), self.static.batch_buckets)
+        if rng.random() < 0.2:  # a larger batch bucket than needed: more padding rows
+            b = rng.choice([x for x in self.static.batch_buckets if x >= b])
+        widest = max(self.static.width(seq) for seq, _ in plan)
+        self.static.fill(plan, (b, bucket_for(widest, self.static.block_buckets)))
+
+
+def _bare_static(block_size: int, max_model_len: int, max_batch: int = 12) -> StaticDecode:
+    """The fixed buffers and their fill alone: no model, cache or adapters behind them."""
+    return StaticDecode(types.SimpleNamespace(device=torch.device("cpu")), types.SimpleNamespace(block_size=block_size),
+                        types.SimpleNamespace(gather_generation=0), max_batch=max_batch, max_model_len=max_model_len,
+                        mode=DecodeMode.STATIC)
+
+
+def test_a_table_grown_in_place_moves_whole(monkeypatch):
+    """A row whose table grows in place past every width written fresh so far, then moves up
+    when the row before it finishes: its new entry moves with it (random batches rarely do this
+    before a fresh row widens the tables anyway)."""
+    static = _bare_static(block_size=4, max_model_len=64)
+    seen = check_every_fill(monkeypatch, static)
+    x = Sequence([5], SamplingParams(), on_event=None, kv_blocks=[1])
+    a = Sequence(list(range(8)), SamplingParams(), on_event=None, kv_blocks=[2, 3], num_computed=7)
+    static.fill([(x, 1), (a, 1)], (2, 2))  # fresh: a's table is 2 entries wide
+    x.output_ids.append(6)
+    a.output_ids.append(9)
+    x.num_computed, a.num_computed = 1, 8
+    a.kv_blocks.append(4)  # a's new token opens its third block
+    static.fill([(x, 1), (a, 1)], (2, 4))
+    a.output_ids.append(10)
+    a.num_computed = 9
+    static.fill([(a, 1)], (1, 4))  # x finished: a moves up, with 3 entries
+    assert seen["advanced"] == 3 and seen["moved"] == 1 and seen["opened"] == 1, seen
+    assert not [k for k in seen if k.startswith("mismatch")], seen
+    assert static._np[6][0, :3].tolist() == [2, 3, 4] and static._np[7][0, :4].tolist() == [4, 4, 2, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fills_over_random_batches_equal_fresh_fills(seed, monkeypatch):
+    """The persistent mirror's bookkeeping alone, over 300 random steps: every fill equals the
+    same plan written fresh, and the entries past each row's width stay null."""
+    bs, limit = 4, 96
+    static = _bare_static(bs, limit)
+    seen = check_every_fill(monkeypatch, static)
+    batches = _Batches(random.Random(seed), static, bs, limit)
+    for _ in range(300):
+        batches.step()
+    assert not [k for k in seen if k.startswith("mismatch")], seen
+    assert seen["fills"] == 300 and seen["advanced"] > seen["rows"] // 2 and seen["moved"] > 50 and seen["opened"] > 50, seen
+
+
+# (adapter, prompt index, new tokens) arriving in waves, `steps` decode steps apart. Prompts of
+# 1-47 tokens in 8-token blocks: the first wave's two long rows (6-7 table entries) finish first,
+# and the next waves' short rows take their places while the widest table is 1-2 entries, then
+# grow by a block in place; rows finish at different steps throughout (the kept rows move up).
+WAVES = (((None, 5, 3), ("r4-qv", 4, 3), (None, 1, 12), ("r8-mlp", 0, 12)),
+         (("r2-all", 0, 10), (None, 1, 9), ("layer1", 0, 4)),
+         (("r4-qv", 2, 6), (None, 3, 11), ("r8-mlp", 1, 5)))
+
+
+def test_the_persistent_mirror_equals_a_fresh_fill_every_step(tmp_path, lora_dirs, reference, monkeypatch):  # noqa: F811
+    """Continuous batching around the fixed buffers: requests arrive while others decode, finish
+    at different steps, cross block boundaries. Each fill's buffers equal the same plan written
+    fresh, and every row's tokens are still PEFT's."""
+    serving = _serving(tmp_path, lora_dirs, "static")
+    engine = serving.engine
+    seen = check_every_fill(monkeypatch, engine.runner.static)
+    prompts, jobs = _prompts(), []
+    for wave in WAVES:
+        for name, i, n in wave:
+            seq = Sequence(prompts[i], SamplingParams(max_new_tokens=n, ignore_eos=True), on_event=lambda ev: None,
+                           adapter=serving.registry.resolve(name) if name else None)
+            jobs.append((name, i, seq))
+            engine.add(seq)
+        for _ in range(6):
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    for name, i, seq in jobs:
+        assert seq.output_ids == reference[name, i][:seq.params.max_new_tokens], (name, i)
+    assert not [k for k in seen if k.startswith("mismatch")], seen
+    assert seen["fills"] >= NEW and seen["advanced"] > seen["rows"] // 2  # most rows advanced in place
+    assert seen["moved"] > 0 and seen["opened"] > 0, seen  # rows moved up; tables grew in place
 
 
 def test_fixed_shape_steps_give_the_dynamic_steps_tokens(tmp_path, lora_dirs, reference):  # noqa: F811

@@ -27,6 +27,7 @@ import enum
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .adapter_runtime import AdapterRuntime
@@ -93,7 +94,9 @@ class StaticDecode:
          self.table,  # [Bmax, NBmax] pool blocks: prefix, then own
          self.counts) = _views(self._flat, n, w)  # [Bmax, NBmax] keys in each entry
         self._h = _views(self._host, n, w)  # the same views of the host mirror
-        self._host_cols = _columns(self._host, n)  # [6, Bmax]: the mirror's six columns at once
+        self._np = [v.numpy() for v in self._h]  # numpy views of the same memory: `_advance`'s array ops
+        self._rows: _Rows | None = None  # what the mirror holds, when it can be advanced in place
+        self._table_dirty = 0  # table entries [0, this) may hold a non-null entry in some row
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0  # start-up capture, then every recapture added
         self.recaptures = 0
@@ -120,26 +123,94 @@ class StaticDecode:
 
     # -- one step -----------------------------------------------------------------------
     def fill(self, plan: list[tuple[Sequence, int]], bucket: tuple[int, int]) -> None:
-        """Copy the rows of a plan into the buffers' first B rows and NB table entries. Host work
-        that a replayed step waits for, so per row it is list appends only: one tensor for the
-        five columns, one table (kv_layout.build_block_table)."""
-        (b, nb), bs = bucket, self.cache.block_size
-        cols: list[int] = []  # [B, 5] row-major: id, position, write block, write offset, adapter slot
+        """Copy the rows of a plan into the buffers' first B rows and NB table entries: host work
+        a replayed step waits for, so it is kept small per row. The host mirror persists between
+        steps: a row that was in the last fill, one token further on (decoding's steady state),
+        is moved to its new place and advanced with array ops over all such rows (`_advance`);
+        only rows new to the mirror (admitted, resumed, or after a dynamic step) are written
+        from their sequence (`_write_fresh`), then the rows up to B are padding."""
+        prev, self._rows = self._rows, None  # a fill that raises leaves no state to advance from
+        self._wait_upload()
+        (b, nb), r = bucket, len(plan)
+        seqs = [seq for seq, _ in plan]
+        own = [seq.num_computed for seq in seqs]  # own position of each row's new token
+        src = prev.sources(seqs, own) if prev is not None else [-1] * r  # its row in the last fill, -1 = none
+        kept = [i for i in range(r) if src[i] >= 0]
+        if kept:
+            self._advance(kept, [src[i] for i in kept], seqs, own)
+        if len(kept) < r:
+            self._write_fresh([i for i in range(r) if src[i] < 0], plan, nb)
+        self._write_padding(r, b)
+        self._rows = _Rows(seqs, own)
+        self._upload()
+
+    def _advance(self, rows: list[int], src: list[int], seqs: list[Sequence], own: list[int]) -> None:
+        """Rows `src` of the last fill become rows `rows` (a gather, skipped when none moved), each
+        one token on: position +1, write offset +1, the token sampled last step; a row whose new
+        token opens a block writes there and its table gains that entry, with one key; every other
+        row's last entry gains a key. A Python loop only over the rows opening a block (1 in
+        block_size per step). Tested against writing every row fresh (test_static_decode)."""
+        bs, w = self.cache.block_size, self._table_dirty
+        ids, pos, wblock, woff, slots, widths, table, counts = self._np
+        at = np.asarray(rows)  # [k] rows of this fill
+        if rows != src:  # rows finished or joined since: move the kept ones (numpy copies the source first)
+            frm = np.asarray(src)
+            for col in (pos, wblock, slots, widths):
+                col[at] = col[frm]
+            table[at, :w] = table[frm, :w]
+            counts[at, :w] = counts[frm, :w]
+        ids[at] = [seqs[i].token_at(own[i]) for i in rows]
+        pos[at] += 1
+        offsets = np.asarray([own[i] for i in rows], dtype=np.int64) % bs  # [k]
+        woff[at] = offsets
+        for k in np.flatnonzero(offsets == 0).tolist():  # the new token is the first of a fresh block
+            i = rows[k]
+            block = seqs[i].kv_blocks[own[i] // bs]
+            wblock[i] = block
+            table[i, widths[i]] = block
+            counts[i, widths[i]] = 0  # gains its key below, with every other row's last entry
+            widths[i] += 1
+        counts[at, widths[at] - 1] += 1
+        self._table_dirty = max(w, int(widths[at].max()))
+
+    def _write_fresh(self, rows: list[int], plan: list[tuple[Sequence, int]], nb: int) -> None:
+        """Rows `rows` of the plan written from their sequences: per row, list appends only (one
+        array for the five columns, one table: kv_layout.build_block_table); entries past NB that
+        an earlier, wider fill left are cleared, so every entry past a row's width is the null
+        block with no keys (what `_advance` relies on when a row's table grows)."""
+        bs = self.cache.block_size
+        ids, pos, wblock, woff, slots, widths, table, counts = self._np
+        cols: list[int] = []  # [k, 5] row-major: id, position, write block, write offset, adapter slot
         kv_rows = []
-        for seq, _ in plan:
+        for i in rows:
+            seq = plan[i][0]
             own = seq.num_computed  # own position of the new token
             cols += (seq.token_at(own), seq.kv_prefix_len + own, seq.kv_blocks[own // bs], own % bs, seq.adapter_slot)
             kv_rows.append(RowKV(seq.kv_blocks, own, 1, seq.kv_prefix_blocks, seq.kv_prefix_len))
-        # padding rows: token 0 at position 0, written to the null block's offset 0, adapter slot 0
-        cols += (0, 0, NULL_BLOCK, 0, 0) * (b - len(plan))
-        table = build_block_table(kv_rows, b, nb, bs)
-        self._wait_upload()
-        self._host_cols[:5, :b] = torch.tensor(cols, dtype=torch.long).view(b, 5).T
-        host = self._h
-        host[5][:b] = table.widths
-        host[6][:b, :nb] = table.blocks
-        host[7][:b, :nb] = table.counts
-        self._upload()
+        at = np.asarray(rows)
+        for col, values in zip((ids, pos, wblock, woff, slots), np.asarray(cols, dtype=np.int64).reshape(-1, 5).T):
+            col[at] = values
+        fresh = build_block_table(kv_rows, len(rows), nb, bs)
+        widths[at] = fresh.widths.numpy()
+        table[at, :nb] = fresh.blocks.numpy()
+        counts[at, :nb] = fresh.counts.numpy()
+        if self._table_dirty > nb:  # NULL_BLOCK == 0: null entries, no keys
+            table[at, nb:self._table_dirty] = NULL_BLOCK
+            counts[at, nb:self._table_dirty] = 0
+        self._table_dirty = max(self._table_dirty, nb)
+
+    def _write_padding(self, r: int, b: int) -> None:
+        """Rows r..b-1: token 0 at position 0, written to the null block's offset 0, adapter slot
+        0, one key (the null block's position 0), so their softmax stays finite."""
+        if r == b:
+            return
+        ids, pos, wblock, woff, slots, widths, table, counts = self._np
+        for col in (ids, pos, wblock, woff, slots):
+            col[r:b] = 0  # NULL_BLOCK == 0
+        widths[r:b] = 1
+        table[r:b, :self._table_dirty] = NULL_BLOCK
+        counts[r:b, :self._table_dirty] = 0
+        counts[r:b, 0] = 1
 
     def _wait_upload(self) -> None:
         """The previous step's copy may still read the pinned mirror: let it finish first."""
@@ -240,11 +311,32 @@ class StaticDecode:
 
     def _fill_padding(self) -> None:
         """Every row a padding row: token 0 at position 0 into the null block, one visible key."""
+        self._rows, self._table_dirty = None, 1
         self._wait_upload()
         self._host.zero_()  # NULL_BLOCK == 0: tables and write blocks point at the null block
         self._h[5].fill_(1)  # widths: one entry
         self._h[7][:, 0] = 1  # counts: its first position
         self._upload()
+
+
+class _Rows:
+    """The rows a fill left in the host mirror: which sequences, holding which block lists (a
+    preempted sequence gets a new list), at which own positions."""
+
+    __slots__ = ("seqs", "index", "blocks", "own")
+
+    def __init__(self, seqs: list[Sequence], own: list[int]):
+        self.seqs = seqs  # held, so no other object takes one of their ids while `index` is kept
+        self.index = {id(seq): i for i, seq in enumerate(seqs)}
+        self.blocks = [seq.kv_blocks for seq in seqs]
+        self.own = own
+
+    def sources(self, seqs: list[Sequence], own: list[int]) -> list[int]:
+        """Each row's row in this fill if it can be advanced from there (same sequence, same
+        block list, exactly one token on), else -1."""
+        src = [self.index.get(id(seq), -1) for seq in seqs]
+        return [j if j >= 0 and seq.kv_blocks is self.blocks[j] and p == self.own[j] + 1 else -1
+                for seq, p, j in zip(seqs, own, src)]
 
 
 def _views(flat: torch.Tensor, n: int, w: int) -> tuple[torch.Tensor, ...]:
