@@ -181,6 +181,29 @@ def test_blocks_are_zeroed_when_handed_out_and_the_lowest_go_first():
     assert cache.alloc(1) == [2]
 
 
+def test_grown_blocks_are_zeroed_together_before_use_and_never_after_another_owner_wrote():
+    """`grow` defers the zeroing to `zero_grown` (one fill per tensor per step); a grown block
+    freed before that is not zeroed later under its next owner (`alloc` zeroes it at once)."""
+    cache = KVCache(2, 9, BS, 1, 2, torch.float32, torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
+    a, b = [], []
+    assert cache.grow(a, 2 * BS) and cache.grow(b, BS + 1) and a == [1, 2] and b == [3, 4]
+    assert all(torch.isnan(t[1:5]).all() for t in cache.k)  # not yet: the runner zeroes before its forward
+    cache.free(b)
+    again = cache.alloc(1)  # b's first block, zeroed now, then written by its new owner
+    assert again == [3]
+    for t in cache.k + cache.v:
+        t[3].fill_(7.0)
+    cache.zero_grown()
+    assert all(torch.equal(t[1:3], torch.zeros_like(t[1:3])) for t in cache.k + cache.v)
+    assert all((t[3] == 7.0).all() for t in cache.k + cache.v)  # the new owner's K/V survive
+    assert all(torch.isnan(t[4]).all() for t in cache.k)  # free, never handed out again: untouched
+    assert cache.grow(a, 2 * BS + 1) and a == [1, 2, 4]
+    k, _ = cache.read(0, a, 2 * BS + 1)  # a reader never sees a grown block unzeroed
+    assert torch.equal(k, torch.zeros_like(k))
+
+
 def test_pool_size_follows_the_budget_and_refuses_one_that_cannot_hold_a_request():
     per_token = 1000
     # default: room for every sequence at full length, capped by the default budget

@@ -251,6 +251,20 @@ def test_fixed_shape_steps_give_the_dynamic_steps_tokens(tmp_path, lora_dirs, re
             assert out == reference[name, i][:params.max_new_tokens], (name, i)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_pool_full_of_nan_still_gives_the_oracles_tokens(tmp_path, lora_dirs, reference, mode):  # noqa: F811
+    """Every block a step reads was zeroed first, whoever held it before: with NaN in every block
+    of the pool but the null block, both step kinds give PEFT's tokens (8-token blocks: rows grow
+    by several blocks, each zeroed with the step's others before the forward)."""
+    serving = _serving(tmp_path, lora_dirs, mode)
+    cache = serving.engine.cache
+    for t in cache.k + cache.v:
+        t[1:] = float("nan")
+    jobs = [(name, i, SamplingParams(max_new_tokens=NEW, ignore_eos=True)) for i in (0, 4, 5) for name in SMALL[:2] + [None]]
+    for (name, i, _), out in zip(jobs, _run(serving, jobs)):
+        assert out == reference[name, i], (name, i)
+
+
 def test_slots_reused_by_other_adapters_rewrite_their_stacks(tmp_path, lora_dirs, reference):  # noqa: F811
     """2 slots for 4 adapters: adapters wait, evict and install into slots another adapter used;
     the stacks (what a graph reads) must hold the new owner, with no stale rank columns."""

@@ -15,9 +15,12 @@ A sequence's cache is two lists of blocks:
 Memory therefore grows with the tokens in flight, not with `max_batch_size x max_model_len`:
 the scheduler hands out blocks as chunks are scheduled, admission waits when the pool is full,
 and a running sequence that cannot get its next block preempts the newest running one (which
-recomputes later). Blocks are zeroed when handed out, so positions a sequence has not written
-read as zeros (finite) whatever their previous owner left there; attention never gives them
-weight (attention.py masks by valid length), and finite values keep 0 x value at 0.
+recomputes later). Blocks are zeroed before anything reads them, so positions a sequence has not
+written read as zeros (finite) whatever their previous owner left there; attention never gives
+them weight (attention.py masks by valid length), and finite values keep 0 x value at 0. Blocks
+handed out by `alloc` are zeroed at once; blocks the scheduler grows sequences by are zeroed
+together before the step's forward (`zero_grown`: one fill per K/V tensor for the whole step,
+where zeroing each row's new block alone costs 2 x layers launches per row on a GPU).
 
 Why this layout and not gathered blocks: on CPU, gathering a batch's blocks into a contiguous
 tensor each step costs 5-10x the decode attention itself (docs/design.md); attention.py instead
@@ -107,6 +110,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self._grown: list[int] = []  # handed out by `grow`, not zeroed yet (none of them free)
 
     @property
     def nbytes(self) -> int:
@@ -124,30 +128,46 @@ class KVCache:
         """Every block free again (the engine supervisor's reset; stale contents are re-zeroed
         when handed out)."""
         self.pool = BlockPool(self.pool.num_blocks)
+        self._grown = []
 
     # -- blocks -------------------------------------------------------------------------------
     def alloc(self, n: int) -> list[int]:
         """n zeroed blocks, or KVCacheFull (nothing taken)."""
         blocks = self.pool.alloc(n)
+        self._zero(blocks)
+        return blocks
+
+    def _zero(self, blocks: list[int]) -> None:
         if blocks:
             idx = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
             for t in self.k + self.v:
                 t.index_fill_(0, idx, 0)
-        return blocks
 
     def free(self, blocks: list[int]) -> None:
+        if self._grown:  # a block freed before its zeroing is zeroed when handed out again
+            gone = set(blocks)
+            self._grown = [b for b in self._grown if b not in gone]
         self.pool.free(blocks)
 
     def grow(self, blocks: list[int], tokens: int) -> bool:
         """Extend a block list in place so it holds `tokens` positions; False (unchanged) when
-        the pool has too few free blocks."""
+        the pool has too few free blocks. The new blocks are zeroed by `zero_grown`, which the
+        runner calls before every forward."""
         need = blocks_for(tokens, self.block_size) - len(blocks)
         if need <= 0:
             return True
         if need > self.pool.num_free:
             return False
-        blocks.extend(self.alloc(need))
+        new = self.pool.alloc(need)
+        self._grown += new
+        blocks.extend(new)
         return True
+
+    def zero_grown(self) -> None:
+        """Zero every block `grow` handed out since the last call, all at once."""
+        if self._grown:
+            grown, self._grown = self._grown, []
+            self._zero(grown)
 
     def tokens_fit(self, blocks: list[int], have: int) -> int:
         """How many more positions a block list holding `have` can take without preemption."""
@@ -166,6 +186,7 @@ class KVCache:
     def read(self, layer: int, blocks: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `tokens` positions of a block list, as dense `[kv_heads, tokens, head_dim]`
         copies (tests, prefix export); the serving path never gathers like this per step."""
+        self.zero_grown()
         idx = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
 
         def dense(pool: torch.Tensor) -> torch.Tensor:

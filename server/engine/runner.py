@@ -56,6 +56,7 @@ class ModelRunner:
         The caller (the adapter runtime's prefix cache) owns the blocks from then on."""
         n = embeds.shape[0]
         dev = self.model.device
+        self.cache.zero_grown()  # before any forward, as in `execute`
         blocks = self.cache.alloc(blocks_for(n, self.cache.block_size))
         try:
             step, positions = build_kv_step([RowKV(blocks, 0, n, [], 0)], AdapterBatch.build([0], [n], dev),
@@ -80,6 +81,7 @@ class ModelRunner:
         A decode-only step the fixed buffers fit runs there (replayed from a graph on CUDA); if
         that raises, the step runs again dynamically (its K/V writes are the same, idempotent),
         so a fault of the fixed path never fails a request the dynamic one would serve."""
+        self.cache.zero_grown()  # the blocks the scheduler grew rows by: before anything reads them
         if self.static is not None and (bucket := self.static.bucket(plan)) is not None:
             try:
                 logits = self.static.run(plan, bucket)
