@@ -45,6 +45,7 @@ from peftserve.server.engine.request import SamplingParams, Sequence
 PHASES = {  # label -> (owner, attribute) timed around every call
     "schedule": (scheduler_mod.Scheduler, "schedule"),
     "execute": (runner_mod.ModelRunner, "execute"),  # fill + forward + the fixed path's checks
+    "bucket": (static_mod.StaticDecode, "bucket"),  # does the plan fit the fixed buffers, which bucket
     "fill": (static_mod.StaticDecode, "fill"),
     "forward": (static_mod.StaticDecode, "forward"),
     "sample_and_emit": (engine_mod.LLMEngine, "_sample_and_emit"),
@@ -112,7 +113,8 @@ def main():
             results.append(best)
             m = best["ms_per_step"]
             print(f"batch {batch:4d} context {ctx:5d}: host {m['host']:7.3f} ms/step ({best['host_us_per_row']:6.2f} us/row)"
-                  f" = schedule {m['schedule']:.3f} + fill {m['fill']:.3f} + emit {m['emit']:.3f} + rest"
+                  f" = schedule {m['schedule']:.3f} + bucket {m['bucket']:.3f} + fill {m['fill']:.3f}"
+                  f" + emit {m['emit']:.3f} + rest"
                   f" | other {m['other']:.3f} | device-side, here on CPU: forward {m['forward']:.3f}"
                   f" sample {m['sample']:.3f} nonfinite {m['nonfinite']:.3f}", flush=True)
     if args.out:

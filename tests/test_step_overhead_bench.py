@@ -19,6 +19,6 @@ def test_step_overhead_benchmark_runs_at_smoke_size(tmp_path):
     (case,) = json.loads(out.read_text())["results"]
     ms = case["ms_per_step"]
     assert case["batch"] == 4 and case["steps"] >= 3  # the decode steps after the prefill
-    for phase in ("schedule", "fill", "forward", "sample", "nonfinite", "emit", "execute", "sample_and_emit"):
+    for phase in ("schedule", "bucket", "fill", "forward", "sample", "nonfinite", "emit", "execute", "sample_and_emit"):
         assert ms[phase] > 0, phase  # every wrapped phase was reached
     assert ms["step"] >= ms["host"] > 0
