@@ -81,6 +81,10 @@ def check_every_fill(monkeypatch, static) -> collections.Counter:
         past = torch.arange(table.shape[1])[None, :] >= widths[:, None]  # [b, NBmax]: past each row's width
         if table[past].any() or counts[past].any():  # must be null entries with no keys, as far as the buffer goes
             seen["mismatch past the widths"] += 1
+        pad = slice(len(plan), b)  # padding rows: token 0 at position 0 into the null block, one key there
+        if (any(col[pad].any() for col in got[:5]) or (widths[pad] != 1).any()
+                or (counts[pad, 0] != 1).any() or counts[pad, 1:].any()):
+            seen["mismatch padding"] += 1
         rows, dirty = static._rows, static._table_dirty
         static._rows = None
         fill(plan, bucket)
