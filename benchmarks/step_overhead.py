@@ -13,7 +13,8 @@ The model here is a 1-layer, 64-wide Llama over the default tokenizer's vocabula
 per-token work is real: 49k-wide logits, real detokenization), the engine in
 `decode_mode="static"` (the step a GPU replays, run eagerly), one torch thread. Per decode step
 (ms): `host` = schedule + the runner's and the sampler's Python around the device work (fill,
-bucket checks, emit: detokenize, stop checks, events); the forward and the logits reductions
+bucket checks, emit: detokenize, stop checks, events; with `--metrics`, the server's Prometheus
+observer: its per-token part in emit, the step's publishing in `publish`); the forward and the logits reductions
 (`sample`, `nonfinite`) are timed apart, as on a GPU they are the device's; `other` = the step
 loop and freeing the step's tensors. Compare commits by running this script in each (same
 machine, alternating); the figures are this machine's, not a GPU host's.
@@ -41,6 +42,7 @@ from peftserve.server.engine import scheduler as scheduler_mod
 from peftserve.server.engine import static_decode as static_mod
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.request import SamplingParams, Sequence
+from peftserve.server.metrics import Metrics
 
 PHASES = {  # label -> (owner, attribute) timed around every call
     "schedule": (scheduler_mod.Scheduler, "schedule"),
@@ -52,15 +54,17 @@ PHASES = {  # label -> (owner, attribute) timed around every call
     "sample": (engine_mod, "sample_step"),  # with the step's one device->host copy
     "nonfinite": (engine_mod, "screen_rows"),
     "emit": (engine_mod.LLMEngine, "_append_token"),
+    "publish": (Metrics, "on_step"),  # with --metrics: the step's metrics, published at its end
 }
 
 
-def run(tok, batch: int, ctx: int, new: int, block_size: int, totals: collections.Counter, store: Path) -> dict:
+def run(tok, batch: int, ctx: int, new: int, block_size: int, totals: collections.Counter, store: Path,
+        metrics: bool) -> dict:
     torch.manual_seed(0)
     model = tiny_random_llama(len(tok), num_hidden_layers=1, max_position_embeddings=ctx + new + 8)
     config = EngineConfig(max_batch_size=batch, max_model_len=ctx + new + 8, max_num_batched_tokens=batch * ctx,
                           decode_mode="static", kv_block_size=block_size)
-    serving = build_engine(model, tok, config, store=store)
+    serving = build_engine(model, tok, config, store=store, observer=Metrics() if metrics else None)
     engine = serving.engine
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(300, len(tok) - 300, (ctx,), generator=g).tolist() for _ in range(batch)]
@@ -81,10 +85,11 @@ def run(tok, batch: int, ctx: int, new: int, block_size: int, totals: collection
     ms["step"] = 1e3 * wall / steps
     device = ms["forward"] + ms["sample"] + ms["nonfinite"]  # what runs on the device on a GPU
     # the engine's own Python around them: what a replayed step still waits for
-    ms["host"] = ms["schedule"] + ms["execute"] + ms["sample_and_emit"] - device
+    ms.setdefault("publish", 0.0)
+    ms["host"] = ms["schedule"] + ms["execute"] + ms["sample_and_emit"] + ms["publish"] - device
     # the step loop itself and freeing the step's tensors (on CPU: unmapping the logits, ~5 ms
     # for 256 x 49k float32 on this VM; a GPU's caching allocator keeps them)
-    ms["other"] = ms["step"] - ms["schedule"] - ms["execute"] - ms["sample_and_emit"]
+    ms["other"] = ms["step"] - ms["schedule"] - ms["execute"] - ms["sample_and_emit"] - ms["publish"]
     ms = {k: round(v, 3) for k, v in ms.items()}
     return {"batch": batch, "context": ctx, "steps": steps, "ms_per_step": ms,
             "host_us_per_row": round(1e3 * ms["host"] / batch, 2)}
@@ -97,6 +102,8 @@ def main():
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=64, help="KV block size (the engine's default)")
     ap.add_argument("--repeats", type=int, default=2, help="best of N per case")
+    ap.add_argument("--metrics", action="store_true",
+                    help="attach the server's Prometheus observer (as `serve` does); its per-token part counts in emit")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -107,18 +114,19 @@ def main():
     for ctx in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             with tempfile.TemporaryDirectory() as store:
-                runs = [run(tok, batch, ctx, args.new, args.block_size, totals, Path(store) / str(i))
+                runs = [run(tok, batch, ctx, args.new, args.block_size, totals, Path(store) / str(i), args.metrics)
                         for i in range(args.repeats)]
             best = min(runs, key=lambda r: r["ms_per_step"]["host"])
             results.append(best)
             m = best["ms_per_step"]
             print(f"batch {batch:4d} context {ctx:5d}: host {m['host']:7.3f} ms/step ({best['host_us_per_row']:6.2f} us/row)"
                   f" = schedule {m['schedule']:.3f} + bucket {m['bucket']:.3f} + fill {m['fill']:.3f}"
-                  f" + emit {m['emit']:.3f} + rest"
+                  f" + emit {m['emit']:.3f} + publish {m['publish']:.3f} + rest"
                   f" | other {m['other']:.3f} | device-side, here on CPU: forward {m['forward']:.3f}"
                   f" sample {m['sample']:.3f} nonfinite {m['nonfinite']:.3f}", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"torch": torch.__version__, "threads": 1, "results": results}, indent=1))
+        args.out.write_text(json.dumps({"torch": torch.__version__, "threads": 1, "metrics": args.metrics,
+                                        "results": results}, indent=1))
 
 
 if __name__ == "__main__":

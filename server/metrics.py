@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per app (never the global default), fed by the engine.
 
 `Metrics` is both the engine's `EngineObserver` (engine/observer.py: per-token / per-request /
-per-step / adapter-slot callbacks on the engine thread; prometheus_client is thread-safe) and the
+per-step / adapter-slot callbacks on the engine thread; prometheus_client is thread-safe; a step's
+token counts and inter-token gaps are published together at its end, metrics_batch.py) and the
 owner of the HTTP-level counters (fed by `api/http_metrics.py`'s middleware). Gauges that describe the
 current state (queue depth, KV usage, health) are computed at scrape time from the engine's
 published snapshot (`AsyncEngine.snapshot`), never from the engine thread's own structures. Names
@@ -20,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics_adapters import AdapterMetrics
+from .metrics_batch import BatchedHistogram
 from .metrics_vllm import VllmMetrics
 from .engine.request import AdapterHandle
 
@@ -146,8 +148,8 @@ class Metrics:
         self.adapter_label = _LabelLimiter(max_adapter_labels)
         self.ttft = Histogram("peftserve_time_to_first_token_seconds", "Time to first token (from arrival).",
                               ["adapter"], buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("peftserve_inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             buckets=ITL_BUCKETS, registry=r)
+        self.itl = BatchedHistogram("peftserve_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                                    buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("peftserve_e2e_request_latency_seconds", "End-to-end latency of finished requests.",
                              ["adapter"], buckets=REQUEST_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("peftserve_request_queue_time_seconds", "Time from arrival to first scheduling.",
@@ -183,6 +185,10 @@ class Metrics:
         self.adapters = AdapterMetrics(r)
         # vLLM's names for the same data (metrics_vllm.py); None when --no-vllm-metric-names
         self.vllm = VllmMetrics(r, TTFT_BUCKETS, ITL_BUCKETS, REQUEST_LATENCY_BUCKETS) if vllm_names else None
+        # a step's tokens, published together by `on_step` (engine thread only): per-token
+        # prometheus_client calls cost ~15 us a token (metrics_batch.py)
+        self._step_tokens = 0
+        self._step_gaps: list[float] = []  # inter-token gaps, seconds
 
     def bind(self, state) -> None:
         """Attach the ServerState whose engine the scrape-time gauges describe."""
@@ -210,19 +216,33 @@ class Metrics:
 
     # -- EngineObserver (engine thread) ------------------------------------------------------
     def on_step(self, batch_size: int, num_tokens: int, seconds: float) -> None:
+        """The step's end: its per-step series, and the tokens `on_token` gathered during it."""
         self.batch_size.observe(batch_size)
         self.iteration_tokens.observe(num_tokens)
         self.step_time.observe(seconds)
+        self._publish_tokens()
 
     def on_token(self, seq, now: float) -> None:
-        self.generation_tokens.inc()
+        """Per token, only a count and the gap are kept; `on_step` publishes them at the step's end
+        (so a scrape sees whole steps). A first token (rare: once a request) is published at once."""
+        self._step_tokens += 1
         if len(seq.output_ids) == 1:  # the first token: prefill is complete
             self.ttft.labels(adapter=self.label_for(seq.adapter)).observe(max(0.0, now - seq.arrival))
             self.prompt_tokens.inc(len(seq.prompt_ids))
+            if self.vllm is not None:
+                self.vllm.on_first_token(seq, now)
         elif seq.last_token_at is not None:
-            self.itl.observe(max(0.0, now - seq.last_token_at))
+            self._step_gaps.append(max(0.0, now - seq.last_token_at))
+
+    def _publish_tokens(self) -> None:
+        n, gaps = self._step_tokens, self._step_gaps
+        if not n:
+            return
+        self._step_tokens, self._step_gaps = 0, []
+        self.generation_tokens.inc(n)
+        self.itl.observe_many(gaps)
         if self.vllm is not None:
-            self.vllm.on_token(seq, now)
+            self.vllm.on_tokens(n, gaps)
 
     def on_finish(self, seq, now: float) -> None:
         reason = getattr(seq.finish_reason, "value", seq.finish_reason)

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .metrics_adapters import lora_info_labels
+from .metrics_batch import BatchedHistogram
 
 SUCCESS_REASONS = ("length", "stop", "eos")
 
@@ -32,10 +33,10 @@ class VllmMetrics:
         lbl = ["model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", lbl,
                               buckets=ttft_buckets, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency.", lbl, buckets=itl_buckets,
-                             registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token (older vLLM name).", lbl,
-                              buckets=itl_buckets, registry=r)
+        self.itl = BatchedHistogram("vllm:inter_token_latency_seconds", "Inter-token latency.", itl_buckets, lbl,
+                                    registry=r)
+        self.tpot = BatchedHistogram("vllm:time_per_output_token_seconds", "Time per output token (older vLLM name).",
+                                     itl_buckets, lbl, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", lbl,
                              buckets=latency_buckets, registry=r)
         self.queue = Histogram("vllm:request_queue_time_seconds", "Time waiting before first scheduling.", lbl,
@@ -57,16 +58,17 @@ class VllmMetrics:
             self.success.labels(model_name=model_name, finished_reason=_reason(reason))
 
     # engine thread (called by Metrics, the EngineObserver)
-    def on_token(self, seq, now: float) -> None:
+    def on_first_token(self, seq, now: float) -> None:
         m = self.model_name
-        self.generation_tokens.labels(model_name=m).inc()
-        if len(seq.output_ids) == 1:
-            self.ttft.labels(model_name=m).observe(max(0.0, now - seq.arrival))
-            self.prompt_tokens.labels(model_name=m).inc(len(seq.prompt_ids))
-        elif seq.last_token_at is not None:
-            gap = max(0.0, now - seq.last_token_at)
-            self.itl.labels(model_name=m).observe(gap)
-            self.tpot.labels(model_name=m).observe(gap)
+        self.ttft.labels(model_name=m).observe(max(0.0, now - seq.arrival))
+        self.prompt_tokens.labels(model_name=m).inc(len(seq.prompt_ids))
+
+    def on_tokens(self, n: int, gaps: list[float]) -> None:
+        """A step's `n` generated tokens and their inter-token gaps (the first tokens have none)."""
+        m = (self.model_name,)
+        self.generation_tokens.labels(*m).inc(n)
+        self.itl.observe_many(gaps, m)
+        self.tpot.observe_many(gaps, m)
 
     def on_finish(self, seq, reason: str, now: float) -> None:
         m = self.model_name

@@ -42,6 +42,9 @@ async def test_vllm_names_mirror_ours(adapter_server, lib):
     assert value(fams, "vllm:generation_tokens", **m) == value(fams, "peftserve_generation_tokens") == 8
     assert value(fams, "vllm:prompt_tokens", **m) == value(fams, "peftserve_prompt_tokens") == 10
     assert value(fams, "vllm:time_to_first_token_seconds", **m) == 4
+    # 8 tokens of 4 requests: 4 gaps between consecutive tokens, published by the steps that made them
+    assert value(fams, "vllm:inter_token_latency_seconds", **m) == value(fams, "peftserve_inter_token_latency_seconds") \
+        == value(fams, "vllm:time_per_output_token_seconds", **m) == 4
     assert value(fams, "vllm:e2e_request_latency_seconds", **m) == 4
     assert value(fams, "vllm:request_success", finished_reason="length", **m) == 4
     assert value(fams, "vllm:request_success", finished_reason="stop", **m) == 0
