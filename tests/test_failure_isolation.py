@@ -179,6 +179,30 @@ def test_stop_check_and_observer_errors_fail_only_their_row():
     check_poisoned(run(engine, PROMPTS + [POISON], params_mix() + [GREEDY]), ref, ErrorCode.GENERATION_FAILED)
 
 
+def test_an_observer_failing_at_the_end_of_every_step_fails_nobody():
+    """The step's end publishes metrics (on_step): if that raises, every request still finishes
+    with the reference tokens (nobody caused it, so nobody fails)."""
+    ref = reference(params_mix())
+    calls = []
+
+    class Observer:
+        def on_token(self, seq, now):
+            pass
+
+        def on_finish(self, seq, now):
+            pass
+
+        def on_step(self, *a):
+            calls.append(a)
+            raise RuntimeError("injected failure publishing the step's metrics")
+
+    engine = make_engine()
+    engine.observer = Observer()
+    seqs = run(engine, PROMPTS, params_mix())
+    assert [s.output_ids for s in seqs] == ref and len(calls) > 3
+    assert all(s.finish_reason is not FinishReason.ERROR for s in seqs)
+
+
 def test_adapter_prefix_write_failure_fails_only_its_row():
     ref = reference(params_mix())
 

@@ -223,7 +223,10 @@ class LLMEngine:
         samplers, logits = _drop_finished(samplers, logits)  # stopped by the text just emitted
         self._sample_and_emit(samplers, logits)
         if self.observer:
-            self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
+            try:
+                self.observer.on_step(len(plan), sum(n for _, n in plan), time.perf_counter() - t0)
+            except Exception:  # metrics are no request's fault: log, and the engine goes on
+                log.exception("engine observer failed at the end of a step")
         return sum(n for _, n in plan)
 
     def _on_preempted(self, seq: Sequence) -> None:
