@@ -155,7 +155,7 @@ class Sequence:
     def in_prefill(self) -> bool:
         """More than the last sampled token to compute: the prompt, or everything again after a
         preemption (the scheduler freed its blocks; output tokens are recomputed, not resampled)."""
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed > 1  # num_tokens, inlined: per row per step
+        return self.num_tokens - self.num_computed > 1
 
     @property
     def context_len(self) -> int:

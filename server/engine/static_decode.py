@@ -310,12 +310,12 @@ class StaticDecode:
         return self.forward(b, nb)
 
     def _fill_padding(self) -> None:
-        """Every row a padding row: token 0 at position 0 into the null block, one visible key."""
-        self._rows, self._table_dirty = None, 1
+        """Every row a padding row (`_write_padding`: token 0 at position 0 into the null block,
+        one visible key); nothing left to advance from."""
+        self._rows = None
         self._wait_upload()
-        self._host.zero_()  # NULL_BLOCK == 0: tables and write blocks point at the null block
-        self._h[5].fill_(1)  # widths: one entry
-        self._h[7][:, 0] = 1  # counts: its first position
+        self._write_padding(0, self.batch_buckets[-1])
+        self._table_dirty = 1  # past entry 0, every row's entries are null now
         self._upload()
 
 
@@ -323,29 +323,23 @@ class _Rows:
     """The rows a fill left in the host mirror: which sequences, holding which block lists (a
     preempted sequence gets a new list), at which own positions."""
 
-    __slots__ = ("seqs", "index", "blocks", "own")
+    __slots__ = ("index", "blocks", "own")
 
     def __init__(self, seqs: list[Sequence], own: list[int]):
-        self.seqs = seqs  # held, so no other object takes one of their ids while `index` is kept
-        self.index = {id(seq): i for i, seq in enumerate(seqs)}
+        self.index = {seq: i for i, seq in enumerate(seqs)}  # a Sequence hashes by identity (eq=False)
         self.blocks = [seq.kv_blocks for seq in seqs]
         self.own = own
 
     def sources(self, seqs: list[Sequence], own: list[int]) -> list[int]:
         """Each row's row in this fill if it can be advanced from there (same sequence, same
         block list, exactly one token on), else -1."""
-        src = [self.index.get(id(seq), -1) for seq in seqs]
+        src = [self.index.get(seq, -1) for seq in seqs]
         return [j if j >= 0 and seq.kv_blocks is self.blocks[j] and p == self.own[j] + 1 else -1
                 for seq, p, j in zip(seqs, own, src)]
 
 
 def _views(flat: torch.Tensor, n: int, w: int) -> tuple[torch.Tensor, ...]:
     """The step inputs' fixed views of one flat buffer: six [n] columns, then two [n, w] tables."""
-    cols = _columns(flat, n).unbind(0)
+    cols = flat[:6 * n].view(6, n).unbind(0)
     tables = flat[6 * n:].view(2, n, w).unbind(0)
     return (*cols, *tables)
-
-
-def _columns(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """The six [n] per-row columns at the head of the flat buffer, as one [6, n] view."""
-    return flat[:6 * n].view(6, n)

@@ -41,7 +41,7 @@ def _table_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, counts_ptr, widths_ptr,
         block = tl.load(table_ptr + row * stride_tb + j)
         keys = tl.load(counts_ptr + row * stride_cb + j)  # the entry's keys: positions [0, keys)
         # SUB positions at a time, and only up to the entry's keys: a [BS, D] tile per step
-        # held 255 registers a thread at BS = D = 64 (ptxas, sm_90), a [16, D] one ~96
+        # held 255 registers a thread at BS = D = 64 (ptxas, sm_90), a [16, D] one 64
         for s0 in range(0, keys, SUB):
             pos = s0 + t  # [SUB]
             base = block * stride_kb + kv_head * stride_kh + pos[:, None] * stride_kt + d[None, :]
