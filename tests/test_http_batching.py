@@ -86,6 +86,29 @@ def test_a_held_gate_delays_the_hand_over_until_release():
     asyncio.run(main())
 
 
+def test_an_event_of_a_held_step_never_rides_an_earlier_hand_over():
+    """The last step's hand-over is scheduled at its release but has not run yet when the next
+    step (gate held again) posts: that event waits for the next release, it does not join the
+    batch already on its way (it did: the consumer then saw its request end before the snapshot
+    that no longer counts it)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        gate = _Gate()
+        box = _Mailbox(loop, gate)
+        q = asyncio.Queue()
+        box.post(q, TokenEvent(0, ""))  # not held: a hand-over is scheduled, not yet run
+        gate.hold()
+        box.post(q, TokenEvent(1, ""))  # the next step's event
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [0]
+        gate.release()
+        await asyncio.sleep(0)
+        assert [q.get_nowait().token_id for _ in range(q.qsize())] == [1]
+
+    asyncio.run(main())
+
+
 def test_a_finished_request_is_never_counted_by_the_snapshot_it_can_read(tiny_model):
     """The consumer that receives a request's final event reads num_running / the KV usage
     after it: the step's events wait for its snapshot, so neither still counts that request

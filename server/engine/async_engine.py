@@ -282,9 +282,9 @@ class _Gate:
             self._held = True
 
     def defer(self, mailbox: "_Mailbox") -> bool:
-        """True when held: the mailbox's hand-over is scheduled at `release`."""
+        """True when held: the mailbox's held events go at `release` (`_Mailbox.flush_held`)."""
         with self._lock:
-            if self._held:
+            if self._held and mailbox not in self._deferred:
                 self._deferred.append(mailbox)
             return self._held
 
@@ -293,7 +293,7 @@ class _Gate:
             self._held, deferred, self._deferred = False, self._deferred, []
         for mailbox in deferred:
             try:
-                mailbox.schedule()
+                mailbox.flush_held()
             except RuntimeError:  # its loop closed: nobody reads those events any more
                 pass
 
@@ -302,22 +302,40 @@ class _Mailbox:
     """Events from the engine thread for one event loop, handed over in batches: the first event
     posted after a hand-over schedules the next one (at once, or when the gate opens); every
     event posted until it runs rides along. Per request, events keep their order (one FIFO list,
-    hand-overs run in order)."""
+    hand-overs run in order). An event posted while the gate is held waits apart (`_held`): a
+    batch scheduled at the last release may not have run yet, and it must not carry this
+    step's events out before this step's snapshot."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, gate: _Gate | None = None):
         self.loop = loop
         self.gate = gate
-        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []
-        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, TokenEvent]] = []  # for the next hand-over
+        self._held: list[tuple[asyncio.Queue, TokenEvent]] = []  # posted while the gate was held
+        self._lock = threading.Lock()  # taken before the gate's, never while holding it
 
     def post(self, events: asyncio.Queue, ev: TokenEvent) -> None:
         """Raises RuntimeError when the loop is closed (nobody will ever read the event)."""
         if self.loop.is_closed():
             raise RuntimeError("event loop is closed")
         with self._lock:
+            if self.gate is not None and self.gate.defer(self):
+                self._held.append((events, ev))
+                return
             first = not self._pending
             self._pending.append((events, ev))
-        if first and (self.gate is None or not self.gate.defer(self)):
+        if first:
+            self.schedule()
+
+    def flush_held(self) -> None:
+        """At the gate's release: the held events join the next hand-over (after anything
+        posted before them, which the snapshot already covered)."""
+        with self._lock:
+            if not self._held:
+                return
+            first = not self._pending
+            self._pending.extend(self._held)
+            self._held = []
+        if first:
             self.schedule()
 
     def schedule(self) -> None:
