@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peftserve.server.engine.detokenizer import IncrementalDetokenizer, plain_decoder
+from peftserve.server.engine.detokenizer import IncrementalDetokenizer, plain_decoder, token_pieces
 from peftserve.server.engine.request import SamplingParams
 from peftserve.server.engine.sampler import argmax_rows, filter_logits, sample, sample_step, screen_rows
 
@@ -292,12 +292,22 @@ def test_text_that_could_start_a_stop_string_is_held_back(smollm_tokenizer):
     ids = smollm_tokenizer(SENTENCE).input_ids
     detok = IncrementalDetokenizer(smollm_tokenizer, [], ("test of X",))
     emitted = ""
-    for tok in ids:
+    for n, tok in enumerate(ids, 1):
         assert not detok.add(tok)
         emitted += detok.take(final=False)
-        assert len(detok.text) - len(emitted) <= len("test of X") - 1
-        assert detok.text.startswith(emitted)
+        assert emitted + detok.pending == smollm_tokenizer.decode(ids[:n])
+        assert len(detok.pending) == min(len("test of X") - 1, len(emitted + detok.pending))
     assert emitted + detok.take(final=True) == SENTENCE  # never found: everything comes out at the end
+
+
+def test_a_stop_string_completed_before_min_tokens_is_not_matched_later(smollm_tokenizer):
+    """As vLLM: a stop string counts where it ends in text added while stops are checked (here
+    nothing is taken in between, so the old text is all still pending)."""
+    ids = smollm_tokenizer(SENTENCE).input_ids
+    detok = IncrementalDetokenizer(smollm_tokenizer, [], ("world",))
+    for n, tok in enumerate(ids):
+        assert not detok.add(tok, check_stop=n >= 2)  # "world" ends the text when checks begin
+    assert detok.take(final=True) == SENTENCE
 
 
 def test_stop_string_with_multibyte_characters(smollm_tokenizer):
@@ -336,3 +346,77 @@ def test_batched_filtering_equals_each_row_alone():
         assert torch.equal(batch[row], filter_logits_batch(logits[row:row + 1], [p])[0]), row
         assert kept(batch[row]) and torch.isfinite(torch.softmax(batch[row], -1)).all()
     assert kept(batch[1]) == direct_top_k((logits[1] / 1.3).tolist(), 5)
+
+
+# -- the single-token pieces -----------------------------------------------------------------------
+def _fragments(tokenizer) -> list[int]:
+    """Byte-level tokens that are part of a character: no piece, their text waits for more."""
+    return [t for t in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([t])][:400]
+
+
+def test_pieces_hand_out_the_same_text_as_decoding(smollm_tokenizer):
+    """Random streams over the whole vocabulary, rich in what has no piece (bytes of split
+    characters, special tokens), with and without stop strings and min_tokens: the same pieces
+    and the same stop with the single-token texts as with two decodes a token."""
+    pieces = token_pieces(smollm_tokenizer)
+    assert pieces is not None
+    fragments, specials = _fragments(smollm_tokenizer), list(smollm_tokenizer.all_special_ids)
+    assert len(fragments) > 50
+    text_ids = smollm_tokenizer("naïve 日本語 😀 stop here, x² ≤ ∞ — “q” 🦀").input_ids
+    gen = torch.Generator().manual_seed(5)
+    used = stopped = 0
+    for trial in range(300):
+        r = torch.randint(0, 1000, (60,), generator=gen).tolist()
+        ids = [fragments[x % len(fragments)] if x < 300 else specials[x % len(specials)] if x < 340
+               else int(torch.randint(0, len(smollm_tokenizer), (1,), generator=gen)) for x in r]
+        if trial % 3 == 0:
+            ids[10:10 + len(text_ids)] = text_ids
+        stop = [(), ("stop",), ("e", "本語 "), ("\ufffd",)][trial % 4]
+        min_tokens = trial % 5
+        both = []
+        for p in (pieces, None):
+            detok = IncrementalDetokenizer(smollm_tokenizer, ids[:4], stop, plain_decoder(smollm_tokenizer), p)
+            out = []
+            for n, tok in enumerate(ids[4:], 1):
+                if detok.add(tok, check_stop=n > min_tokens):
+                    out.append(("stop", detok.take(final=True)))
+                    break
+                out.append(detok.take(final=False))
+            else:
+                out.append(detok.take(final=True))
+            both.append(out)
+        assert both[0] == both[1], trial
+        stopped += isinstance(both[1][-1], tuple)
+        used += sum(pieces.get(t) is not None for t in ids)
+    assert stopped >= 30 and used >= 1000  # both paths were exercised
+
+
+def test_pieces_are_single_token_texts_that_need_no_context(smollm_tokenizer):
+    pieces = token_pieces(smollm_tokenizer)
+    world = smollm_tokenizer(" world").input_ids[0]
+    assert pieces[world] == " world"
+    assert all(pieces[t] is None for t in _fragments(smollm_tokenizer)[:50])
+    assert all(pieces[t] is None for t in smollm_tokenizer.all_special_ids)
+    assert pieces[len(smollm_tokenizer) + 5] is None  # past the vocabulary (a padded embedding)
+    marked = copy.deepcopy(smollm_tokenizer)
+    marked.add_tokens(["<plain added>"])  # not special: decoded, but apart from the byte-level pass
+    added = marked.convert_tokens_to_ids("<plain added>")
+    assert marked.decode([added]) == "<plain added>" and token_pieces(marked)[added] is None
+
+
+def test_no_pieces_where_decoding_is_not_plain_byte_level(smollm_tokenizer):
+    """Another decoder (here Metaspace, where a leading space is dropped at the start of a
+    window, so a token's text depends on its place), or a subclass overriding how it decodes:
+    every token goes through decode."""
+    from tokenizers import decoders
+
+    class Shouting(type(smollm_tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    shouting = copy.copy(smollm_tokenizer)
+    shouting.__class__ = Shouting
+    assert token_pieces(shouting) is None
+    other = copy.deepcopy(smollm_tokenizer)
+    other._tokenizer.decoder = decoders.Metaspace()
+    assert plain_decoder(other) is not None and token_pieces(other) is None

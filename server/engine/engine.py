@@ -21,7 +21,7 @@ import torch
 
 from .adapter_runtime import AdapterRuntime, NoAdapters
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer, plain_decoder
+from .detokenizer import IncrementalDetokenizer, plain_decoder, token_pieces
 from .kv_cache import KVCache, KVCacheFull, kv_bytes_per_token, pool_blocks
 from .logprobs import token_logprobs
 from .model import PackedCausalLM
@@ -80,6 +80,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self._decode = plain_decoder(tokenizer)  # the detokenizers' decode, chosen once
+        self._pieces = token_pieces(tokenizer)  # and the texts single tokens append (shared)
         self.model = PackedCausalLM(hf_model)
         m = self.model
         dtype = cache_dtype(m.dtype, m.device)
@@ -121,7 +122,8 @@ class LLMEngine:
             self.fail(seq, ErrorCode.INVALID_REQUEST, "prompt empty or longer than max_model_len")
             return
         try:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop, self._decode)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop, self._decode,
+                                               self._pieces)
             if seq.params.seed is not None or not seq.params.greedy:
                 seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
                 seq.generator = torch.Generator().manual_seed(seed)
