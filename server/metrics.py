@@ -240,7 +240,8 @@ class Metrics:
             return
         self._step_tokens, self._step_gaps = 0, []
         self.generation_tokens.inc(n)
-        self.itl.observe_many(gaps)
+        gaps = self.itl.tally(gaps)  # bucketed once for all three inter-token histograms (same buckets)
+        self.itl.add(gaps)
         if self.vllm is not None:
             self.vllm.on_tokens(n, gaps)
 

@@ -16,11 +16,20 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
+
+
+class Tally(NamedTuple):
+    """Values bucketed by `BatchedHistogram.tally`."""
+
+    bounds: np.ndarray  # [K] the upper bounds they were bucketed by
+    counts: np.ndarray  # [K] values per bucket, not cumulative
+    values: Sequence[float]
 
 
 class BatchedHistogram:
@@ -44,18 +53,28 @@ class BatchedHistogram:
 
     def observe_many(self, values: Sequence[float], labels: Sequence[str] = ()) -> None:
         """Add every value (finite or +-inf floats) to the series of these label values."""
+        self.add(self.tally(values), labels)
+
+    def tally(self, values: Sequence[float]) -> Tally:
+        """The values bucketed once, for `add` to any histogram with these bounds (the engine's
+        gaps go to three: ours and vLLM's ITL and TPOT)."""
+        at = np.searchsorted(self._bounds, np.asarray(values, dtype=np.float64), side="left")  # first le >= value
+        return Tally(self._bounds, np.bincount(at, minlength=len(self._bounds)), values)
+
+    def add(self, tally: Tally, labels: Sequence[str] = ()) -> None:
+        """Add a tally's values to the series of these label values."""
         labels = tuple(labels)
         if len(labels) != len(self.labelnames):
             raise ValueError(f"{self.name}: labels {self.labelnames} expected, got {labels}")
-        if not len(values):
+        if tally.bounds is not self._bounds and not np.array_equal(tally.bounds, self._bounds):
+            raise ValueError(f"{self.name}: a tally of other buckets")
+        if not len(tally.values):
             return
-        at = np.searchsorted(self._bounds, np.asarray(values, dtype=np.float64), side="left")  # first le >= value
-        counts = np.bincount(at, minlength=len(self._bounds))  # [K]
         with self._lock:
             old, total = self._series.get(labels, (None, 0.0))
-            for v in values:  # one by one, in order: the same float sum as observing them singly
+            for v in tally.values:  # one by one, in order: the same float sum as observing them singly
                 total += v
-            self._series[labels] = (counts if old is None else old + counts, total)
+            self._series[labels] = (tally.counts if old is None else old + tally.counts, total)
 
     def describe(self):
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]

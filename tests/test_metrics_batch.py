@@ -42,3 +42,5 @@ def test_labels_are_checked_and_buckets_must_increase():
         batched.observe_many([0.1])  # a label value is missing
     with pytest.raises(ValueError):
         BatchedHistogram("x", "x", buckets=(1.0, 0.5))
+    with pytest.raises(ValueError):  # a tally made with other buckets
+        batched.add(BatchedHistogram("y", "y", buckets=(1.0, 2.0)).tally([0.5]), ("m",))

@@ -51,10 +51,11 @@ class _Pieces(dict):
     def __init__(self, backend, added: frozenset[int]):
         super().__init__()
         self._backend, self._added = backend, added
+        self._vocab = backend.get_vocab_size(with_added_tokens=False)
 
     def __missing__(self, tok: int) -> str | None:
         text = None
-        if tok not in self._added and 0 <= tok < self._backend.get_vocab_size(with_added_tokens=False):
+        if tok not in self._added and 0 <= tok < self._vocab:
             text = self._backend.decode([tok], skip_special_tokens=True)
             if not text or "\ufffd" in text:
                 text = None  # no text, or bytes that are not UTF-8 alone (part of a character)
