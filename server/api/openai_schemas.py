@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .openai_errors import invalid, unknown, unsupported
-from .schemas import MAX_SEED, MAX_STOP, AdapterWeight
+from .schemas import MAX_SEED, MAX_STOP, AdapterWeight, error_param, relevant_errors
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -100,18 +100,12 @@ def load_json_object(body: bytes) -> dict:
     return obj
 
 
-def _param_of(err: dict) -> str | None:
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "list[", "str", "int"))]
-    return ".".join(loc) or None
-
-
 def validate(model_cls: type[BaseModel], obj: dict) -> BaseModel:
     try:
         return model_cls.model_validate(obj)
     except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        param = _param_of(first)
+        first = relevant_errors(exc.errors())[0]
+        param = error_param(first)
         msg = first.get("msg", "invalid value").removeprefix("Value error, ")
         raise invalid(param, f"{param}: {msg}" if param else msg) from None
 

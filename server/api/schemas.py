@@ -94,14 +94,72 @@ class ErrorResponse(BaseModel):
 
 def describe_validation_error(exc: ValidationError | list[dict], limit: int = 5) -> str:
     """A compact one-line message from pydantic / FastAPI validation errors."""
-    errors = exc.errors() if isinstance(exc, ValidationError) else list(exc)
+    errors = relevant_errors(exc.errors() if isinstance(exc, ValidationError) else list(exc))
     parts = []
     for err in errors[:limit]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
-        msg = err.get("msg", "invalid value")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+        loc = error_param(err)
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts) or "invalid request"
+
+
+def error_param(err: dict) -> str | None:
+    """The parameter an error (from `relevant_errors`) is about, as the client wrote it: `prompt.1`."""
+    return ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _is_member_tag(part) -> bool:
+    """A union member's tag in an error location (`constrained-str`, `list[AdapterWeight]`,
+    `function-after[...]`), not a field name or a list index."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _TYPE_TAGS)
+
+
+def _refuses_type(err: dict) -> bool:
+    return err.get("type", "").endswith("_type")  # string_type, int_type, list_type, ...
+
+
+def relevant_errors(errors: list[dict]) -> list[dict]:
+    """pydantic's errors, each union's reduced to what is wrong with the value as sent, with the
+    members' tags taken out of the locations (`prompt.1`, not `prompt.list[constrained-int].1`).
+
+    A value no member of a union accepts gets every member's errors: `prompt: [1, -5]` is "not a
+    string", "items not strings", "item 1 below 0", "items not lists". The one reported comes
+    from the member that took the value's type and failed a constraint (too long, below 0),
+    else from the member with the fewest errors (it got furthest); declaration order breaks ties.
+    When every member refused the value's type outright, one error names every type it could
+    have been. Errors outside unions pass unchanged, in order."""
+    out: list = []  # errors, and for each union the field's location (filled in below)
+    unions: dict[tuple, dict[str, list[dict]]] = {}  # field location -> member tag -> its errors
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        cut = next((i for i, part in enumerate(loc) if _is_member_tag(part)), None)
+        if cut is None:
+            out.append(err)
+            continue
+        field = loc[:cut]
+        if field not in unions:
+            unions[field] = {}
+            out.append(field)
+        unions[field].setdefault(loc[cut], []).append(err)
+    return [_union_error(x, unions[x]) if isinstance(x, tuple) else x for x in out]
+
+
+def _union_error(field: tuple, members: dict[str, list[dict]]) -> dict:
+    def outright(err: dict) -> bool:  # the member refused the value itself for its type
+        return len(err.get("loc", ())) == len(field) + 1 and _refuses_type(err)
+
+    def rank(errs: list[dict]) -> tuple:
+        return any(map(outright, errs)), all(map(_refuses_type, errs)), len(errs)
+
+    best = min(members.values(), key=rank)  # min keeps the first of equals: declaration order
+    if rank(best)[0]:  # every member refused the value's type: say what it could have been
+        msgs = list(dict.fromkeys(e["msg"] for errs in members.values() for e in errs if outright(e)))
+        msg = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
+        return {**best[0], "loc": field, "msg": msg}
+    err = best[0]
+    return {**err, "loc": tuple(p for p in err.get("loc", ()) if not _is_member_tag(p))}
