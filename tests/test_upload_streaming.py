@@ -45,6 +45,24 @@ async def _post(client, body: bytes, ctype: str, chunked: bool) -> httpx.Respons
     return await client.post("/adapters", content=body, headers={"content-type": ctype})
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_cut_short_is_a_bad_request_and_leaves_nothing(adapter_server, lib, chunked):
+    """The whole body arrived (its declared length, or a chunked body's end) but its multipart
+    stops before the closing boundary: 400 bad_request naming that, not a field "missing"; the
+    weights streamed so far are discarded and the store is as it was."""
+    server = adapter_server()
+    body, ctype = _multipart(lib.get("qv"), "cut", config_first=True)
+    async with server.client() as client:
+        before = disk_state(server.store)
+        for cut in (len(body) - 4, len(body) - 300):
+            resp = await _post(client, body[:cut], ctype, chunked)
+            assert resp.status_code == 400, resp.text
+            assert resp.json()["error"]["code"] == "bad_request" and "closing boundary" in resp.text, resp.text
+            assert staging_leftovers(server.store) == [] and disk_state(server.store) == before
+        resp = await _post(client, body, ctype, chunked)
+        assert resp.status_code == 201, resp.text
+
+
 @pytest.mark.parametrize("config_first,chunked,own_hashes", [(True, False, 0), (False, False, 1), (True, True, 1)])
 async def test_each_way_in_registers_the_same_version_and_serves_peft(adapter_server, lib, registry_hashes,
                                                                        config_first, chunked, own_hashes):

@@ -16,7 +16,8 @@ are kept as views into the chunks they came in (joined at the part's end when sp
 
 Limits as starlette applies them: at most `max_files` file parts and `max_fields` plain fields,
 a plain field at most `max_field_bytes`, at most 8 headers of 4224 bytes per part (the parser's
-own bounds). Every violation, and any malformed body, raises `FormError` (-> 400 bad_request).
+own bounds). Every violation, and any malformed body (one cut short included), raises `FormError`
+(-> 400 bad_request).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.datastructures import FormData
 
 
@@ -160,6 +161,11 @@ class FormParser:
             self._parser.finalize()
         except FormParserError as exc:
             raise FormError(f"invalid multipart data: {exc}") from None
+        # python-multipart ends wherever the bytes do: a body cut short (a client that stopped
+        # sending, a proxy's limit) would come out as a form missing its last parts, refused
+        # for something it did not do (its name "missing", say)
+        if self._parser.state is not MultipartState.END:
+            raise FormError("invalid multipart data: the body ended before its closing boundary")
         return FormData(self._collector.items)
 
 
