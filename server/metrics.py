@@ -167,13 +167,12 @@ class Metrics:
                                ["finished_reason"], registry=r)
         self.failure = Counter("peftserve_request_failure", "Failed or aborted requests by reason.", ["reason"],
                                registry=r)
-        # the step's own series: deferred as the tokens' (one list extend each per step)
-        self.batch_size = BatchedHistogram("peftserve_batch_size", "Sequences per engine step.",
-                                           buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.iteration_tokens = BatchedHistogram("peftserve_iteration_tokens", "Tokens processed per engine step.",
-                                                 buckets=ITERATION_TOKEN_BUCKETS, registry=r)
-        self.step_time = BatchedHistogram("peftserve_engine_step_seconds", "Wall time of one engine step.",
-                                          buckets=TTFT_BUCKETS, registry=r)
+        self.batch_size = Histogram("peftserve_batch_size", "Sequences per engine step.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("peftserve_iteration_tokens", "Tokens processed per engine step.",
+                                          buckets=ITERATION_TOKEN_BUCKETS, registry=r)
+        self.step_time = Histogram("peftserve_engine_step_seconds", "Wall time of one engine step.",
+                                   buckets=TTFT_BUCKETS, registry=r)
         self.build_info = Gauge("peftserve_build_info", "Build and model information.",
                                 ["version", "base_model", "dtype"], registry=r)
         self.build_info.labels(version=version, base_model=base_model, dtype=dtype).set(1)
@@ -218,9 +217,9 @@ class Metrics:
     # -- EngineObserver (engine thread) ------------------------------------------------------
     def on_step(self, batch_size: int, num_tokens: int, seconds: float) -> None:
         """The step's end: its per-step series, and the tokens `on_token` gathered during it."""
-        self.batch_size.defer((batch_size,))
-        self.iteration_tokens.defer((num_tokens,))
-        self.step_time.defer((seconds,))
+        self.batch_size.observe(batch_size)
+        self.iteration_tokens.observe(num_tokens)
+        self.step_time.observe(seconds)
         self._publish_tokens()
 
     def on_token(self, seq, now: float) -> None:
@@ -241,7 +240,8 @@ class Metrics:
             return
         self._step_tokens, self._step_gaps = 0, []
         self.generation_tokens.inc(n)
-        self.itl.defer(gaps)  # bucketed at the next scrape (metrics_batch.py): a list extend per step
+        gaps = self.itl.tally(gaps)  # bucketed once for all three inter-token histograms (same buckets)
+        self.itl.add(gaps)
         if self.vllm is not None:
             self.vllm.on_tokens(n, gaps)
 

@@ -19,7 +19,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .metrics_adapters import lora_info_labels
-from .metrics_batch import BatchedHistogram
+from .metrics_batch import BatchedHistogram, Tally
 
 SUCCESS_REASONS = ("length", "stop", "eos")
 
@@ -63,12 +63,13 @@ class VllmMetrics:
         self.ttft.labels(model_name=m).observe(max(0.0, now - seq.arrival))
         self.prompt_tokens.labels(model_name=m).inc(len(seq.prompt_ids))
 
-    def on_tokens(self, n: int, gaps: list[float]) -> None:
-        """A step's `n` generated tokens and their inter-token gaps (the first tokens have none)."""
+    def on_tokens(self, n: int, gaps: Tally) -> None:
+        """A step's `n` generated tokens and their inter-token gaps (the first tokens have none),
+        bucketed by the ITL buckets."""
         m = (self.model_name,)
         self.generation_tokens.labels(*m).inc(n)
-        self.itl.defer(gaps, m)
-        self.tpot.defer(gaps, m)
+        self.itl.add(gaps, m)
+        self.tpot.add(gaps, m)
 
     def on_finish(self, seq, reason: str, now: float) -> None:
         m = self.model_name
