@@ -326,14 +326,16 @@ def run_vllm(py: Path, venv: Path, mp: Path, loras: list[tuple[str, Path]], ps, 
 def run_ours(label: str, flags: str, loras: list[tuple[str, Path]], ps, args) -> dict:
     port = free_port()
     exe = [str(BIN / "peftserve")] if (BIN / "peftserve").exists() else [sys.executable, "-m", "peftserve.server.cli"]
-    # `make serve` runs `peftserve serve --model default --host H --port P`: nothing else by default
-    cmd = [*exe, "serve", "--model", "default", "--host", "127.0.0.1", "--port", str(port), *shlex.split(flags),
-           "--log-level", "warning", "--lora-modules", *[f"{n}={p}" for n, p in loras]]
-    with Proc(label, cmd, port, "/ready", timeout_s=args.start_timeout) as srv:
-        import httpx
+    # `make serve` runs `peftserve serve --model default --host H --port P`: nothing else by default.
+    # Our `--lora-modules` are stored like uploads: a scratch store keeps them out of the user's.
+    with tempfile.TemporaryDirectory(prefix="peers-store-") as store:
+        cmd = [*exe, "serve", "--model", "default", "--host", "127.0.0.1", "--port", str(port), *shlex.split(flags),
+               "--log-level", "warning", "--adapter-store", store, "--lora-modules", *[f"{n}={p}" for n, p in loras]]
+        with Proc(label, cmd, port, "/ready", timeout_s=args.start_timeout) as srv:
+            import httpx
 
-        model = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        return {"cmd": shlex.join(cmd), **measure(srv.url, model, [n for n, _ in loras], ps, args)}
+            model = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            return {"cmd": shlex.join(cmd), **measure(srv.url, model, [n for n, _ in loras], ps, args)}
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -409,6 +411,8 @@ def render(res: dict, args, base_n: int, adapter_n: int) -> str:
     for label, x, flags in (("defaults", d, args.defaults), ("tuned", t, res["tuned_flags"])):
         fl, dt, adt = floor_of(base_n, adapter_n, flags)
         got = x["loras"]["tok_s"] / x["base"]["tok_s"]
+        if got != got:  # a column skipped (--skip): nothing measured
+            continue
         lines.append(f"| {label} | {dt} ({base_n * DTYPE_BYTES.get(dt, 4) / 1e6:.0f} MB) | {adt} "
                      f"({adapter_n * DTYPE_BYTES.get(adt, 4) / 1e6:.0f} MB) | {fl:.2f}x | {got:.2f}x | "
                      f"**{got / fl:.2f}** |")
