@@ -148,6 +148,11 @@ async def test_our_routes_report_union_errors_the_same_way(make_server):
         r = await c.post("/generate", json={"prompt": "x", "adapter": [{"name": "a", "weight": 1e9}]})
         assert r.status_code == 422, r.text
         assert r.json()["error"]["message"] == "adapter.0.weight: Input should be less than or equal to 100", r.text
+        # a key of the client's own is never taken for a member's tag, whatever it looks like
+        r = await c.post("/generate", json={"prompt": "x", "adapter": [{"name": "a", "my-key": 1}]})
+        assert r.json()["error"]["message"] == "adapter.0.my-key: Extra inputs are not permitted", r.text
+        r = await c.post("/generate", json={"prompt": "x", "a[0]-b": 1})
+        assert r.json()["error"]["message"] == "a[0]-b: Extra inputs are not permitted", r.text
         r = await c.post("/generate", json={"prompt": "x", "adapter": 5})
         # (FastAPI validates JSON input: pydantic calls a list an array there)
         assert r.json()["error"]["message"] == "adapter: Input should be a valid string or a valid array", r.text

@@ -119,6 +119,14 @@ def _is_member_tag(part) -> bool:
     return isinstance(part, str) and ("[" in part or "-" in part or part in _TYPE_TAGS)
 
 
+def _tag_positions(err: dict) -> list[int]:
+    """Where `err`'s location holds member tags. The key of an `extra_forbidden` error (its last
+    part) is the client's own, whatever it looks like (`my-key`, `a[0]`)."""
+    loc = err.get("loc", ())
+    own_key = len(loc) - 1 if err.get("type") == "extra_forbidden" else len(loc)
+    return [i for i, part in enumerate(loc[:own_key]) if _is_member_tag(part)]
+
+
 def _refuses_type(err: dict) -> bool:
     return err.get("type", "").endswith("_type")  # string_type, int_type, list_type, ...
 
@@ -136,11 +144,11 @@ def relevant_errors(errors: list[dict]) -> list[dict]:
     out: list = []  # errors, and for each union the field's location (filled in below)
     unions: dict[tuple, dict[str, list[dict]]] = {}  # field location -> member tag -> its errors
     for err in errors:
-        loc = tuple(err.get("loc", ()))
-        cut = next((i for i, part in enumerate(loc) if _is_member_tag(part)), None)
-        if cut is None:
+        loc, tags = tuple(err.get("loc", ())), _tag_positions(err)
+        if not tags:
             out.append(err)
             continue
+        cut = tags[0]
         field = loc[:cut]
         if field not in unions:
             unions[field] = {}
@@ -162,4 +170,5 @@ def _union_error(field: tuple, members: dict[str, list[dict]]) -> dict:
         msg = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
         return {**best[0], "loc": field, "msg": msg}
     err = best[0]
-    return {**err, "loc": tuple(p for p in err.get("loc", ()) if not _is_member_tag(p))}
+    tags = set(_tag_positions(err))
+    return {**err, "loc": tuple(p for i, p in enumerate(err.get("loc", ())) if i not in tags)}
