@@ -1,0 +1,222 @@
+"""Random workloads against solo runs: what a request gets never depends on what else runs.
+
+Each case draws an engine configuration — batch size, token budget, KV block size, a pool from one
+sequence's worth up (so admission waits and growth preempts), adapter slots from 1 (eviction),
+decode mode, emit timing, merge policy, stack limits below some adapters' (fixed-shape steps fall
+back) — and a workload: requests of every adapter kind and of the base, arriving over the steps,
+greedy or seeded sampling with top-k/top-p, penalties, logprobs, stop strings, EOS, min_tokens;
+some cancelled part way, while the registry deletes and replaces adapters under running requests.
+
+Invariants per request: exactly one final event, last; the events' ids are its output ids; ids,
+text and logprobs equal the same request run alone on a roomy engine with the adapter version it
+was admitted with (a cancelled one: a prefix of them). Per case: every KV block back in the pool
+(but the prefixes the runtime caches), no slot pin left, nothing running or waiting. The solo runs
+are tied to PEFT by tests/test_kinds_parity.py; here the property is batch independence under
+every interleaving the scheduler can produce. Guards at the end make sure the cases exercised what
+this docstring claims (preemption, eviction, merges, replacement in flight, ...).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass
+
+import torch
+
+from peftserve.server.build import build_engine
+from peftserve.server.engine.config import EngineConfig
+from peftserve.server.engine.request import FinishReason, SamplingParams, Sequence, SeqStatus
+from tests.test_kinds_parity import VOCAB, artifacts, base  # noqa: F401 (module-scoped fixture)
+from tests.test_lora_parity import StubTokenizer
+
+SEEDS = range(20)
+MAX_LEN = 96
+EOS = set(range(0, VOCAB, 23))  # ~4 % of the vocabulary: EOS ends some requests early
+STOPS = ["A", "QZ", "M", "XY", "BB", "K"]  # StubTokenizer's text is one letter per token
+
+
+@dataclass
+class Job:
+    adapter: str | None
+    prompt: list[int]
+    params: SamplingParams
+    arrives: int  # engine step at which it is added
+    cancel_after: int | None  # cancelled once it has this many output tokens
+
+
+def _serving(store, artifacts, **cfg):  # noqa: F811
+    serving = build_engine(base(), StubTokenizer(), EngineConfig(max_model_len=MAX_LEN, **cfg), store=store)
+    for name, (d, _) in artifacts.items():
+        if name is not None:
+            serving.registry.import_dir(d, name)
+    serving.engine.eos = set(EOS)
+    return serving
+
+
+def _params(rng: random.Random) -> SamplingParams:
+    kw = dict(max_new_tokens=rng.randint(1, 40), ignore_eos=rng.random() < 0.6)
+    if rng.random() < 0.5:
+        kw.update(temperature=rng.choice([0.0, 0.7, 1.3]), seed=rng.randint(0, 999))
+        if rng.random() < 0.5:
+            kw.update(top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.8]))
+        if rng.random() < 0.3:
+            kw.update(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)
+        if rng.random() < 0.2:
+            kw.update(logprobs=rng.choice([0, 3]))
+    if rng.random() < 0.4:
+        kw["stop"] = tuple(rng.choice(STOPS) for _ in range(rng.randint(1, 2)))
+    if rng.random() < 0.3:
+        kw["min_tokens"] = rng.randint(0, kw["max_new_tokens"])
+    return SamplingParams(**kw)
+
+
+def _draw_case(seed: int, names: list, block_nbytes) -> tuple[dict, list[Job]]:
+    rng = random.Random(seed)
+    block = rng.choice([2, 4, 8, 16])
+    batch = rng.choice([2, 3, 8, 32])
+    blocks = rng.choice([None, MAX_LEN // block + 1, MAX_LEN // block + 2, 2 * MAX_LEN // block])
+    cfg = dict(max_batch_size=batch, max_num_batched_tokens=max(batch, rng.choice([8, 16, 64])), kv_block_size=block,
+               max_adapters_per_batch=rng.choice([1, 2, 3, 8]), decode_mode=rng.choice(["dynamic", "static"]),
+               emit_timing=rng.choice(["immediate", "overlapped"]),
+               merge_policy=rng.choice(["never", "single-adapter"]), merge_min_steps=rng.randint(1, 3),
+               max_lora_rank=rng.choice([64, 2]), max_bottleneck_size=rng.choice([256, 8]))
+    if blocks:
+        cfg["kv_cache_bytes"] = blocks * block_nbytes(block)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 2, 5, 9, 13, 26, 40)]
+    jobs = [Job(rng.choice(names), rng.choice(prompts), _params(rng), rng.randint(0, 12),
+                rng.randint(0, 8) if rng.random() < 0.15 else None) for _ in range(rng.randint(4, 24))]
+    return cfg, jobs
+
+
+class Case:
+    """One workload on one engine; `stats` counts what it exercised (for the guards)."""
+
+    def __init__(self, seed, serving, artifacts, jobs, stats):  # noqa: F811
+        self.rng, self.serving, self.artifacts, self.jobs, self.stats = random.Random(~seed), serving, artifacts, jobs, stats
+        self.weights = [n for n in artifacts if n is not None]
+        self.source = {n: n for n in self.weights}  # registry name -> the artifact it holds now
+        self.mutates = self.rng.random() < 0.5
+        self.runs: list[tuple[Job, Sequence, str | None, list]] = []  # job, sequence, artifact, events
+
+    def run(self) -> None:
+        engine, pending, step = self.serving.engine, sorted(self.jobs, key=lambda j: j.arrives), 0
+        while pending or engine.has_work():
+            if self.mutates and self.rng.random() < 0.15:
+                self._mutate_registry()
+            while pending and pending[0].arrives <= step:
+                self._add(pending.pop(0))
+            for job, seq, _, _ in self.runs:
+                if job.cancel_after is not None and len(seq.output_ids) >= job.cancel_after:
+                    seq.cancelled = True
+            engine.step()
+            step += 1
+            assert step < 3000, "the engine stopped making progress"
+
+    def _mutate_registry(self) -> None:
+        """Delete an adapter while its requests may run; most times register another artifact
+        under its name (running requests keep the version they were admitted with)."""
+        victim = self.rng.choice(self.weights)
+        if victim in self.source:
+            self.serving.registry.delete(victim)
+            running = [s for s in self.serving.engine.scheduler.running if s.adapter and s.adapter.name == victim]
+            self.stats["dropped while running"] += bool(running)
+        if self.rng.random() < 0.7:
+            new = self.rng.choice(self.weights)
+            self.serving.registry.import_dir(self.artifacts[new][0], victim)
+            self.source[victim] = new
+        else:
+            self.source.pop(victim, None)
+
+    def _add(self, job: Job) -> None:
+        if job.adapter is not None and job.adapter not in self.source:
+            return  # deleted: the API would answer 404
+        events: list = []
+        adapter = self.serving.registry.resolve(job.adapter) if job.adapter else None
+        seq = Sequence(list(job.prompt), job.params, on_event=events.append, adapter=adapter)
+        self.runs.append((job, seq, self.source.get(job.adapter), events))
+        self.serving.engine.add(seq)
+
+
+def _alone(serving, artifact, job: Job) -> list:
+    events: list = []
+    seq = Sequence(list(job.prompt), job.params, on_event=events.append,
+                   adapter=serving.registry.resolve(artifact) if artifact else None)
+    serving.engine.add(seq)
+    for _ in range(3 * MAX_LEN):
+        if seq.status is SeqStatus.FINISHED:
+            return events
+        serving.engine.step()
+    raise AssertionError("a request alone on a roomy engine did not finish")
+
+
+def _lp_equal(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (abs(a[0] - b[0]) <= 1e-4 and [t for t, _ in a[1]] == [t for t, _ in b[1]]
+            and all(abs(x - y) <= 1e-4 for (_, x), (_, y) in zip(a[1], b[1])))
+
+
+def _check(case: Case, solo, stats) -> list:
+    bad = []
+    for i, (job, seq, artifact, events) in enumerate(case.runs):
+        finals = [e for e in events if e.finish_reason is not None]
+        if len(finals) != 1 or events[-1] is not finals[0]:
+            bad.append((i, "final events", [e.finish_reason for e in events]))
+            continue
+        stats[seq.finish_reason] += 1
+        stats["preempted"] += seq.preemptions > 0
+        tokens = [e for e in events if e.token_id is not None]
+        if seq.finish_reason is FinishReason.ERROR or [e.token_id for e in tokens] != seq.output_ids:
+            bad.append((i, "error or event ids", events[-1].error))
+            continue
+        ref_events = _alone(solo, artifact, job)
+        ref = [e for e in ref_events if e.token_id is not None]
+        if seq.finish_reason is FinishReason.ABORT:
+            ref = ref[:len(tokens)]
+        elif (seq.finish_reason, "".join(e.text for e in events)) != (ref_events[-1].finish_reason,
+                                                                       "".join(e.text for e in ref_events)):
+            bad.append((i, "finish reason or text", artifact, seq.finish_reason, ref_events[-1].finish_reason))
+        if [e.token_id for e in tokens] != [e.token_id for e in ref]:
+            bad.append((i, "tokens", artifact, job.params, seq.output_ids, [e.token_id for e in ref]))
+        elif not all(_lp_equal(a.logprobs, b.logprobs) for a, b in zip(tokens, ref)):
+            bad.append((i, "logprobs", artifact))
+        stats["logprobs compared"] += sum(a.logprobs is not None for a in tokens)
+    return bad
+
+
+def test_random_workloads_equal_solo_runs(tmp_path, artifacts):  # noqa: F811
+    names = list(artifacts)
+    nbytes = {}
+
+    def block_nbytes(block):
+        if block not in nbytes:
+            nbytes[block] = _serving(tmp_path / f"probe{block}", artifacts, kv_block_size=block).engine.cache.block_nbytes
+        return nbytes[block]
+
+    solo = _serving(tmp_path / "solo", artifacts, max_batch_size=2, max_num_batched_tokens=128)
+    stats: collections.Counter = collections.Counter()
+    failures = []
+    for seed in SEEDS:
+        cfg, jobs = _draw_case(seed, names, block_nbytes)
+        serving = _serving(tmp_path / f"case{seed}", artifacts, **cfg)
+        case = Case(seed, serving, artifacts, jobs, stats)
+        case.run()
+        bad = _check(case, solo, stats)
+        engine, runtime = serving.engine, serving.runtime
+        cached = sum(len(p.blocks) for p in runtime.prefixes.prefixes.values())
+        if engine.cache.pool.num_free + cached != engine.cache.pool.capacity:
+            bad.append(("KV blocks not returned", engine.cache.pool.num_free, cached, engine.cache.pool.capacity))
+        if any(runtime.slots.pins.values()) or engine.scheduler.running or engine.scheduler.waiting:
+            bad.append(("left behind", runtime.slots.pins, len(engine.scheduler.running), len(engine.scheduler.waiting)))
+        stats["evictions"] += runtime.stats["evictions"]
+        stats["merges"] += runtime.merger.cycles
+        stats["fixed-shape steps"] += engine.runner.static_steps
+        if bad:
+            failures.append((seed, cfg, bad[:3]))
+    assert not failures, failures[:2]
+    # guards: the cases did exercise what the docstring claims
+    for what in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP, FinishReason.ABORT, "preempted",
+                 "evictions", "merges", "fixed-shape steps", "dropped while running", "logprobs compared"):
+        assert stats[what] > 0, (what, stats)
