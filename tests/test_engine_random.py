@@ -1,53 +1,80 @@
 """Random workloads against solo runs: what a request gets never depends on what else runs.
 
-Each case draws an engine configuration — batch size, token budget, KV block size, a pool from one
-sequence's worth up (so admission waits and growth preempts), adapter slots from 1 (eviction),
-decode mode, emit timing, merge policy, stack limits below some adapters' (fixed-shape steps fall
-back) — and a workload: requests of every adapter kind and of the base, arriving over the steps,
-greedy or seeded sampling with top-k/top-p, penalties, logprobs, stop strings, EOS, min_tokens;
-some cancelled part way, while the registry deletes and replaces adapters under running requests.
+Each case draws an engine configuration — batch size, token budget, KV block size, a pool from
+one sequence's worth up (so admission waits and growth preempts), adapter slots from 1
+(eviction), decode mode, emit timing, merge policy, stack limits below some adapters' (fixed-shape
+steps fall back) — and a workload: requests of every adapter kind, of weighted LoRA combinations
+and of the base, arriving over the steps, greedy or seeded sampling with top-k/top-p, penalties,
+logprobs, stop strings, EOS, min_tokens; some cancelled part way, some poisoned (every forward
+they are part of raises), while the registry deletes and replaces adapters (combination members
+too) under running requests.
 
 Invariants per request: exactly one final event, last; the events' ids are its output ids; ids,
-text and logprobs equal the same request run alone on a roomy engine with the adapter version it
-was admitted with (a cancelled one: a prefix of them). Per case: every KV block back in the pool
+finish reason, text and logprobs equal the same request run alone on a roomy engine with the
+adapter versions it was admitted with (a cancelled one: a prefix of them); a poisoned one fails
+alone with `generation_failed` (or was cancelled first). Per case: every KV block back in the pool
 (but the prefixes the runtime caches), no slot pin left, nothing running or waiting. The solo runs
-are tied to PEFT by tests/test_kinds_parity.py; here the property is batch independence under
-every interleaving the scheduler can produce. Guards at the end make sure the cases exercised what
-this docstring claims (preemption, eviction, merges, replacement in flight, ...).
+are tied to PEFT by tests/test_kinds_parity.py (combinations by tests/test_lora_parity.py); here
+the property is batch independence under every interleaving the scheduler can produce. Guards at
+the end make sure the cases exercised what this docstring claims (preemption, eviction, merges,
+replacement in flight, ...).
+
+Set PEFTSERVE_RANDOM_CASES to run more cases than the suite's 20 (an exploration, not CI).
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from peftserve.server.build import build_engine
 from peftserve.server.engine.config import EngineConfig
-from peftserve.server.engine.request import FinishReason, SamplingParams, Sequence, SeqStatus
+from peftserve.server.engine.request import ErrorCode, FinishReason, SamplingParams, Sequence, SeqStatus
 from tests.test_kinds_parity import VOCAB, artifacts, base  # noqa: F401 (module-scoped fixture)
 from tests.test_lora_parity import StubTokenizer
 
-SEEDS = range(20)
+LORAS = {"lora-b": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]),
+         "lora-c": dict(r=8, lora_alpha=8, target_modules=["v_proj", "up_proj", "down_proj"])}
+
+SEEDS = range(int(os.environ.get("PEFTSERVE_RANDOM_CASES", "20")))
 MAX_LEN = 96
 EOS = set(range(0, VOCAB, 23))  # ~4 % of the vocabulary: EOS ends some requests early
 STOPS = ["A", "QZ", "M", "XY", "BB", "K"]  # StubTokenizer's text is one letter per token
 
 
+@pytest.fixture(scope="module")
+def adapters(artifacts, tmp_path_factory):  # noqa: F811
+    """The kinds' artifacts (name -> (dir, oracle)) and two more LoRAs, so combinations of three
+    LoRAs of different ranks and targets can be drawn."""
+    root = tmp_path_factory.mktemp("loras")
+    out = dict(artifacts)
+    for i, (name, kw) in enumerate(LORAS.items()):
+        model = base()
+        torch.manual_seed(500 + i)
+        get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw)).save_pretrained(root / name)
+        out[name] = (root / name, {})
+    return out
+
+
 @dataclass
 class Job:
-    adapter: str | None
+    adapter: str | None | tuple  # a name, the base, or ((name, weight), ...): a LoRA combination
     prompt: list[int]
     params: SamplingParams
     arrives: int  # engine step at which it is added
     cancel_after: int | None  # cancelled once it has this many output tokens
+    poisoned: bool  # every forward it is part of raises: it must fail alone
 
 
-def _serving(store, artifacts, **cfg):  # noqa: F811
+def _serving(store, adapters, **cfg):
     serving = build_engine(base(), StubTokenizer(), EngineConfig(max_model_len=MAX_LEN, **cfg), store=store)
-    for name, (d, _) in artifacts.items():
+    for name, (d, _) in adapters.items():
         if name is not None:
             serving.registry.import_dir(d, name)
     serving.engine.eos = set(EOS)
@@ -71,6 +98,13 @@ def _params(rng: random.Random) -> SamplingParams:
     return SamplingParams(**kw)
 
 
+def _adapter(rng: random.Random, names: list):
+    if rng.random() < 0.15:  # a weighted combination of two or three LoRAs
+        loras = rng.sample(["lora", *LORAS], rng.randint(2, 3))
+        return tuple((n, rng.choice([-0.5, 0.7, 1.0, 1.5])) for n in loras)
+    return rng.choice(names)
+
+
 def _draw_case(seed: int, names: list, block_nbytes) -> tuple[dict, list[Job]]:
     rng = random.Random(seed)
     block = rng.choice([2, 4, 8, 16])
@@ -85,20 +119,43 @@ def _draw_case(seed: int, names: list, block_nbytes) -> tuple[dict, list[Job]]:
         cfg["kv_cache_bytes"] = blocks * block_nbytes(block)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 2, 5, 9, 13, 26, 40)]
-    jobs = [Job(rng.choice(names), rng.choice(prompts), _params(rng), rng.randint(0, 12),
-                rng.randint(0, 8) if rng.random() < 0.15 else None) for _ in range(rng.randint(4, 24))]
+    jobs = [Job(_adapter(rng, names), rng.choice(prompts), _params(rng), rng.randint(0, 12),
+                rng.randint(0, 8) if rng.random() < 0.15 else None, rng.random() < 0.08)
+            for _ in range(rng.randint(4, 24))]
     return cfg, jobs
 
 
 class Case:
     """One workload on one engine; `stats` counts what it exercised (for the guards)."""
 
-    def __init__(self, seed, serving, artifacts, jobs, stats):  # noqa: F811
-        self.rng, self.serving, self.artifacts, self.jobs, self.stats = random.Random(~seed), serving, artifacts, jobs, stats
-        self.weights = [n for n in artifacts if n is not None]
+    def __init__(self, seed, serving, adapters, jobs, stats):
+        self.rng, self.serving, self.adapters, self.jobs, self.stats = random.Random(~seed), serving, adapters, jobs, stats
+        self.weights = [n for n in adapters if n is not None]
         self.source = {n: n for n in self.weights}  # registry name -> the artifact it holds now
         self.mutates = self.rng.random() < 0.5
-        self.runs: list[tuple[Job, Sequence, str | None, list]] = []  # job, sequence, artifact, events
+        self.runs: list[tuple[Job, Sequence, list[str], list]] = []  # job, sequence, artifacts, events
+        self.poisoned: set[int] = set()  # seq ids
+        self._poison(serving.engine)
+
+    def _poison(self, engine) -> None:
+        """A forward that has a poisoned request among its rows raises inside the model (after
+        the step's buffers were filled), in the first decoder layer."""
+        armed = [False]
+        execute = engine.runner.execute
+
+        def execute_marked(plan):
+            armed[0] = any(seq.seq_id in self.poisoned for seq, _ in plan)
+            try:
+                return execute(plan)
+            finally:
+                armed[0] = False
+
+        def raise_if_armed(module, args, kwargs):
+            if armed[0]:
+                raise RuntimeError("poisoned row in this forward")
+
+        engine.runner.execute = execute_marked
+        engine.model.layers[0].register_forward_pre_hook(raise_if_armed, with_kwargs=True)
 
     def run(self) -> None:
         engine, pending, step = self.serving.engine, sorted(self.jobs, key=lambda j: j.arrives), 0
@@ -119,30 +176,61 @@ class Case:
         under its name (running requests keep the version they were admitted with)."""
         victim = self.rng.choice(self.weights)
         if victim in self.source:
+            running = [job for job, seq, _, _ in self.runs if seq.status is SeqStatus.RUNNING
+                       and victim in _members(job.adapter)]
             self.serving.registry.delete(victim)
-            running = [s for s in self.serving.engine.scheduler.running if s.adapter and s.adapter.name == victim]
             self.stats["dropped while running"] += bool(running)
+            self.stats["combination member dropped while running"] += any(isinstance(j.adapter, tuple) for j in running)
         if self.rng.random() < 0.7:
             new = self.rng.choice(self.weights)
-            self.serving.registry.import_dir(self.artifacts[new][0], victim)
+            self.serving.registry.import_dir(self.adapters[new][0], victim)
             self.source[victim] = new
         else:
             self.source.pop(victim, None)
 
     def _add(self, job: Job) -> None:
-        if job.adapter is not None and job.adapter not in self.source:
+        names = _members(job.adapter)
+        if any(n not in self.source for n in names):
             return  # deleted: the API would answer 404
+        sources = [self.source[n] for n in names]
+        if isinstance(job.adapter, tuple) and any(src not in ("lora", *LORAS) for src in sources):
+            return  # a member replaced by another kind: the API would answer 400
         events: list = []
-        adapter = self.serving.registry.resolve(job.adapter) if job.adapter else None
-        seq = Sequence(list(job.prompt), job.params, on_event=events.append, adapter=adapter)
-        self.runs.append((job, seq, self.source.get(job.adapter), events))
+        seq = Sequence(list(job.prompt), job.params, on_event=events.append,
+                       adapter=_resolve(self.serving, job.adapter))
+        self.runs.append((job, seq, sources, events))
+        if job.poisoned:
+            self.poisoned.add(seq.seq_id)
         self.serving.engine.add(seq)
 
 
-def _alone(serving, artifact, job: Job) -> list:
+def _members(adapter) -> list[str]:
+    if adapter is None:
+        return []
+    return [n for n, _ in adapter] if isinstance(adapter, tuple) else [adapter]
+
+
+def _resolve(serving, adapter):
+    if adapter is None:
+        return None
+    if isinstance(adapter, tuple):
+        return serving.registry.resolve([{"name": n, "weight": w} for n, w in adapter])
+    return serving.registry.resolve(adapter)
+
+
+def _alone(serving, adapters, sources: list[str], job: Job) -> list:
+    """The job alone on a roomy engine with the artifacts it was admitted with (a combination's
+    members under names of their own there: two names may hold the same artifact)."""
+    adapter = job.adapter
+    if isinstance(adapter, tuple):
+        adapter = tuple((f"{n}.{src}", w) for (n, w), src in zip(adapter, sources))
+        for (name, _), src in zip(adapter, sources):
+            if name not in {v.name for v in serving.registry.list()}:
+                serving.registry.import_dir(adapters[src][0], name)
+    elif adapter is not None:
+        adapter = sources[0]
     events: list = []
-    seq = Sequence(list(job.prompt), job.params, on_event=events.append,
-                   adapter=serving.registry.resolve(artifact) if artifact else None)
+    seq = Sequence(list(job.prompt), job.params, on_event=events.append, adapter=_resolve(serving, adapter))
     serving.engine.add(seq)
     for _ in range(3 * MAX_LEN):
         if seq.status is SeqStatus.FINISHED:
@@ -160,48 +248,55 @@ def _lp_equal(a, b) -> bool:
 
 def _check(case: Case, solo, stats) -> list:
     bad = []
-    for i, (job, seq, artifact, events) in enumerate(case.runs):
+    for i, (job, seq, sources, events) in enumerate(case.runs):
+        stats["combinations"] += isinstance(job.adapter, tuple)
         finals = [e for e in events if e.finish_reason is not None]
         if len(finals) != 1 or events[-1] is not finals[0]:
             bad.append((i, "final events", [e.finish_reason for e in events]))
             continue
         stats[seq.finish_reason] += 1
         stats["preempted"] += seq.preemptions > 0
+        if job.poisoned:
+            if not (seq.finish_reason is FinishReason.ABORT
+                    or (seq.finish_reason is FinishReason.ERROR and finals[0].code is ErrorCode.GENERATION_FAILED)):
+                bad.append((i, "a poisoned request did not fail", seq.finish_reason, finals[0].code))
+            stats["poisoned, failed alone"] += seq.finish_reason is FinishReason.ERROR
+            continue
         tokens = [e for e in events if e.token_id is not None]
         if seq.finish_reason is FinishReason.ERROR or [e.token_id for e in tokens] != seq.output_ids:
             bad.append((i, "error or event ids", events[-1].error))
             continue
-        ref_events = _alone(solo, artifact, job)
+        ref_events = _alone(solo, case.adapters, sources, job)
         ref = [e for e in ref_events if e.token_id is not None]
         if seq.finish_reason is FinishReason.ABORT:
             ref = ref[:len(tokens)]
         elif (seq.finish_reason, "".join(e.text for e in events)) != (ref_events[-1].finish_reason,
                                                                        "".join(e.text for e in ref_events)):
-            bad.append((i, "finish reason or text", artifact, seq.finish_reason, ref_events[-1].finish_reason))
+            bad.append((i, "finish reason or text", sources, seq.finish_reason, ref_events[-1].finish_reason))
         if [e.token_id for e in tokens] != [e.token_id for e in ref]:
-            bad.append((i, "tokens", artifact, job.params, seq.output_ids, [e.token_id for e in ref]))
+            bad.append((i, "tokens", sources, job.params, seq.output_ids, [e.token_id for e in ref]))
         elif not all(_lp_equal(a.logprobs, b.logprobs) for a, b in zip(tokens, ref)):
-            bad.append((i, "logprobs", artifact))
+            bad.append((i, "logprobs", sources))
         stats["logprobs compared"] += sum(a.logprobs is not None for a in tokens)
     return bad
 
 
-def test_random_workloads_equal_solo_runs(tmp_path, artifacts):  # noqa: F811
-    names = list(artifacts)
+def test_random_workloads_equal_solo_runs(tmp_path, adapters):
+    names = list(adapters)
     nbytes = {}
 
     def block_nbytes(block):
         if block not in nbytes:
-            nbytes[block] = _serving(tmp_path / f"probe{block}", artifacts, kv_block_size=block).engine.cache.block_nbytes
+            nbytes[block] = _serving(tmp_path / f"probe{block}", adapters, kv_block_size=block).engine.cache.block_nbytes
         return nbytes[block]
 
-    solo = _serving(tmp_path / "solo", artifacts, max_batch_size=2, max_num_batched_tokens=128)
+    solo = _serving(tmp_path / "solo", adapters, max_batch_size=2, max_num_batched_tokens=128)
     stats: collections.Counter = collections.Counter()
     failures = []
     for seed in SEEDS:
         cfg, jobs = _draw_case(seed, names, block_nbytes)
-        serving = _serving(tmp_path / f"case{seed}", artifacts, **cfg)
-        case = Case(seed, serving, artifacts, jobs, stats)
+        serving = _serving(tmp_path / f"case{seed}", adapters, **cfg)
+        case = Case(seed, serving, adapters, jobs, stats)
         case.run()
         bad = _check(case, solo, stats)
         engine, runtime = serving.engine, serving.runtime
@@ -218,5 +313,6 @@ def test_random_workloads_equal_solo_runs(tmp_path, artifacts):  # noqa: F811
     assert not failures, failures[:2]
     # guards: the cases did exercise what the docstring claims
     for what in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP, FinishReason.ABORT, "preempted",
-                 "evictions", "merges", "fixed-shape steps", "dropped while running", "logprobs compared"):
+                 "evictions", "merges", "fixed-shape steps", "dropped while running", "logprobs compared",
+                 "combinations", "combination member dropped while running", "poisoned, failed alone"):
         assert stats[what] > 0, (what, stats)
