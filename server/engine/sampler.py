@@ -4,8 +4,10 @@ Batched: one argmax covers every greedy row; the sampled rows are filtered toget
 (`filter_logits_batch`: per-row temperature, top-k, top-p as tensors; in cache-sized chunks on
 CPU), turned into one float64 CDF, and each row takes the token its own uniform draw lands on
 (inverse-CDF sampling, `draw_tokens`). A row's draw comes from its own `torch.Generator` (seeded by the request), one
-number per step, so a seeded request gives the same tokens whatever else shares its batch, and
-the whole step costs one device->host copy of the sampled ids, not a copy and a sync per row.
+number per step, so a seeded request's draws never depend on what else shares its batch (its
+tokens are the same wherever its logits are: a batch of another size may change their last bits,
+see docs/openai.md "seed"), and the whole step costs one device->host copy of the sampled ids,
+not a copy and a sync per row.
 
 Failure isolation: the engine fails rows with non-finite logits (`screen_rows` on the device,
 its flags fetched with the sampled ids in the step's one copy, `confirm_nonfinite` on the
