@@ -49,26 +49,20 @@ def _extra_adapters(root, vocab):
     return out
 
 
-def live_openai_server(root, tokenizer, lib, hf_model):  # noqa: F811
-    """A live server around `hf_model` (the tiny base or a variant of it) with the KINDS adapters."""
-    server = AdapterServer(hf_model, tokenizer, root / "store",
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, smollm_tokenizer, lib):
+    root = tmp_path_factory.mktemp("openai")
+    server = AdapterServer(build_tiny_model(len(smollm_tokenizer), 0), smollm_tokenizer, root / "store",
                            settings=ServerSettings(api_key=KEY, admin_key="admin-Key-123"),
                            max_batch_size=16, max_model_len=256)
     for key in ("qv", "soft"):
         server.registry.import_dir(lib.get(key).dir, key)
-    for name, d in _extra_adapters(root, len(tokenizer)).items():
+    for name, d in _extra_adapters(root, len(smollm_tokenizer)).items():
         server.registry.import_dir(d, name)
-    server.live = LiveServer(server.app)
-    server.url = server.live.url
-    return server
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory, smollm_tokenizer, lib):  # noqa: F811
-    server = live_openai_server(tmp_path_factory.mktemp("openai"), smollm_tokenizer, lib,
-                                build_tiny_model(len(smollm_tokenizer), 0))
+    live = LiveServer(server.app)
+    server.url = live.url
     yield server
-    server.live.stop()
+    live.stop()
     server.close()
 
 
