@@ -25,7 +25,8 @@ last-bit change of the logits decides it: two greedy logits that close, or a dra
 the boundary between the two tokens (`_last_bit_flip`, on the solo run's logits and uniform).
 Such a request is counted, not compared further.
 
-Set PEFTSERVE_RANDOM_CASES to run more cases than the suite's 20 (an exploration, not CI).
+Set PEFTSERVE_RANDOM_CASES to run more cases than the suite's 20 (an exploration, not CI; with
+`--timeout=0`: the suite's per-test limit is 600 s, ~1.5 s a case).
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ def test_random_workloads_equal_solo_runs(tmp_path, adapters, monkeypatch):
         stats["fixed-shape steps"] += engine.runner.static_steps
         if bad:
             failures.append((seed, cfg, bad[:3]))
+    print("random workloads:", {str(k): v for k, v in stats.items()})  # shown with -s or on failure
     assert not failures, failures[:2]
     # guards: the cases did exercise what the docstring claims
     for what in (FinishReason.LENGTH, FinishReason.EOS, FinishReason.STOP, FinishReason.ABORT, "preempted",

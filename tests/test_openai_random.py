@@ -16,7 +16,8 @@ matmul rows depend on the row count: docs/openai.md, "seed"); over the full dist
 flipped a seeded draw within this test's first 300 requests. Over 3-5 tokens a flip needs the
 draw within ~1e-7 of one of a few boundaries; a greedy one, two top logits that close.
 
-Set PEFTSERVE_RANDOM_CASES to send more requests than the suite's 24 (an exploration, not CI).
+Set PEFTSERVE_RANDOM_CASES to send more requests than the suite's 24 (an exploration, not CI; with
+`--timeout=0` past ~3,000: the suite's per-test limit is 600 s).
 """
 
 from __future__ import annotations
