@@ -26,7 +26,6 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
-
 from tests.test_adapters_api import lib  # noqa: F401  (session fixture)
 from tests.test_openai_api import KINDS, oai, srv  # noqa: F401  (module fixture)
 
