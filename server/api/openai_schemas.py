@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .openai_errors import invalid, unknown, unsupported
-from .schemas import MAX_SEED, MAX_STOP, AdapterWeight, error_param, relevant_errors
+from .schemas import MAX_SEED, MAX_STOP, AdapterWeight, error_message, error_param, relevant_errors
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -105,9 +105,7 @@ def validate(model_cls: type[BaseModel], obj: dict) -> BaseModel:
         return model_cls.model_validate(obj)
     except ValidationError as exc:
         first = relevant_errors(exc.errors())[0]
-        param = error_param(first)
-        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-        raise invalid(param, f"{param}: {msg}" if param else msg) from None
+        raise invalid(error_param(first), error_message(first)) from None
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -95,11 +95,7 @@ class ErrorResponse(BaseModel):
 def describe_validation_error(exc: ValidationError | list[dict], limit: int = 5) -> str:
     """A compact one-line message from pydantic / FastAPI validation errors."""
     errors = relevant_errors(exc.errors() if isinstance(exc, ValidationError) else list(exc))
-    parts = []
-    for err in errors[:limit]:
-        loc = error_param(err)
-        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+    parts = [error_message(err) for err in errors[:limit]]
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts) or "invalid request"
@@ -108,6 +104,13 @@ def describe_validation_error(exc: ValidationError | list[dict], limit: int = 5)
 def error_param(err: dict) -> str | None:
     """The parameter an error (from `relevant_errors`) is about, as the client wrote it: `prompt.1`."""
     return ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+
+
+def error_message(err: dict) -> str:
+    """One error (from `relevant_errors`) as the client reads it: `prompt.1: Input should be ...`."""
+    param = error_param(err)
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{param}: {msg}" if param else msg
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
