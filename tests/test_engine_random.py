@@ -332,23 +332,24 @@ def _check(case: Case, solo, draws: DrawLog, stats) -> list:
             stats["poisoned, failed alone"] += seq.finish_reason is FinishReason.ERROR
             continue
         tokens = [e for e in events if e.token_id is not None]
-        if seq.finish_reason is FinishReason.ERROR or [e.token_id for e in tokens] != seq.output_ids:
+        got = [e.token_id for e in tokens]
+        if seq.finish_reason is FinishReason.ERROR or got != seq.output_ids:
             bad.append((i, "error or event ids", events[-1].error))
             continue
         ref_events, solo_draws = _alone(solo, case.adapters, sources, job, draws)
         ref = [e for e in ref_events if e.token_id is not None]
-        got, want = [e.token_id for e in tokens], [e.token_id for e in ref]
+        want = [e.token_id for e in ref]
         k = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
         if k is not None and k < len(solo_draws) and _last_bit_flip(solo_draws[k], want[k], got[k]):
             stats["last-bit flips"] += 1  # the batch's logits differ in the last bit: not a bug
             continue
         if seq.finish_reason is FinishReason.ABORT:
-            ref = ref[:len(tokens)]
+            ref, want = ref[:len(got)], want[:len(got)]
         elif (seq.finish_reason, "".join(e.text for e in events)) != (ref_events[-1].finish_reason,
                                                                        "".join(e.text for e in ref_events)):
             bad.append((i, "finish reason or text", sources, seq.finish_reason, ref_events[-1].finish_reason))
-        if got != [e.token_id for e in ref]:
-            bad.append((i, "tokens", sources, job.params, got, [e.token_id for e in ref]))
+        if got != want:
+            bad.append((i, "tokens", sources, job.params, got, want))
         elif not all(_lp_equal(a.logprobs, b.logprobs) for a, b in zip(tokens, ref)):
             bad.append((i, "logprobs", sources))
         stats["logprobs compared"] += sum(a.logprobs is not None for a in tokens)
