@@ -191,7 +191,9 @@ def test_penalties_match_reference_for_every_kind_in_one_batch(tmp_path, refs):
 
 def test_seeded_sampling_with_penalties_matches_reference(tmp_path, refs):
     serving = serving_for(tmp_path, refs)
-    jobs = [(name, prompts()[1], _with(sp, temperature=0.8, top_k=50, seed=100 + i))
+    # top-k 5: the reference's logits equal the engine's only to rounding, and a wide top-k's cut can
+    # fall between near-equal logits (here 7e-7 apart at top-k 50), so another CPU could flip it
+    jobs = [(name, prompts()[1], _with(sp, temperature=0.8, top_k=5, seed=100 + i))
             for i, sp in enumerate(PENALTIES) for name in refs]
     seqs, _ = collect_logprobs(serving, jobs)
     for (name, prompt, sp), seq in zip(jobs, seqs):

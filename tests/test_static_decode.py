@@ -43,7 +43,8 @@ def _jobs():
     for k in range(13):
         sampled = k % 3 == 1
         params = SamplingParams(max_new_tokens=NEW - (k % 4), ignore_eos=True, temperature=0.9 if sampled else 0.0,
-                                top_p=0.9 if sampled else 1.0, seed=1000 + k if sampled else None)
+                                top_p=0.9 if sampled else 1.0, top_k=5 if sampled else 0,
+                                seed=1000 + k if sampled else None)
         jobs.append((names[k % len(names)], k % 6, params))
     return jobs
 
