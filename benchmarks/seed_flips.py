@@ -14,8 +14,8 @@ per-token chance of another token (each (alone, batched) pair of logits against 
 uniforms, with the engine's own filter and inverse-CDF draw) and how many rows kept another set
 of tokens. `tiny` is the test suite's 2-layer random Llama at the default tokenizer's 49,152-token
 vocabulary (near-uniform distributions); `default` is SmolLM2-135M-Instruct (use `--batch 64`:
-with its 576-wide layers, 1-15 rows round alike, and differently from 64). The tests that compare a
-seeded request across batch shapes sample at top-k 5 because of these figures.
+its down-projection rounds every row count below 57 differently from 64). The tests that compare a
+seeded request across batch shapes sample at top-k 3-5 because of these figures.
 """
 
 from __future__ import annotations
