@@ -34,7 +34,7 @@ from __future__ import annotations
 import collections
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -288,24 +288,46 @@ def _peek_uniform(gen: torch.Generator) -> float:
 
 
 # How far a last-bit change of the logits reaches, with a wide margin: here the logits of a row
-# alone and in a batch differ by <= 3e-7, so a boundary of the draw's CDF moves by <= ~4e-7.
-FLIP_LOGIT_GAP, FLIP_CDF_GAP = 1e-4, 1e-5
+# alone and in a batch differ by <= 5e-7 (benchmarks/seed_flips.py), so a boundary of the draw's
+# CDF moves by <= ~4e-7. A near-tie at the top-k or top-p cut gets the tighter FLIP_CUT_GAP (in
+# logits for top-k, in probability mass for top-p): it excuses a divergence anywhere after the cut.
+FLIP_LOGIT_GAP, FLIP_CDF_GAP, FLIP_CUT_GAP = 1e-4, 1e-5, 1e-5
 
 
 def _last_bit_flip(draw: Draw, solo_token: int, token: int) -> bool:
     """Does a last-bit difference of the logits explain drawing `token` where the solo run drew
     `solo_token`? Greedy: their logits within FLIP_LOGIT_GAP. Sampled: the two tokens adjacent
-    in the CDF (no mass between them) and the draw within FLIP_CDF_GAP of their boundary. A bug
-    (a wrong generator, wrong penalties) diverges anywhere, so it passes this with a chance of
-    ~1e-5 per request."""
+    in the CDF (no mass between them) and the draw within FLIP_CDF_GAP of their boundary, or a
+    near-tie at the row's top-k or top-p cut (`_cut_near_tie`: the kept set itself may change).
+    A bug (a wrong generator, wrong penalties) diverges anywhere, so it passes this with a chance
+    of ~1e-5 per request, more only for rows whose cut is a near-tie."""
     if draw.u is None:
         return bool(draw.logits[solo_token] - draw.logits[token] < FLIP_LOGIT_GAP)
+    if _cut_near_tie(draw):
+        return True
     probs = torch.softmax(filter_logits(draw.logits, draw.params), dim=-1).double()  # [V]
     lo, hi = sorted((solo_token, token))
     if probs[token] == 0 or probs[lo + 1:hi].sum() > 0:
         return False
     cdf = probs.cumsum(dim=-1)
     return bool(abs(draw.u * cdf[-1] - cdf[lo]) < FLIP_CDF_GAP * cdf[-1])
+
+
+def _cut_near_tie(draw: Draw) -> bool:
+    """Would a last-bit change of the logits change which tokens the row's top-k or top-p keep?
+    Top-k: its k-th and (k+1)-th logits within FLIP_CUT_GAP. Top-p: the mass before some token
+    (over what top-k kept, most likely first) within FLIP_CUT_GAP of top_p."""
+    p, logits = draw.params, draw.logits.float()
+    if p.top_k and p.top_k < logits.numel():
+        values = torch.topk(logits, p.top_k + 1).values
+        if values[p.top_k - 1] - values[p.top_k] < FLIP_CUT_GAP:
+            return True
+    if p.top_p < 1.0:
+        kept = torch.softmax(filter_logits(logits, replace(p, top_p=1.0)), dim=-1).double()
+        ordered = kept.sort(descending=True).values
+        before = ordered.cumsum(dim=-1) - ordered  # [V]: the mass before each token
+        return bool((before - p.top_p).abs().min() < FLIP_CUT_GAP)
+    return False
 
 
 def _lp_equal(a, b) -> bool:
@@ -413,3 +435,12 @@ def test_a_last_bit_flip_is_told_from_a_wrong_draw():
     top2 = SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, top_k=2)  # token 3 filtered out
     kept = torch.softmax(torch.tensor([float("-inf"), 2.0, 2.0 - 1e-6, float("-inf"), float("-inf")]), -1).double()
     assert not _last_bit_flip(Draw(logits, top2, float(kept.cumsum(-1)[2]) - 1e-8), 2, 3)
+    # a near-tie at the cut: top-1 keeps token 1 or token 2 by 1e-6, so any other draw is explained
+    top1 = SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, top_k=1)
+    assert _last_bit_flip(Draw(logits, top1, 0.5), 1, 2)
+    assert not _last_bit_flip(Draw(logits, SamplingParams(max_new_tokens=1, temperature=1.0, seed=0, top_k=3),
+                                   0.5), 1, 4)  # 3rd and 4th logits 1.0 apart: no near-tie
+    # top-p: the mass before token 3 (sorted: 1, 2, 3) is p1 + p2; a top_p that close is a near-tie
+    near = float(probs[1] + probs[2])
+    assert _last_bit_flip(Draw(logits, replace(sampled, top_p=near + 1e-7), 0.2), 1, 0)
+    assert not _last_bit_flip(Draw(logits, replace(sampled, top_p=near + 1e-3), 0.2), 1, 0)
