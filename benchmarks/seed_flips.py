@@ -76,6 +76,45 @@ def flip_rate(alone: torch.Tensor, batched: torch.Tensor, params: SamplingParams
     return flips / (alone.shape[0] * len(uniforms)), kept_differs
 
 
+def _ranges(counts: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    out, start = [], None
+    for i, m in enumerate(counts):
+        start = m if start is None else start
+        if i + 1 == len(counts) or counts[i + 1] != m + 1:
+            out.append(f"{start}-{m}" if m > start else f"{m}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+@torch.no_grad()
+def row_counts(model, generator: torch.Generator, ref_rows: int = 64) -> list[dict]:
+    """Where the rounding comes from: for each distinct weight shape among the model's linears
+    (its own weights), the row counts m < `ref_rows` for which `F.linear(x[:m], W)` differs from
+    the same rows of a `ref_rows`-row product; and whether a `ref_rows`-row product's row is the
+    same whatever its position and whatever the other rows (what computing every linear in
+    fixed-size row chunks, a batch-invariant design, would need)."""
+    import torch.nn.functional as F
+
+    found: dict[tuple, list[str]] = {}
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shape = tuple(module.weight.shape)
+            found.setdefault(shape, []).append(name.rsplit(".", 1)[-1])
+            weights.setdefault(shape, module.weight)
+    out = []
+    for shape, w in weights.items():
+        x = torch.randn(2 * ref_rows, shape[1], generator=generator).to(w.dtype)  # [2R, in]
+        ref = F.linear(x[:ref_rows], w)  # [R, out]
+        differ = [m for m in range(1, ref_rows) if not torch.equal(F.linear(x[:m], w), ref[:m])]
+        perm = torch.randperm(ref_rows, generator=generator)
+        out.append({"shape": list(shape), "modules": sorted(set(found[shape])), "differ": differ,
+                    "position_invariant": torch.equal(F.linear(x[perm], w), ref[perm]),
+                    "neighbour_invariant": torch.equal(F.linear(torch.cat([x[:1], x[ref_rows + 1:]]), w)[0], ref[0])})
+    return out
+
+
 def main() -> None:
     p = parser(__doc__)
     p.set_defaults(model="tiny", dtype="float32")
@@ -88,7 +127,7 @@ def main() -> None:
     dtype = setup(args)
     if args.model == "tiny":
         vocab = 49152
-        model = tiny_random_llama(vocab, seed=args.seed)
+        model = tiny_random_llama(vocab, seed=args.seed).to(dtype)
     else:
         model, tok = load_model(args, dtype)
         vocab = model.config.vocab_size
@@ -104,8 +143,14 @@ def main() -> None:
         rows.append([name, f"{rate:.1e}", f"{kept} / {alone.shape[0]}"])
     table(f"{args.model}: a decode row alone vs among {args.batch}; logit difference per row: median {median:.1e}, largest {diff:.1e}",
           ["sampling", "P(other token) per token", "rows whose kept set differs"], rows)
-    write_json(args.out, {"env": environment(args), "max_logit_diff": diff, "median_row_max_logit_diff": median, "pairs": alone.shape[0], "batch": args.batch,
-                          "draws": args.draws, "settings": out})
+    shapes = row_counts(model, gen)
+    table(f"{args.model} ({args.dtype}): row counts whose rows differ from a 64-row product, per linear",
+          ["weight [out, in]", "modules", "row counts", "64-row product: position / neighbour invariant"],
+          [[f"{s['shape']}", " ".join(s["modules"]), _ranges(s["differ"]),
+            f"{s['position_invariant']} / {s['neighbour_invariant']}"] for s in shapes])
+    write_json(args.out, {"env": environment(args), "max_logit_diff": diff, "median_row_max_logit_diff": median,
+                          "pairs": alone.shape[0], "batch": args.batch, "draws": args.draws, "settings": out,
+                          "row_counts": shapes})
 
 
 if __name__ == "__main__":

@@ -61,3 +61,11 @@ def test_seed_flips_runs_at_smoke_size(tmp_path):
     result = json.loads(out.read_text())
     assert result["pairs"] == 32 and result["max_logit_diff"] >= 0
     assert set(result["settings"]) >= {"greedy", "temperature 1.0", "top-k 5 (T 1.0)"}
+    shapes = {tuple(s["shape"]): s for s in result["row_counts"]}
+    assert (49152, 64) in shapes and "lm_head" in shapes[(49152, 64)]["modules"]  # every linear shape, named
+    assert all(m < 64 for s in shapes.values() for m in s["differ"])
+
+
+def test_ranges_read_like_the_docs(bench):
+    assert bench._ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+    assert bench._ranges([]) == "none"
