@@ -108,7 +108,7 @@ def stream_body(i: int) -> dict:
     body = {"input_ids": [100 + 7 * i + j for j in range(3 + i)], "max_new_tokens": 10, "ignore_eos": True,
             "stream": True}
     if i % 2:
-        # seeded: reproducible whatever the batch; top-k 5 so another CPU's rounding cannot flip a draw
+        # seeded: its own draws whatever the batch; top-k 5 so another CPU's rounding almost never flips one
         # (docs/openai.md, "seed")
         body.update(temperature=0.9, top_k=5, top_p=0.95, seed=i)
     return body
