@@ -42,12 +42,12 @@ import pytest
 import torch
 
 from peftserve.server.engine import engine as engine_mod
-from peftserve.server.engine.sampler import _uniform, filter_logits_batch
+from peftserve.server.engine.sampler import _uniform, draw_tokens, filter_logits_batch
 
 KEYS = ("greedy_gap", "cdf_margin", "top_k_gap", "top_p_margin")
 
 
-def _peek(gen: torch.Generator | None) -> float:
+def peek_uniform(gen: torch.Generator | None) -> float:
     """The uniform the sampler is about to take from `gen`, from a copy (the stream is untouched)."""
     twin = torch.Generator()
     if gen is not None:
@@ -63,26 +63,39 @@ def greedy_gap(row: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def top_k_gap(row: torch.Tensor, params) -> float | None:
+    """row [V] -> the gap between its k-th and (k+1)-th logit, where `params.top_k` cuts (else None)."""
+    k = params.top_k
+    if not k or k >= row.numel():
+        return None
+    values = torch.topk(row.float(), k + 1).values
+    return float(values[k - 1] - values[k])
+
+
+def top_p_margin(row: torch.Tensor, params) -> float | None:
+    """row [V] -> how close top_p comes to the mass before some token (most likely first, over what
+    top-k kept): top-p keeps a token while that mass is below top_p. None where top-p is off."""
+    if params.top_p >= 1.0:
+        return None
+    kept = torch.softmax(filter_logits_batch(row.float()[None], [replace(params, top_p=1.0)])[0], dim=-1)
+    ordered = kept.double().sort(descending=True).values
+    before = ordered.cumsum(dim=-1) - ordered  # [V]
+    return float((before - params.top_p).abs().min())
+
+
 def draw_margins(row: torch.Tensor, params, u: float) -> dict:
-    """One sampled row: the CDF margin of the draw `u`, and the top-k gap where top-k cut."""
-    scaled = filter_logits_batch(row[None], [params])[0]  # [V]
-    probs = torch.softmax(scaled, dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
+    """One sampled row: the CDF margin of the draw `u` (on the token the engine's draw takes), and
+    the top-k gap and top-p margin where they cut."""
+    probs = torch.softmax(filter_logits_batch(row[None], [params])[0], dim=-1)  # [V]
+    token = int(draw_tokens(probs[None], torch.tensor([u], dtype=torch.float64))[0])
+    cdf = probs.double().cumsum(dim=-1)
     total = float(cdf[-1])
     target = u * total
-    token = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
-    token = min(token, cdf.numel() - 1)
     lo = float(cdf[token - 1]) if token else 0.0
     out = {"cdf_margin": min(target - lo, float(cdf[token]) - target) / total}
-    k = params.top_k
-    if k and k < row.numel():
-        values = torch.topk(row.float(), k + 1).values
-        out["top_k_gap"] = float(values[k - 1] - values[k])
-    if params.top_p < 1.0:  # top-p keeps a token while the mass before it is below top_p
-        kept = filter_logits_batch(row[None], [replace(params, top_p=1.0)])[0]  # what top-k left
-        sorted_probs = torch.softmax(kept, dim=-1).double().sort(descending=True).values
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [V]
-        out["top_p_margin"] = float((before - params.top_p).abs().min())
+    for key, value in (("top_k_gap", top_k_gap(row, params)), ("top_p_margin", top_p_margin(row, params))):
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -100,7 +113,7 @@ class MarginAudit:
             if not torch.isfinite(row).all():
                 continue  # a poisoned row: the engine fails it, nothing is compared
             best["rows"] += 1
-            found = {"greedy_gap": greedy_gap(row)} if p.greedy else draw_margins(row, p, _peek(gen))
+            found = {"greedy_gap": greedy_gap(row)} if p.greedy else draw_margins(row, p, peek_uniform(gen))
             for key, value in found.items():
                 best[key] = min(best[key], value)
 

@@ -44,7 +44,8 @@ from peftserve.server.build import build_engine
 from peftserve.server.engine import engine as engine_mod
 from peftserve.server.engine.config import EngineConfig
 from peftserve.server.engine.request import ErrorCode, FinishReason, SamplingParams, Sequence, SeqStatus
-from peftserve.server.engine.sampler import _uniform, filter_logits
+from peftserve.server.engine.sampler import filter_logits
+from tests.margin_audit import peek_uniform, top_k_gap, top_p_margin
 from tests.test_kinds_parity import VOCAB, artifacts, base  # noqa: F401 (module-scoped fixture)
 from tests.test_lora_parity import StubTokenizer
 
@@ -274,17 +275,10 @@ class DrawLog:
         def recording(logits, params, generators, flags=None):
             if self.rows is not None:
                 for row, (p, gen) in enumerate(zip(params, generators)):
-                    self.rows.append(Draw(logits[row].clone(), p, None if p.greedy else _peek_uniform(gen)))
+                    self.rows.append(Draw(logits[row].clone(), p, None if p.greedy else peek_uniform(gen)))
             return real(logits, params, generators, flags)
 
         monkeypatch.setattr(engine_mod, "sample_step", recording)
-
-
-def _peek_uniform(gen: torch.Generator) -> float:
-    """The uniform the sampler is about to take from `gen`, taken from a copy of it."""
-    twin = torch.Generator()
-    twin.set_state(gen.get_state())
-    return _uniform(twin)
 
 
 # How far a last-bit change of the logits reaches, with a wide margin: here the logits of a row
@@ -317,17 +311,8 @@ def _cut_near_tie(draw: Draw) -> bool:
     """Would a last-bit change of the logits change which tokens the row's top-k or top-p keep?
     Top-k: its k-th and (k+1)-th logits within FLIP_CUT_GAP. Top-p: the mass before some token
     (over what top-k kept, most likely first) within FLIP_CUT_GAP of top_p."""
-    p, logits = draw.params, draw.logits.float()
-    if p.top_k and p.top_k < logits.numel():
-        values = torch.topk(logits, p.top_k + 1).values
-        if values[p.top_k - 1] - values[p.top_k] < FLIP_CUT_GAP:
-            return True
-    if p.top_p < 1.0:
-        kept = torch.softmax(filter_logits(logits, replace(p, top_p=1.0)), dim=-1).double()
-        ordered = kept.sort(descending=True).values
-        before = ordered.cumsum(dim=-1) - ordered  # [V]: the mass before each token
-        return bool((before - p.top_p).abs().min() < FLIP_CUT_GAP)
-    return False
+    return any(gap is not None and gap < FLIP_CUT_GAP
+               for gap in (top_k_gap(draw.logits, draw.params), top_p_margin(draw.logits, draw.params)))
 
 
 def _lp_equal(a, b) -> bool:
