@@ -21,6 +21,7 @@ seeded request across batch shapes sample at top-k 3-5 because of these figures.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from common import environment, load_model, parser, setup, table, write_json
 from peftserve.adapters.base_model import tiny_random_llama
@@ -37,6 +38,7 @@ SETTINGS = {
     "top-k 5 (T 1.0)": dict(temperature=1.0, top_k=5),
     "top-k 5 + top-p 0.9 (T 0.9)": dict(temperature=0.9, top_k=5, top_p=0.9),
 }
+
 
 @torch.no_grad()
 def logit_pairs(model, vocab: int, pairs: int, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +96,6 @@ def row_counts(model, generator: torch.Generator, ref_rows: int = 64) -> list[di
     the same rows of a `ref_rows`-row product; and whether a `ref_rows`-row product's row is the
     same whatever its position and whatever the other rows (what computing every linear in
     fixed-size row chunks, a batch-invariant design, would need)."""
-    import torch.nn.functional as F
-
     found: dict[tuple, list[str]] = {}
     weights = {}
     for name, module in model.named_modules():
@@ -129,7 +129,7 @@ def main() -> None:
         vocab = 49152
         model = tiny_random_llama(vocab, seed=args.seed).to(dtype)
     else:
-        model, tok = load_model(args, dtype)
+        model, _ = load_model(args, dtype)
         vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     alone, batched = logit_pairs(model, vocab, args.pairs, args.batch, gen)
